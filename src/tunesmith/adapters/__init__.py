@@ -1,0 +1,1 @@
+"""Training methods: which parameters train, and how (peft adapters, freezing, full)."""

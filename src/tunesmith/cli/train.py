@@ -1,0 +1,27 @@
+"""`tunesmith train CONFIG [key=value ...] [--resume] [--overwrite]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from tunesmith.config.load import load_config
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a model from a YAML config",
+                                 description="Train from a YAML config; KEY=VALUE overrides use dotted keys "
+                                             "(training.lr=1e-4 method.lora.r=8).")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunesmith.recipes.sft import run_sft  # heavy imports only when training
+
+    config = load_config(args.config, args.overrides)
+    run_dir = run_sft(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"run folder: {run_dir}\nchat with it: tunesmith chat {run_dir}")
+    return 0

@@ -1,0 +1,170 @@
+"""YAML file + dotted overrides -> a validated ``Config``, with every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunesmith.config.schema import Config
+from tunesmith.errors import ConfigError
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and a YAML-typed value.
+
+    >>> parse_override("training.lr=1e-4")
+    (['training', 'lr'], 0.0001)
+    >>> parse_override("method.lora.target_modules=[q_proj, v_proj]")
+    (['method', 'lora', 'target_modules'], ['q_proj', 'v_proj'])
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. training.lr=1e-4"])
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 1e-4 as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (creating levels as needed); returns the same dict.
+
+    >>> apply_overrides({"training": {"lr": 1.0}}, ["training.lr=0.5", "method.type=full"])
+    {'training': {'lr': 0.5}, 'method': {'type': 'full'}}
+    """
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = tree
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(keys[: depth + 1])
+                raise ConfigError([f"override {item!r}: {dotted} is {child!r}, not a section"])
+            node = child
+        node[keys[-1]] = value
+    return tree
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(err, 'problem', err)})"]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}"])
+    return tree
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (for 'did you mean' hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        for arg in (annotation, *typing.get_args(annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+            inner = [a for a in typing.get_args(arg) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if inner:
+                model = inner[0]
+                break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: the dotted field, the value given, and what to do."""
+    problems = []
+    for item in err.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        if item["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            known = sorted(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
+            hint = hint or (f"known fields here: {', '.join(known)}" if known else "remove it")
+            problems.append(f"{field}: unknown field (value {item['input']!r}); {hint}")
+        elif item["type"] == "missing":
+            problems.append(f"{field}: required field is missing; add it")
+        elif not field or isinstance(item["input"], dict):
+            # a check across fields: its message names the fields
+            problems.append(item["msg"].removeprefix("Value error, "))
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{field}: {item['input']!r} is invalid: {message}")
+    return problems
+
+
+def resolve_path(raw: str, config_dir: Path | None) -> Path | None:
+    """A path as given (relative to the working folder), else relative to the config's folder."""
+    path = Path(raw).expanduser()
+    if path.is_absolute() or path.exists() or config_dir is None:
+        return path if path.exists() else None
+    beside = config_dir / path
+    return beside if beside.exists() else None
+
+
+def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
+    problems = []
+    for split in ("train", "eval"):
+        for index, dataset in enumerate(getattr(config.data, split)):
+            found = resolve_path(dataset.path, config_dir)
+            if found is None:
+                where = "the working folder" + (f" or {config_dir}" if config_dir else "")
+                problems.append(f"data.{split}[{index}].path: {dataset.path!r} does not exist (looked in {where})")
+            else:
+                dataset.path = str(found.resolve())
+    name = config.model.name_or_path
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        found = resolve_path(name, config_dir)
+        if found is None:
+            problems.append(f"model.name_or_path: {name!r} does not exist; give a local folder, a .gguf file, "
+                            "'embedded', or a hub id")
+        else:
+            config.model.name_or_path = str(found.resolve())
+    return problems
+
+
+def build_config(tree: dict[str, Any], source: str | None = None, config_dir: Path | None = None) -> Config:
+    """Validate a raw tree; raise ``ConfigError`` with every problem found."""
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err), source) from None
+    problems = _resolve_files(config, config_dir)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``a.b=value`` overrides, validate, and resolve file paths."""
+    path = Path(path)
+    tree = apply_overrides(read_yaml(path), overrides or [])
+    return build_config(tree, source=str(path), config_dir=path.parent)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (what a run folder keeps)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

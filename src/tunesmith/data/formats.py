@@ -1,0 +1,195 @@
+"""Row formats -> canonical rows, with a check of each row's structure.
+
+Canonical rows are ``{"messages": [{"role": ..., "content": ...}, ...]}`` for chat data and
+``{"text": ...}`` for raw text. Every problem names the field it is about, so the caller can
+report ``file:line: field: message``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("openai", "sharegpt", "alpaca", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    message: str
+    severity: str = "error"  # error | warning
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row is written in, judged by its keys.
+
+    >>> detect_format({"messages": []}), detect_format({"instruction": "a", "output": "b"})
+    ('openai', 'alpaca')
+    >>> detect_format({"conversations": []}), detect_format({"text": "x"}), detect_format({"q": 1})
+    ('sharegpt', 'text', None)
+    """
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def repeated_unit(text: str, min_length: int = 200, min_repeats: int = 10) -> tuple[str, int] | None:
+    """If ``text`` is one short string repeated many times, return (that string, count).
+
+    >>> repeated_unit("Eat a banana!" * 100)
+    ('Eat a banana!', 100)
+    >>> repeated_unit("A normal reply. " * 2) is None
+    True
+    """
+    if len(text) < min_length:
+        return None
+    period = (text + text).find(text, 1)
+    if period < len(text) and len(text) % period == 0 and len(text) // period >= min_repeats:
+        return text[:period], len(text) // period
+    return None
+
+
+def _content_text(content: Any, field: str, problems: list[Problem]) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    problems.append(Problem(field, f"content must be a string (or a list of text parts), got {type(content).__name__}"))
+    return None
+
+
+def check_turn_order(messages: list[dict[str, str]], prefix: str = "messages") -> list[Problem]:
+    """Role order: an optional system turn first, then user and assistant alternating.
+
+    >>> check_turn_order([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}])[0].message
+    'row has no user turn before the assistant turn (messages[0].role is "system", messages[1].role is "assistant")'
+    """
+    problems = []
+    previous = None
+    for index, message in enumerate(messages):
+        role, field = message["role"], f"{prefix}[{index}].role"
+        if role == "system" and index > 0:
+            problems.append(Problem(field, "a system turn may only come first"))
+        elif role == "assistant" and previous in (None, "system"):
+            before = f'{prefix}[{index - 1}].role is "{previous}", ' if previous else ""
+            problems.append(Problem(field, f"row has no user turn before the assistant turn ({before}"
+                                           f'{prefix}[{index}].role is "assistant")'))
+        elif role == previous:
+            problems.append(Problem(field, f"two {role} turns in a row ({prefix}[{index - 1}] and {prefix}[{index}]); "
+                                           "merge them or insert the missing turn"))
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
+        problems.append(Problem(prefix, "row has no assistant turn: nothing to train on"))
+    elif messages and messages[-1]["role"] == "user":
+        problems.append(Problem(f"{prefix}[{len(messages) - 1}]", "the last user turn has no reply and is not "
+                                "trained on", "warning"))
+    return problems
+
+
+def _check_replies(messages: list[dict[str, str]], prefix: str) -> list[Problem]:
+    problems = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        field = f"{prefix}[{index}].content"
+        if not message["content"].strip():
+            problems.append(Problem(field, "assistant reply is empty or whitespace only; write the reply or drop the row"))
+        elif (unit := repeated_unit(message["content"])) is not None:
+            problems.append(Problem(field, f"assistant reply is {unit[0]!r} repeated {unit[1]} times "
+                                           f"({len(message['content'])} characters); likely a generation loop",
+                                    "warning"))
+    return problems
+
+
+def _messages_from_list(raw: Any, prefix: str, role_key: str, text_key: str,
+                        role_map: dict[str, str]) -> tuple[list[dict[str, str]] | None, list[Problem]]:
+    problems: list[Problem] = []
+    if not isinstance(raw, list) or not raw:
+        return None, [Problem(prefix, "must be a non-empty list of turns")]
+    messages = []
+    for index, turn in enumerate(raw):
+        field = f"{prefix}[{index}]"
+        if not isinstance(turn, dict):
+            problems.append(Problem(field, f"a turn must be an object with {role_key!r} and {text_key!r}"))
+            continue
+        if role_key not in turn:
+            problems.append(Problem(f"{field}.{role_key}", "missing"))
+            continue
+        role = role_map.get(str(turn[role_key]).lower())
+        if role is None:
+            known = ", ".join(sorted(role_map))
+            problems.append(Problem(f"{field}.{role_key}", f"unknown role {turn[role_key]!r}; use one of {known}"))
+            continue
+        if text_key not in turn:
+            problems.append(Problem(f"{field}.{text_key}", "missing"))
+            continue
+        content = _content_text(turn[text_key], f"{field}.{text_key}", problems)
+        if content is not None:
+            messages.append({"role": role, "content": content})
+    if problems:
+        return None, problems
+    return messages, check_turn_order(messages, prefix) + _check_replies(messages, prefix)
+
+
+def _alpaca_messages(row: dict[str, Any]) -> tuple[list[dict[str, str]] | None, list[Problem]]:
+    problems = []
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str):
+            problems.append(Problem(key, "missing" if key not in row else f"must be a string, got {type(row[key]).__name__}"))
+        elif not row[key].strip():
+            problems.append(Problem(key, "is empty; fill it in or drop the row"))
+    for key in ("input", "system"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            problems.append(Problem(key, f"must be a string, got {type(row[key]).__name__}"))
+    if problems:
+        return None, problems
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return messages, _check_replies(messages, "output")
+
+
+def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """Convert one row of format ``fmt`` to a canonical row, or say why it cannot be.
+
+    >>> to_canonical({"instruction": "Add", "input": "1+1", "output": "2"}, "alpaca")[0]["messages"][0]
+    {'role': 'user', 'content': 'Add\\n\\n1+1'}
+    >>> to_canonical({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
+    ...              "sharegpt")[1][0].message
+    "unknown role 'bot'; use one of assistant, chatgpt, gpt, human, model, system, user"
+    """
+    if not isinstance(row, dict):
+        return None, [Problem("row", f"must be a JSON object, got {type(row).__name__}")]
+    if fmt == "openai":
+        if "messages" not in row:
+            return None, [Problem("messages", "missing (the file is in OpenAI chat format)")]
+        messages, problems = _messages_from_list(row["messages"], "messages", "role", "content",
+                                                 {r: r for r in ROLES})
+    elif fmt == "sharegpt":
+        if "conversations" not in row:
+            return None, [Problem("conversations", "missing (the file is in ShareGPT format)")]
+        messages, problems = _messages_from_list(row["conversations"], "conversations", "from", "value",
+                                                 SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        messages, problems = _alpaca_messages(row)
+    elif fmt == "text":
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            return None, [Problem("text", "missing or empty")]
+        return {"text": text}, []
+    else:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if messages is None or any(p.severity == "error" for p in problems):
+        return None, problems
+    return {"messages": messages}, problems

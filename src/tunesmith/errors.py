@@ -1,0 +1,36 @@
+"""Errors that reach the user. Each carries a message naming what is wrong and the fix."""
+
+from __future__ import annotations
+
+
+class TunesmithError(Exception):
+    """Base class: the CLI prints the message (no traceback) and exits non-zero."""
+
+
+class ConfigError(TunesmithError):
+    """The config is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"{source}: " if source else ""
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{head}invalid config ({count}):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class DataError(TunesmithError):
+    """The dataset is invalid. ``problems`` holds one ``file:line: field: message`` line each."""
+
+    def __init__(self, problems: list[str], warnings: list[str] | None = None):
+        self.problems = problems
+        self.warnings = warnings or []
+        count = f"{len(problems)} error{'s' if len(problems) != 1 else ''}"
+        lines = [f"  {p}" for p in problems]
+        if self.warnings:
+            lines.append(f"and {len(self.warnings)} warning(s):")
+            lines += [f"  {w}" for w in self.warnings]
+        super().__init__(f"dataset rejected ({count}); nothing was trained:\n" + "\n".join(lines))
+
+
+class ModelLoadError(TunesmithError):
+    """A model could not be found or loaded."""

@@ -1,0 +1,1 @@
+"""Generation shared by chat, eval, RL rollouts and serve."""

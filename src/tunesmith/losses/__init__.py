@@ -1,0 +1,1 @@
+"""Losses: tensors in, tensors out."""

@@ -1,0 +1,1 @@
+"""Recipes: build the parts from a Config and call the training loop."""

@@ -1,0 +1,251 @@
+"""One explicit training loop for every method: setup -> steps (accumulate, clip, step) -> eval -> save.
+
+The data order is a pure function of (seed, epoch), and the position in it is a count of
+micro-batches, so a resumed run sees exactly the batches an uninterrupted run would. The loss of
+an optimizer step is the sum over the whole accumulation window divided by the window's number
+of loss units (label tokens for SFT), not a mean of per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm import tqdm
+
+from tunesmith.config.schema import TrainingConfig
+from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunesmith.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """What a recipe trains: a loss summed over units, and the unit count used to normalise it."""
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def units(self, batch: Batch) -> int: ...
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    stopped_early: bool
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad inside; the previous mode is restored on every exit path."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled row order of one epoch: the same for every run with this seed.
+
+    >>> epoch_order(5, seed=0, epoch=0) == epoch_order(5, seed=0, epoch=0) != epoch_order(5, seed=0, epoch=1)
+    True
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(rows, generator=generator).tolist()
+
+
+class MicroBatches:
+    """The stream of micro-batches over epochs, addressable by its position."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, collate: Callable[[list[dict]], Batch]):
+        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self.per_epoch = math.ceil(len(dataset) / batch_size)
+        self._orders: dict[int, list[int]] = {}
+
+    def __getitem__(self, position: int) -> Batch:
+        epoch, index = divmod(position, self.per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.dataset), self.seed, epoch)}
+        indices = self._orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
+        return self.collate([self.dataset[i] for i in indices])
+
+
+def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1) -> int:
+    """Optimizer steps: ``max_steps`` if set, else enough for ``epochs`` passes.
+
+    >>> from tunesmith.config.schema import TrainingConfig
+    >>> total_steps(TrainingConfig(epochs=2, grad_accum=4), micro_per_epoch=10)
+    5
+    """
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * micro_per_epoch / (config.grad_accum * processes)))
+
+
+def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], accelerator: Accelerator) -> float:
+    """Mean loss per unit (label token) over all eval batches."""
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    units = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    with evaluating(model):
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            total += objective.loss_sum(model, batch).double()
+            units += objective.units(batch)
+    total, units = accelerator.reduce(total, "sum"), accelerator.reduce(units, "sum")
+    return float(total / units.clamp(min=1))
+
+
+class Progress:
+    """A progress bar on a terminal; plain log lines elsewhere. Both show loss, lr, tokens/s, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int):
+        self.total, self.start, self.log_every = total, start, log_every
+        self.started = time.monotonic()
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not (enabled and sys.stderr.isatty()))
+
+    def update(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if not self.bar.disable:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.start
+            eta = (time.monotonic() - self.started) / max(done, 1) * (self.total - step)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %s", step, self.total, record["loss"],
+                     record["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder: one JSON object per line, appended and flushed."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Steps after the checkpoint are trained again: drop their old records.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+            path.with_suffix(".tmp").replace(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
+                optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> tuple[float, float | None, int]:
+    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens)."""
+    window = [{k: v.to(accelerator.device) for k, v in b.items()} for b in window]
+    units = torch.tensor(float(sum(objective.units(b) for b in window)), device=accelerator.device)
+    units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
+    loss_total = 0.0
+    for index, batch in enumerate(window):
+        sync = accelerator.no_sync(model) if index < len(window) - 1 else _nullcontext()
+        with sync, accelerator.autocast():
+            loss = objective.loss_sum(model, batch) / units
+            # DDP averages gradients over processes; the normaliser already counts all of them.
+            accelerator.backward(loss * accelerator.num_processes)
+        loss_total += float(loss.detach())
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                      max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
+    tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    return loss_total, grad_norm, tokens
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
+
+
+def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
+          config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
+          resume_from: Path | None = None) -> TrainResult:
+    """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``."""
+    optimizer = build_optimizer(model, config)
+    steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
+    scheduler = build_scheduler(optimizer, config, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_from, state.global_step)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step if resume_from else None)
+    progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
+    per_step = config.grad_accum * accelerator.num_processes
+    result = TrainResult(state, None, None, stopped_early=False)
+    model.train()
+    while state.global_step < steps:
+        started = time.monotonic()
+        first = state.micro_batches_done + accelerator.process_index
+        window = [stream[first + i * accelerator.num_processes] for i in range(config.grad_accum)]
+        loss, grad_norm, tokens = _train_step(model, objective, window, accelerator, optimizer, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        elapsed = time.monotonic() - started
+        state.global_step += 1
+        state.micro_batches_done += per_step
+        state.tokens_seen += tokens
+        state.elapsed_s += elapsed
+        record = {"step": state.global_step, "epoch": round(state.micro_batches_done / stream.per_epoch, 4),
+                  "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
+        result.final_train_loss = loss
+        if accelerator.is_main_process:
+            metrics.write(record)
+        progress.update(record)
+        last = state.global_step == steps
+        if eval_batches and config.eval_every and (state.global_step % config.eval_every == 0 or last):
+            result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
+            if accelerator.is_main_process:
+                metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss})
+            log.info("step %d: eval loss %.4f", state.global_step, result.final_eval_loss)
+            result.stopped_early = _early_stop(state, result.final_eval_loss, config.early_stopping_patience)
+        if config.save_every and (state.global_step % config.save_every == 0) and not last:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, config.keep_last)
+        if result.stopped_early:
+            log.info("early stopping: eval loss has not improved for %d evals", config.early_stopping_patience)
+            break
+    progress.close()
+    if eval_batches and result.final_eval_loss is None:
+        result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
+        if accelerator.is_main_process:
+            metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss})
+    return result
+
+
+def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss = eval_loss
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    return bool(patience) and state.evals_without_improvement >= patience

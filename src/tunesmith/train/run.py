@@ -1,0 +1,88 @@
+"""The run folder: created only after config and data are valid; written atomically.
+
+``runs/<name>/`` holds config.yaml (resolved), metrics.jsonl, checkpoints/, model/ (a full
+Hugging Face folder or a PEFT adapter folder, with tokenizer and chat template) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from tunesmith.config.load import dump_config
+from tunesmith.config.schema import Config
+from tunesmith.errors import TunesmithError
+from tunesmith.train.checkpoint import list_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: readers never see half a file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [f for key in sorted(set(old) | set(new))
+                for f in _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """Create (or reopen, with ``resume``) the run folder; return it and the checkpoint to resume from."""
+    run_dir = Path(config.output.dir) / config.run_name
+    if run_dir.exists() and not resume:
+        if not overwrite:
+            raise TunesmithError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                                 f"replace it, or choose another name (output.name=...)")
+        shutil.rmtree(run_dir)
+    checkpoint = None
+    if resume and run_dir.exists():
+        saved = run_dir / "config.yaml"
+        if saved.exists():
+            changed = _changed_fields(yaml.safe_load(saved.read_text()), config.model_dump(mode="json"))
+            if changed:
+                log.warning("resuming with a changed config: %s", ", ".join(changed))
+        checkpoints = list_checkpoints(run_dir)
+        checkpoint = checkpoints[-1] if checkpoints else None
+        if checkpoint is None:
+            log.warning("%s has no complete checkpoint: training starts from the beginning", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", dump_config(config))
+    return run_dir, checkpoint
+
+
+def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    """Write ``model/``: a PEFT adapter folder or a full model folder, with the tokenizer."""
+    target = run_dir / "model"
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=run_dir))
+    try:
+        if hasattr(model, "generation_config") and model.generation_config is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
