@@ -22,6 +22,6 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.recipes.sft import run_sft  # heavy imports only when training
 
     config = load_config(args.config, args.overrides)
-    run_dir = run_sft(config, resume=args.resume, overwrite=args.overwrite)
+    run_dir = run_sft(config, resume=args.resume, overwrite=args.overwrite).run_dir
     print(f"run folder: {run_dir}\nchat with it: tunesmith chat {run_dir}")
     return 0

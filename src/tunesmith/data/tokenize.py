@@ -92,7 +92,7 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_seq_len: in
 def _truncated(ids: list[int], labels: list[int], max_seq_len: int) -> TokenizedRow:
     row = TokenizedRow(ids[:max_seq_len], labels[:max_seq_len], len(ids))
     if row.trainable_tokens == 0:
-        cut = f" after truncation to {max_seq_len} tokens (the row has {len(ids)})" if len(ids) > max_seq_len else ""
+        cut = f" after truncation to {max_seq_len} tokens (the row has {len(ids)} tokens)" if len(ids) > max_seq_len else ""
         row.problems.append(("labels", f"row has no trainable token{cut}; raise data.max_seq_len, shorten the "
                                        "prompt, or set data.empty_labels: drop"))
     return row

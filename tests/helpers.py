@@ -1,0 +1,39 @@
+"""Helpers shared by tests: data files, config trees, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def counting_rows(count: int = 24) -> list[dict]:
+    """Chat rows of different lengths with a learnable pattern: 'count to n' -> '1 2 ... n'."""
+    rows = []
+    for index in range(count):
+        n = 2 + index % 9
+        rows.append({"messages": [{"role": "user", "content": f"Count to {n}."},
+                                  {"role": "assistant", "content": " ".join(str(i) for i in range(1, n + 1))}]})
+    return rows
+
+
+def tiny_tree(model_dir: Path, data: Path, out: Path, method: str = "lora", **training: Any) -> dict:
+    """A config tree for a tiny CPU run; ``training`` entries override the training section."""
+    return {
+        "name": "tiny",
+        "model": {"name_or_path": str(model_dir), "device": "cpu"},
+        "data": {"train": str(data), "max_seq_len": 64},
+        "method": {"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "training": {"lr": 5e-3, "max_steps": 30, "batch_size": 4, "warmup_steps": 0, "scheduler": "constant",
+                     "log_every": 10, "seed": 0, **training},
+        "output": {"dir": str(out)},
+    }
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
