@@ -38,12 +38,15 @@ def tokenizer(embedded_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A 2-layer random Llama (hidden 64) with the embedded tokenizer, saved as a HF folder."""
+    """A 2-layer random Llama (hidden 64) with the embedded tokenizer, saved as a HF folder.
+
+    initializer_range is large so that logits can move: with the default 0.02, tied 64-wide
+    embeddings cap every logit near 1.3 and frozen-base methods cannot lower the loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
