@@ -1,0 +1,70 @@
+"""The command line as a user meets it: exit codes, named errors, no run folder on bad input."""
+
+import subprocess
+import sys
+
+import yaml
+
+from tunesmith.cli.main import main
+from helpers import tiny_tree
+
+
+def write_config(path, tree):
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_flawed_dataset_is_rejected_before_training(shared_data, tiny_model_dir, tmp_path, capsys):
+    flawed = shared_data / "openai_toy_chat_flawed.jsonl"
+    tree = tiny_tree(tiny_model_dir, flawed, tmp_path / "runs")
+    tree["data"]["max_seq_len"] = 512
+    code = main(["train", str(write_config(tmp_path / "c.yaml", tree))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f'{flawed}:4: messages[1].role: row has no user turn before the assistant turn '
+            f'(messages[0].role is "system", messages[1].role is "assistant")') in err
+    assert f"{flawed}:5: row: over-long" in err and "> data.max_seq_len 512; truncated" in err
+    assert f"{flawed}:5: messages[2].content: assistant reply is 'Eat a banana!' repeated 2000 times" in err
+    assert "nothing was trained" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_lists_every_problem_and_creates_nothing(tiny_model_dir, chat_file, tmp_path):
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs")
+    tree["training"].update({"lr": 0, "batch_sise": 4})
+    tree["method"]["type"] = "lorra"
+    path = write_config(tmp_path / "bad.yaml", tree)
+    for command in (["train", str(path)], ["config", "validate", str(path)]):
+        result = subprocess.run([sys.executable, "-m", "tunesmith", *command], capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert "invalid config (3 problems)" in result.stderr
+        assert "training.lr: 0 is invalid: Input should be greater than 0" in result.stderr
+        assert "training.batch_sise: unknown field (value 4); did you mean 'training.batch_size'?" in result.stderr
+        assert "method.type: 'lorra' is invalid: Input should be 'full', 'freeze', 'lora'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_validate_accepts_a_good_config_with_overrides(tiny_model_dir, chat_file, tmp_path, capsys):
+    path = write_config(tmp_path / "ok.yaml", tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs"))
+    assert main(["config", "validate", str(path), "training.lr=1e-4", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0001" in out and out.rstrip().endswith("valid")
+
+
+def test_existing_run_is_never_overwritten_silently(tiny_model_dir, chat_file, tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", max_steps=2))
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path)]) == 1
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["train", str(path), "--overwrite", "training.max_steps=3"]) == 0
+
+
+def test_train_then_chat_with_the_run(tiny_model_dir, chat_file, tmp_path, capsys):
+    for method in ("lora", "full"):
+        tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", method, max_steps=3)
+        tree["name"] = method
+        assert main(["train", str(write_config(tmp_path / f"{method}.yaml", tree))]) == 0
+        capsys.readouterr()
+        assert main(["-q", "chat", str(tmp_path / "runs" / method), "--prompt", "Count to 3.",
+                     "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out.strip(), f"{method}: empty reply"
