@@ -60,7 +60,7 @@ def test_existing_run_is_never_overwritten_silently(tiny_model_dir, chat_file, t
 
 
 def test_train_then_chat_with_the_run(tiny_model_dir, chat_file, tmp_path, capsys):
-    for method in ("lora", "full"):
+    for method in ("lora", "qlora", "full"):
         tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", method, max_steps=3)
         tree["name"] = method
         assert main(["train", str(write_config(tmp_path / f"{method}.yaml", tree))]) == 0

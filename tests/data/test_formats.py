@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from tunesmith.data.build import DataReport, read_canonical
 from tunesmith.data.formats import to_canonical

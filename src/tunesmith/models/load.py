@@ -11,9 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from tunesmith.config.schema import ModelConfig, QuantizationConfig
 from tunesmith.errors import ModelLoadError
+from tunesmith.io import atomic_directory
 from tunesmith.models.device import select_device, select_dtype
 
 log = logging.getLogger(__name__)
@@ -85,19 +84,11 @@ def prepare_embedded(force: bool = False) -> Path:
         return target
     gguf = embedded_gguf_path()
     log.info("converting the embedded model %s to %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = _load_plain_from_gguf(gguf, torch.float32)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a reader sees the old folder or the whole new one
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -10,10 +10,8 @@ cleaned up. Only our own files are loaded back, and tensors with ``weights_only=
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tunesmith.io import atomic_directory
 
 PREFIX = "step-"
 
@@ -76,8 +76,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{state.global_step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=folder))
-    try:
+    with atomic_directory(target) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
@@ -85,12 +84,6 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         save_file(tensors, str(staging / "rng.safetensors"))
         (staging / "rng.json").write_text(json.dumps(plain))
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in folder.glob(".tmp-*"):  # from a run killed while writing

@@ -37,7 +37,7 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based): linear warmup, then decay.
 
     >>> [round(lr_factor(s, 10, 2, "linear"), 3) for s in (0, 1, 2, 6, 10)]
-    [0.5, 1.0, 1.0, 0.5, 0.0]
+    [0.333, 0.667, 1.0, 0.5, 0.0]
     >>> round(lr_factor(6, 10, 2, "cosine"), 3)
     0.5
     """

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
+from tunesmith.io import atomic_directory, write_text_atomic
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
 
 
 def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -61,28 +52,21 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, P
         if checkpoint is None:
             log.warning("%s has no complete checkpoint: training starts from the beginning", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", dump_config(config))
+    write_text_atomic(run_dir / "config.yaml", dump_config(config))
     return run_dir, checkpoint
 
 
 def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
     """Write ``model/``: a PEFT adapter folder or a full model folder, with the tokenizer."""
     target = run_dir / "model"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=run_dir))
-    try:
+    with atomic_directory(target) as staging:
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,53 @@
+"""Atomic writes: a reader sees the old file or folder, or the whole new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; on success it becomes ``target``.
+
+    An existing ``target`` is moved aside first and deleted only once the new folder is in place.
+    If the body raises (or the process dies), ``target`` is untouched and the staging folder,
+    named ``.tmp-<name>-*``, is removed (or left for the next writer to clean up).
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp())
+    >>> with atomic_directory(root / "out") as staging:
+    ...     _ = (staging / "a.txt").write_text("x")
+    >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
+    (['out'], 'x')
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)
+        aside = None
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.replace(target, aside / target.name)
+        os.replace(staging, target)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

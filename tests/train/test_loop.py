@@ -1,0 +1,61 @@
+"""Loop features: eval cadence, early stopping, gradient checkpointing, schedule."""
+
+import torch
+
+from tunesmith.config.load import build_config
+from tunesmith.config.schema import TrainingConfig
+from tunesmith.recipes.sft import run_sft
+from tunesmith.train.checkpoint import TrainState
+from tunesmith.train.loop import _early_stop
+from tunesmith.train.optim import build_scheduler
+from helpers import read_metrics, tiny_tree
+
+
+def test_eval_every_n_steps_and_at_the_end(tiny_model_dir, chat_file, tmp_path):
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "lora", max_steps=7, eval_every=3)
+    tree["data"]["eval_fraction"] = 0.2
+    run = run_sft(build_config(tree))
+    evals = [r for r in read_metrics(run.run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 7]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert run.result.final_eval_loss == evals[-1]["eval_loss"]
+
+
+def test_early_stopping_counts_evals_without_improvement():
+    state = TrainState()
+    decisions = [_early_stop(state, loss, patience=2) for loss in (3.0, 2.0, 2.5, 1.9, 2.0, 2.1)]
+    assert decisions == [False, False, False, False, False, True]
+    assert state.best_eval_loss == 1.9
+
+
+def test_early_stopping_ends_a_diverging_run(tiny_model_dir, chat_file, tmp_path):
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "full", max_steps=30, eval_every=1,
+                     early_stopping_patience=2, optimizer="sgd", lr=1.0, max_grad_norm=None)
+    tree["data"]["eval_fraction"] = 0.2
+    run = run_sft(build_config(tree))
+    evals = [r["eval_loss"] for r in read_metrics(run.run_dir) if "eval_loss" in r]
+    assert run.result.stopped_early and run.result.state.global_step < 30
+    assert min(evals) < evals[-1] and min(evals) < evals[-2]
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_model_dir, chat_file, tmp_path):
+    weights = []
+    for checkpointing in (False, True):
+        tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / f"runs-{checkpointing}", "full", max_steps=2,
+                         optimizer="sgd", lr=0.5, gradient_checkpointing=checkpointing)
+        weights.append(run_sft(build_config(tree)).model.state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_warmup_then_cosine_decay_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainingConfig(warmup_steps=2, scheduler="cosine"), total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < rates[1] < rates[2] == 1.0
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:])) and rates[-1] < 0.05
