@@ -21,7 +21,8 @@ class ConfigError(TunesmithError):
 class DataError(TunesmithError):
     """The dataset is invalid. ``problems`` holds one ``file:line: field: message`` line each."""
 
-    def __init__(self, problems: list[str], warnings: list[str] | None = None):
+    def __init__(self, problems: list[str], warnings: list[str] | None = None,
+                 consequence: str = "nothing was trained", hint: str | None = None):
         self.problems = problems
         self.warnings = warnings or []
         count = f"{len(problems)} error{'s' if len(problems) != 1 else ''}"
@@ -29,7 +30,9 @@ class DataError(TunesmithError):
         if self.warnings:
             lines.append(f"and {len(self.warnings)} warning(s):")
             lines += [f"  {w}" for w in self.warnings]
-        super().__init__(f"dataset rejected ({count}); nothing was trained:\n" + "\n".join(lines))
+        if hint:
+            lines.append(hint)
+        super().__init__(f"dataset rejected ({count}); {consequence}:\n" + "\n".join(lines))
 
 
 class ModelLoadError(TunesmithError):

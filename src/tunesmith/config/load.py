@@ -70,9 +70,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel] = Config) -> type[BaseModel] | None:
     """The pydantic model class that holds the field at ``loc`` (for 'did you mean' hints)."""
-    model: Any = Config
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -92,14 +92,14 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def format_validation_error(err: ValidationError) -> list[str]:
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> list[str]:
     """One line per problem: the dotted field, the value given, and what to do."""
     problems = []
     for item in err.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         if item["type"] == "extra_forbidden":
-            model = _model_at(loc)
+            model = _model_at(loc, root)
             known = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""

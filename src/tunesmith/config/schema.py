@@ -44,7 +44,7 @@ class ModelConfig(StrictModel):
 class DatasetConfig(StrictModel):
     path: str = Field(description="a JSON, JSONL, CSV or Parquet file (relative to the working folder "
                       "or to the config file)")
-    format: Literal["auto", "alpaca", "openai", "sharegpt", "text"] = "auto"
+    format: Literal["auto", "alpaca", "openai", "sharegpt", "text", "preference", "openai_preference", "hh"] = "auto"
 
 
 def _datasets_from_paths(value: object) -> object:
@@ -165,3 +165,28 @@ class Config(StrictModel):
     @property
     def run_name(self) -> str:
         return self.output.name or self.name
+
+
+class MixSourceConfig(StrictModel):
+    path: str
+    name: str | None = Field(None, description="provenance name; defaults to the file name")
+    format: Literal["auto", "alpaca", "openai", "sharegpt", "text", "preference", "openai_preference", "hh"] = "auto"
+    weight: float = Field(1.0, gt=0.0, description="rows taken = weight x rows (above 1 up-samples)")
+    max_rows: int | None = Field(None, ge=1)
+    category_column: str | None = Field(None, description="a field of the rows to balance by")
+    category_cap: int | None = Field(None, ge=1, description="at most this many rows per category (down-sampling)")
+    category_min: int | None = Field(None, ge=1, description="at least this many rows per category (up-sampling)")
+
+    @model_validator(mode="after")
+    def _category_needs_column(self) -> MixSourceConfig:
+        if (self.category_cap or self.category_min) and not self.category_column:
+            raise ValueError(f"sources[{self.path}]: category_cap and category_min need category_column")
+        return self
+
+
+class MixConfig(StrictModel):
+    """`tunesmith data mix` input: several datasets into one file with a provenance column."""
+
+    output: str
+    seed: int = 0
+    sources: list[MixSourceConfig] = Field(min_length=1)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("openai", "sharegpt", "alpaca", "text")
+CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "text")
+FORMATS = CHAT_FORMATS + ("preference", "openai_preference", "hh")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
@@ -30,6 +31,8 @@ def detect_format(row: Any) -> str | None:
     ('openai', 'alpaca')
     >>> detect_format({"conversations": []}), detect_format({"text": "x"}), detect_format({"q": 1})
     ('sharegpt', 'text', None)
+    >>> detect_format({"chosen": "", "rejected": ""}), detect_format({"prompt": "", "chosen": "", "rejected": ""})
+    ('hh', 'preference')
     """
     if not isinstance(row, dict):
         return None
@@ -37,6 +40,10 @@ def detect_format(row: Any) -> str | None:
         return "openai"
     if "conversations" in row:
         return "sharegpt"
+    if "input" in row and ("preferred_output" in row or "non_preferred_output" in row):
+        return "openai_preference"
+    if "chosen" in row or "rejected" in row:
+        return "preference" if "prompt" in row else "hh"
     if "instruction" in row or "output" in row:
         return "alpaca"
     if "text" in row:
@@ -183,6 +190,10 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
                                                  SHAREGPT_ROLES)
     elif fmt == "alpaca":
         messages, problems = _alpaca_messages(row)
+    elif fmt in ("preference", "openai_preference", "hh"):
+        from tunesmith.data.preference import preference_to_canonical  # it builds on this module
+
+        return preference_to_canonical(row, fmt)
     elif fmt == "text":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():

@@ -10,6 +10,7 @@ conversation are prefixes of the longer one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,40 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], g
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and, per assistant turn, the character span of reply + EOS."""
-    full = render(tokenizer, messages, generation_prompt=False)
-    eos = tokenizer.eos_token
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: no real text or template contains them
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _with_eos(text: str, start: int, end: int, eos: str) -> tuple[int, int]:
+    """Extend a reply span over the EOS the template writes right after it (if any)."""
+    tail = text[end:end + len(eos) + 8]
+    at = tail.find(eos)
+    return (start, end + at + len(eos)) if at >= 0 and not tail[:at].strip() else (start, end)
+
+
+def _spans_by_sentinel(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full: str
+                       ) -> list[tuple[int, int]] | None:
+    """One extra render with each reply replaced by a sentinel; None if the template alters replies."""
+    marked = [dict(m, content=_SENTINEL.format(i)) if m["role"] == "assistant" else m for i, m in enumerate(messages)]
+    template = render(tokenizer, marked, generation_prompt=False)
+    for transform in (str, str.strip):
+        pieces, spans, cursor = [], [], 0
+        for match in _SENTINEL_RE.finditer(template):
+            pieces.append(template[cursor:match.start()])
+            start = sum(len(p) for p in pieces)
+            reply = transform(messages[int(match.group(1))]["content"])
+            pieces.append(reply)
+            spans.append((start, start + len(reply)))
+            cursor = match.end()
+        pieces.append(template[cursor:])
+        if "".join(pieces) == full:
+            return [_with_eos(full, s, e, tokenizer.eos_token) for s, e in spans]
+    return None
+
+
+def _spans_by_prefix(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full: str
+                     ) -> list[tuple[int, int]]:
+    """Render up to each reply (with the generation prompt) and up to its end; slower, more general."""
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -52,35 +83,64 @@ def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict
         if start < 0:
             raise ValueError("the chat template changes the assistant text beyond trimming; "
                              "set model.chat_template to one that keeps it")
-        end = start + len(reply)
-        # The EOS the template writes after the reply belongs to the trained span.
-        tail = upto[end:]
-        eos_at = tail.find(eos)
-        if eos_at >= 0 and not tail[:eos_at].strip():
-            end += eos_at + len(eos)
-        spans.append((start, end))
-    return full, spans
+        spans.append(_with_eos(upto, start, start + len(reply), tokenizer.eos_token))
+    return spans
 
 
-def tokenize_messages(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
-    max_seq_len: int,
-    train_on_prompt: bool = False,
-) -> TokenizedRow:
-    """Token ids and labels for one chat row, truncated on the right to ``max_seq_len``."""
-    full, spans = assistant_char_spans(tokenizer, messages)
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+                         ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and, per assistant turn, the character span of reply + EOS."""
+    full = render(tokenizer, messages, generation_prompt=False)
+    spans = _spans_by_sentinel(tokenizer, messages, full)
+    return full, spans if spans is not None else _spans_by_prefix(tokenizer, messages, full)
+
+
+def _labelled(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[int, int]], ids: list[int],
+              offsets: list[tuple[int, int]], ends_with_reply: bool, max_seq_len: int, train_on_prompt: bool
+              ) -> TokenizedRow:
     labels = [IGNORE_INDEX] * len(ids)
-    for position, (start, end) in enumerate(encoding["offset_mapping"]):
+    for position, (start, end) in enumerate(offsets):
         if train_on_prompt or any(start < s_end and end > s_start for s_start, s_end in spans):
             labels[position] = ids[position]
     # A template that writes no EOS after the final reply: append one so the model learns to stop.
-    if spans and not full[: spans[-1][1]].endswith(tokenizer.eos_token) and messages[-1]["role"] == "assistant":
-        ids.append(tokenizer.eos_token_id)
+    if spans and ends_with_reply and not full[: spans[-1][1]].endswith(tokenizer.eos_token):
+        ids = ids + [tokenizer.eos_token_id]
         labels.append(tokenizer.eos_token_id)
     return _truncated(ids, labels, max_seq_len)
+
+
+def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
+                           max_seq_len: int, train_on_prompt: bool = False) -> list[TokenizedRow | ValueError]:
+    """Token ids and labels for many chat rows at once (one batched tokenizer call)."""
+    rendered: list[tuple[str, list[tuple[int, int]]] | ValueError] = []
+    for messages in conversations:
+        try:
+            rendered.append(assistant_char_spans(tokenizer, messages))
+        except ValueError as err:
+            rendered.append(err)
+    texts = [r[0] for r in rendered if not isinstance(r, ValueError)]
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    results: list[TokenizedRow | ValueError] = []
+    index = 0
+    for messages, item in zip(conversations, rendered):
+        if isinstance(item, ValueError):
+            results.append(item)
+            continue
+        full, spans = item
+        results.append(_labelled(tokenizer, full, spans, list(encoding["input_ids"][index]),
+                                 encoding["offset_mapping"][index], messages[-1]["role"] == "assistant",
+                                 max_seq_len, train_on_prompt))
+        index += 1
+    return results
+
+
+def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_seq_len: int,
+                      train_on_prompt: bool = False) -> TokenizedRow:
+    """Token ids and labels for one chat row, truncated on the right to ``max_seq_len``."""
+    [result] = tokenize_conversations(tokenizer, [messages], max_seq_len, train_on_prompt)
+    if isinstance(result, ValueError):
+        raise result
+    return result
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_seq_len: int) -> TokenizedRow:
@@ -103,3 +163,17 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], max_se
     if "messages" in row:
         return tokenize_messages(tokenizer, row["messages"], max_seq_len, train_on_prompt)
     return tokenize_text(tokenizer, row["text"], max_seq_len)
+
+
+def tokenize_rows_batched(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], max_seq_len: int,
+                          train_on_prompt: bool = False) -> list[TokenizedRow | ValueError]:
+    """``tokenize_row`` for many canonical rows, chat rows through one batched tokenizer call."""
+    chat = [i for i, row in enumerate(rows) if "messages" in row]
+    results: list[TokenizedRow | ValueError] = [None] * len(rows)  # type: ignore[list-item]
+    for i, result in zip(chat, tokenize_conversations(tokenizer, [rows[i]["messages"] for i in chat], max_seq_len,
+                                                      train_on_prompt)):
+        results[i] = result
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            results[i] = tokenize_text(tokenizer, row["text"], max_seq_len)
+    return results

@@ -38,3 +38,11 @@ def load_for_inference(target: str, device: str = "auto") -> tuple[PreTrainedMod
         return _load_adapter(ModelConfig(name_or_path=base, device=device), path, None)
     config = ModelConfig(name_or_path=str(path) if path.exists() else target, device=device)
     return load_model(config), load_tokenizer(config)
+
+
+def tokenizer_for(target: str) -> PreTrainedTokenizerBase:
+    """The tokenizer (with chat template) of a run folder, model or adapter folder, GGUF file or 'embedded'."""
+    path = Path(target).expanduser()
+    if (path / "config.yaml").is_file() and (path / "model").is_dir():
+        path = path / "model"
+    return load_tokenizer(ModelConfig(name_or_path=str(path) if path.exists() else target))
