@@ -10,7 +10,8 @@ from pathlib import Path
 from tunesmith.config.schema import DatasetConfig
 from tunesmith.errors import DataError
 
-FORMAT_CHOICES = ["auto", "openai", "sharegpt", "alpaca", "text", "preference", "openai_preference", "hh"]
+FORMAT_CHOICES = ["auto", "openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text", "preference",
+                  "openai_preference", "hh"]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

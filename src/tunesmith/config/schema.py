@@ -44,7 +44,8 @@ class ModelConfig(StrictModel):
 class DatasetConfig(StrictModel):
     path: str = Field(description="a JSON, JSONL, CSV or Parquet file (relative to the working folder "
                       "or to the config file)")
-    format: Literal["auto", "alpaca", "openai", "sharegpt", "text", "preference", "openai_preference", "hh"] = "auto"
+    format: Literal["auto", "alpaca", "openai", "sharegpt", "qa", "completion", "seed_tasks", "text", "preference",
+                    "openai_preference", "hh"] = "auto"
 
 
 def _datasets_from_paths(value: object) -> object:
@@ -170,7 +171,8 @@ class Config(StrictModel):
 class MixSourceConfig(StrictModel):
     path: str
     name: str | None = Field(None, description="provenance name; defaults to the file name")
-    format: Literal["auto", "alpaca", "openai", "sharegpt", "text", "preference", "openai_preference", "hh"] = "auto"
+    format: Literal["auto", "alpaca", "openai", "sharegpt", "qa", "completion", "seed_tasks", "text", "preference",
+                    "openai_preference", "hh"] = "auto"
     weight: float = Field(1.0, gt=0.0, description="rows taken = weight x rows (above 1 up-samples)")
     max_rows: int | None = Field(None, ge=1)
     category_column: str | None = Field(None, description="a field of the rows to balance by")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "text")
+CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text")
+# Two-field formats: (user field, assistant field).
+PAIR_FIELDS = {"qa": ("question", "answer"), "completion": ("prompt", "completion")}
 FORMATS = CHAT_FORMATS + ("preference", "openai_preference", "hh")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -44,6 +46,12 @@ def detect_format(row: Any) -> str | None:
         return "openai_preference"
     if "chosen" in row or "rejected" in row:
         return "preference" if "prompt" in row else "hh"
+    if "instances" in row and "instruction" in row:
+        return "seed_tasks"
+    if "question" in row and "answer" in row:
+        return "qa"
+    if "prompt" in row and "completion" in row:
+        return "completion"
     if "instruction" in row or "output" in row:
         return "alpaca"
     if "text" in row:
@@ -119,31 +127,36 @@ def _check_replies(messages: list[dict[str, str]], prefix: str) -> list[Problem]
     return problems
 
 
+def _turn_problem(turn: Any, field: str, role_key: str, text_key: str, role_map: dict[str, str]) -> Problem:
+    """Why one turn could not be read (only called for a bad turn)."""
+    if not isinstance(turn, dict):
+        return Problem(field, f"a turn must be an object with {role_key!r} and {text_key!r}")
+    if role_key not in turn:
+        return Problem(f"{field}.{role_key}", "missing")
+    if str(turn[role_key]).lower() not in role_map:
+        return Problem(f"{field}.{role_key}", f"unknown role {turn[role_key]!r}; use one of {', '.join(sorted(role_map))}")
+    return Problem(f"{field}.{text_key}", "missing")
+
+
 def _messages_from_list(raw: Any, prefix: str, role_key: str, text_key: str,
                         role_map: dict[str, str]) -> tuple[list[dict[str, str]] | None, list[Problem]]:
-    problems: list[Problem] = []
     if not isinstance(raw, list) or not raw:
         return None, [Problem(prefix, "must be a non-empty list of turns")]
+    problems: list[Problem] = []
     messages = []
     for index, turn in enumerate(raw):
-        field = f"{prefix}[{index}]"
-        if not isinstance(turn, dict):
-            problems.append(Problem(field, f"a turn must be an object with {role_key!r} and {text_key!r}"))
+        role = role_map.get(turn.get(role_key)) if isinstance(turn, dict) else None  # fast path: exact role names
+        if role is None and isinstance(turn, dict) and isinstance(turn.get(role_key), str):
+            role = role_map.get(turn[role_key].lower())
+        if role is None or text_key not in turn:
+            problems.append(_turn_problem(turn, f"{prefix}[{index}]", role_key, text_key, role_map))
             continue
-        if role_key not in turn:
-            problems.append(Problem(f"{field}.{role_key}", "missing"))
-            continue
-        role = role_map.get(str(turn[role_key]).lower())
-        if role is None:
-            known = ", ".join(sorted(role_map))
-            problems.append(Problem(f"{field}.{role_key}", f"unknown role {turn[role_key]!r}; use one of {known}"))
-            continue
-        if text_key not in turn:
-            problems.append(Problem(f"{field}.{text_key}", "missing"))
-            continue
-        content = _content_text(turn[text_key], f"{field}.{text_key}", problems)
-        if content is not None:
-            messages.append({"role": role, "content": content})
+        content = turn[text_key]
+        if not isinstance(content, str):
+            content = _content_text(content, f"{prefix}[{index}].{text_key}", problems)
+            if content is None:
+                continue
+        messages.append({"role": role, "content": content})
     if problems:
         return None, problems
     return messages, check_turn_order(messages, prefix) + _check_replies(messages, prefix)
@@ -190,6 +203,25 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
                                                  SHAREGPT_ROLES)
     elif fmt == "alpaca":
         messages, problems = _alpaca_messages(row)
+    elif fmt == "seed_tasks":
+        instances = row.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            return None, [Problem("instances", "must be a non-empty list of {input, output}")]
+        first = instances[0]
+        messages, problems = _alpaca_messages({"instruction": row.get("instruction"), "input": first.get("input", ""),
+                                               "output": first.get("output")})
+        problems = [Problem(f"instances[0].{p.field}" if p.field in ("input", "output") else p.field, p.message,
+                            p.severity) for p in problems]
+        if len(instances) > 1:
+            problems.append(Problem("instances", f"{len(instances)} instances; only the first is used", "warning"))
+    elif fmt in PAIR_FIELDS:
+        user_key, reply_key = PAIR_FIELDS[fmt]
+        problems = [Problem(k, "missing or not a non-empty string") for k in (user_key, reply_key)
+                    if not isinstance(row.get(k), str) or not row[k].strip()]
+        if problems:
+            return None, problems
+        messages = [{"role": "user", "content": row[user_key]}, {"role": "assistant", "content": row[reply_key]}]
+        problems = _check_replies(messages, reply_key)
     elif fmt in ("preference", "openai_preference", "hh"):
         from tunesmith.data.preference import preference_to_canonical  # it builds on this module
 

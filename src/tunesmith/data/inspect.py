@@ -11,38 +11,17 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config.schema import DataConfig, DatasetConfig
-from tunesmith.data.build import CanonicalRow, DataReport, read_canonical, tokenize_rows
+from tunesmith.data.build import CanonicalRow, DataReport, load_rows
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedRow, tokenize_row, tokenize_rows_batched
-
-
-def _preference_lengths(rows: list[CanonicalRow], tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                        report: DataReport) -> None:
-    """Over-long warnings for preference pairs: prompt + chosen, prompt + rejected."""
-    for item in rows:
-        for side in ("chosen", "rejected"):
-            messages = item.row["prompt"] + [{"role": "assistant", "content": item.row[side]}]
-            length = tokenize_row(tokenizer, {"messages": messages}, 10**9).length_before_truncation
-            if length > max_seq_len:
-                report.add(item.file, item.line, side, f"over-long, prompt + {side} is {length} tokens > "
-                           f"max length {max_seq_len}; it would be truncated", "warning")
 
 
 def validate_file(path: str, fmt: str = "auto", tokenizer: PreTrainedTokenizerBase | None = None,
                   max_seq_len: int = 1024, train_on_prompt: bool = False) -> DataReport:
     """Every problem of one file in one pass: the same checks ``tunesmith train`` runs."""
     report = DataReport()
-    rows = read_canonical(DatasetConfig(path=path, format=fmt), report)
-    if tokenizer is None:
-        report.rows = len(rows)
-        return report
-    chat = [r for r in rows if "prompt" not in r.row]
-    pairs = [r for r in rows if "prompt" in r.row]
-    config = DataConfig(train=[DatasetConfig(path=path)], max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
-    if chat:
-        tokenize_rows(chat, tokenizer, config, report)
-    if pairs:
-        _preference_lengths(pairs, tokenizer, max_seq_len, report)
-        report.rows += len(pairs)
+    dataset = DatasetConfig(path=path, format=fmt)
+    config = DataConfig(train=[dataset], max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+    load_rows(dataset, report, None, tokenizer, config, keep_rows=False)
     return report
 
 

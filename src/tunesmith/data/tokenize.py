@@ -10,6 +10,7 @@ conversation are prefixes of the longer one.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ class TokenizedRow:
 
     @property
     def trainable_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -46,11 +47,15 @@ def _with_eos(text: str, start: int, end: int, eos: str) -> tuple[int, int]:
     return (start, end + at + len(eos)) if at >= 0 and not tail[:at].strip() else (start, end)
 
 
-def _spans_by_sentinel(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full: str
-                       ) -> list[tuple[int, int]] | None:
-    """One extra render with each reply replaced by a sentinel; None if the template alters replies."""
-    marked = [dict(m, content=_SENTINEL.format(i)) if m["role"] == "assistant" else m for i, m in enumerate(messages)]
-    template = render(tokenizer, marked, generation_prompt=False)
+def _marked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [dict(m, content=_SENTINEL.format(i)) if m["role"] == "assistant" else m for i, m in enumerate(messages)]
+
+
+def _spans_by_sentinel(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full: str,
+                       template: str | None = None) -> list[tuple[int, int]] | None:
+    """Spans from a render with each reply replaced by a sentinel; None if the template alters replies."""
+    if template is None:
+        template = render(tokenizer, _marked(messages), generation_prompt=False)
     for transform in (str, str.strip):
         pieces, spans, cursor = [], [], 0
         for match in _SENTINEL_RE.finditer(template):
@@ -87,21 +92,53 @@ def _spans_by_prefix(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str
     return spans
 
 
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
-                         ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and, per assistant turn, the character span of reply + EOS."""
-    full = render(tokenizer, messages, generation_prompt=False)
-    spans = _spans_by_sentinel(tokenizer, messages, full)
+_PROBES = ("plain reply", "  padded reply \n", "<think>a</think>b", "line one\n\nline two", "{{ x }} {% y %}")
+_SUBSTITUTION_SAFE: dict[tuple[int, str], bool] = {}
+
+
+def substitution_safe(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the template writes assistant replies verbatim, whatever they hold.
+
+    Checked once per tokenizer and template with probe replies (white space, think tags, Jinja-like
+    text). When it holds, a conversation's text is its sentinel render with the replies put back,
+    and the second render is skipped.
+    """
+    key = (id(tokenizer), tokenizer.chat_template or "")
+    if key not in _SUBSTITUTION_SAFE:
+        safe = True
+        for probe in _PROBES:
+            messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe},
+                        {"role": "user", "content": "r"}, {"role": "assistant", "content": probe}]
+            full = render(tokenizer, messages, generation_prompt=False)
+            template = render(tokenizer, _marked(messages), generation_prompt=False)
+            safe &= _SENTINEL_RE.sub(lambda m: messages[int(m.group(1))]["content"], template) == full
+        _SUBSTITUTION_SAFE[key] = safe
+    return _SUBSTITUTION_SAFE[key]
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                         full: str | None = None, template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and, per assistant turn, the character span of reply + EOS.
+
+    ``full`` and ``template`` (the render with sentinels) may be passed in when rendered in a batch.
+    """
+    full = render(tokenizer, messages, generation_prompt=False) if full is None else full
+    spans = _spans_by_sentinel(tokenizer, messages, full, template)
     return full, spans if spans is not None else _spans_by_prefix(tokenizer, messages, full)
 
 
 def _labelled(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[int, int]], ids: list[int],
               offsets: list[tuple[int, int]], ends_with_reply: bool, max_seq_len: int, train_on_prompt: bool
               ) -> TokenizedRow:
-    labels = [IGNORE_INDEX] * len(ids)
-    for position, (start, end) in enumerate(offsets):
-        if train_on_prompt or any(start < s_end and end > s_start for s_start, s_end in spans):
-            labels[position] = ids[position]
+    if train_on_prompt:
+        labels = list(ids)
+    else:
+        # Offsets are sorted, so the tokens overlapping a span are one contiguous run: two bisections.
+        labels = [IGNORE_INDEX] * len(ids)
+        for s_start, s_end in spans:
+            first = bisect.bisect_right(offsets, s_start, key=lambda o: o[1])
+            last = bisect.bisect_left(offsets, s_end, key=lambda o: o[0])
+            labels[first:last] = ids[first:last]
     # A template that writes no EOS after the final reply: append one so the model learns to stop.
     if spans and ends_with_reply and not full[: spans[-1][1]].endswith(tokenizer.eos_token):
         ids = ids + [tokenizer.eos_token_id]
@@ -109,17 +146,39 @@ def _labelled(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[i
     return _truncated(ids, labels, max_seq_len)
 
 
+def _encode_with_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]
+                         ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) per text, without special tokens. Calls the Rust backend directly
+    when there is one: transformers' wrapper converts every encoding to Python lists first."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoding["input_ids"], encoding["offset_mapping"]))
+
+
 def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
                            max_seq_len: int, train_on_prompt: bool = False) -> list[TokenizedRow | ValueError]:
     """Token ids and labels for many chat rows at once (one batched tokenizer call)."""
+    # One batched render of the sentinel versions, and of the conversations themselves unless the
+    # template is known to write replies verbatim (then the text is the sentinel render filled in).
+    templates = tokenizer.apply_chat_template([_marked(m) for m in conversations], tokenize=False) \
+        if conversations else []
+    if conversations and substitution_safe(tokenizer):
+        fulls = [_SENTINEL_RE.sub(lambda m, c=c: c[int(m.group(1))]["content"], t)
+                 for c, t in zip(conversations, templates)]
+    else:
+        fulls = tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
     rendered: list[tuple[str, list[tuple[int, int]]] | ValueError] = []
-    for messages in conversations:
+    for messages, full, template in zip(conversations, fulls, templates):
         try:
-            rendered.append(assistant_char_spans(tokenizer, messages))
+            rendered.append(assistant_char_spans(tokenizer, messages, full, template))
         except ValueError as err:
             rendered.append(err)
     texts = [r[0] for r in rendered if not isinstance(r, ValueError)]
-    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    encoded = _encode_with_offsets(tokenizer, texts)
     results: list[TokenizedRow | ValueError] = []
     index = 0
     for messages, item in zip(conversations, rendered):
@@ -127,8 +186,8 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
             results.append(item)
             continue
         full, spans = item
-        results.append(_labelled(tokenizer, full, spans, list(encoding["input_ids"][index]),
-                                 encoding["offset_mapping"][index], messages[-1]["role"] == "assistant",
+        ids, offsets = encoded[index]
+        results.append(_labelled(tokenizer, full, spans, ids, offsets, messages[-1]["role"] == "assistant",
                                  max_seq_len, train_on_prompt))
         index += 1
     return results
