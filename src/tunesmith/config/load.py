@@ -92,17 +92,22 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel] = Config) -> type[Base
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """``('sources', 0, 'weight')`` -> ``sources[0].weight``."""
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+
+
 def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> list[str]:
     """One line per problem: the dotted field, the value given, and what to do."""
     problems = []
     for item in err.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        field = _dotted(loc)
         if item["type"] == "extra_forbidden":
             model = _model_at(loc, root)
             known = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
+            hint = f"did you mean {_dotted(loc[:-1] + (close[0],))!r}?" if close else ""
             hint = hint or (f"known fields here: {', '.join(known)}" if known else "remove it")
             problems.append(f"{field}: unknown field (value {item['input']!r}); {hint}")
         elif item["type"] == "missing":

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config.schema import DataConfig, DatasetConfig
 from tunesmith.data.formats import CHAT_FORMATS, detect_format, to_canonical
-from tunesmith.data.readers import read_rows
+from tunesmith.data.readers import jsonl_lines, read_rows
 from tunesmith.data.tokenize import tokenize_rows_batched
 from tunesmith.errors import DataError
 
@@ -255,7 +255,7 @@ def load_rows(dataset: DatasetConfig, report: DataReport, allowed: tuple[str, ..
     """
     path = dataset.path
     if path.lower().endswith(".jsonl"):  # parsed in the workers too
-        items = [(n, text) for n, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+        items = [(n, text) for n, text in enumerate(jsonl_lines(Path(path).read_text(encoding="utf-8")), 1)
                  if text.strip()]
         parse = True
     else:

@@ -40,8 +40,18 @@ def _open_text(path: Path) -> str:
     return raw.decode("utf-8")
 
 
+def jsonl_lines(text: str) -> list[str]:
+    r"""Lines of a JSONL text: split on newlines only. ``str.splitlines`` would also split on
+    U+2028/U+2029, which JSON strings may hold unescaped.
+
+    >>> jsonl_lines('{"a": "x\u2028y"}\r\n{"b": 1}\n')
+    ['{"a": "x\u2028y"}', '{"b": 1}', '']
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_jsonl(path: Path, text: str) -> Iterator[RawRow]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -60,12 +60,13 @@ def build_prompt(examples: list[SeedTask]) -> str:
 
 
 _FIELD = re.compile(r"^\s*(Instruction|Input|Output)\s*:\s*", re.IGNORECASE | re.MULTILINE)
+_NEXT_TASK = re.compile(r"\n\s*Task \d+\b.*", re.DOTALL)  # a model running on into another task
 
 
 def parse_task(reply: str) -> dict[str, str]:
     """The instruction, input and output of a generated task ('' for a missing part).
 
-    >>> parse_task("Task 4\\nInstruction: Add the numbers.\\nInput: 2, 3\\nOutput: 5")
+    >>> parse_task("Task 4\\nInstruction: Add the numbers.\\nInput: 2, 3\\nOutput: 5\\n\\nTask 5: more")
     {'instruction': 'Add the numbers.', 'input': '2, 3', 'output': '5'}
     """
     found = {"instruction": "", "input": "", "output": ""}
@@ -74,7 +75,7 @@ def parse_task(reply: str) -> dict[str, str]:
         end = matches[index + 1].start() if index + 1 < len(matches) else len(reply)
         name = match.group(1).lower()
         if not found[name]:
-            value = reply[match.end():end].strip()
+            value = _NEXT_TASK.sub("", reply[match.end():end]).strip()
             found[name] = "" if value.lower() in ("<none>", "none", "n/a") and name == "input" else value
     return found
 
@@ -86,7 +87,8 @@ def local_generator(model: Any, tokenizer: Any, temperature: float, max_new_toke
 
     def generate(prompt: str) -> str:
         sampling = SamplingConfig(max_new_tokens, temperature, 0.95, seed + next(counter))
-        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], sampling)
+        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], sampling,
+                              prefill="Instruction:")
 
     return generate
 
@@ -132,7 +134,7 @@ def synthesize(seeds: list[SeedTask], generate: Generate, n: int, generator_name
         return minhash
 
     rng = random.Random(seed)
-    index = MinHashLSH(threshold=near, num_perm=128)
+    index = MinHashLSH(threshold=near, num_perm=128, weights=(0.1, 0.9))
     for task in seeds:
         index.insert(f"seed:{task.id}", signature(f"{task.instruction} {task.input} {task.output}"))
     result = SynthResult()

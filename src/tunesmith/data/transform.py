@@ -87,7 +87,7 @@ def _shingles(text: str, size: int = 3) -> set[bytes]:
     return {" ".join(words[i:i + size]).encode() for i in range(len(words) - size + 1)}
 
 
-def duplicate_clusters(texts: list[str], near: float | None = None, num_perm: int = 128) -> list[list[int]]:
+def duplicate_clusters(texts: list[str], near: float | None = None, num_perm: int = 256) -> list[list[int]]:
     """Groups of row indices that are exact duplicates (after normalisation) or, with ``near``,
     near duplicates (MinHash estimate of word-3-gram Jaccard similarity >= ``near``). Singletons omitted."""
     parent = list(range(len(texts)))
@@ -111,13 +111,18 @@ def duplicate_clusters(texts: list[str], near: float | None = None, num_perm: in
     if near is not None:
         from datasketch import MinHash, MinHashLSH
 
-        lsh = MinHashLSH(threshold=near, num_perm=num_perm)
+        # Bands tuned to miss few true pairs (a missed pair leaks across a split); each candidate is
+        # then confirmed by its estimated Jaccard similarity, which removes the extra false positives.
+        lsh = MinHashLSH(threshold=near, num_perm=num_perm, weights=(0.1, 0.9))
+        signatures = {}
         for index in first.values():
             signature = MinHash(num_perm=num_perm, seed=1)
             signature.update_batch(list(_shingles(texts[index])))
             for other in lsh.query(signature):
-                union(index, other)
+                if signature.jaccard(signatures[other]) >= near:
+                    union(index, other)
             lsh.insert(index, signature)
+            signatures[index] = signature
     groups: dict[int, list[int]] = defaultdict(list)
     for index in range(len(texts)):
         groups[find(index)].append(index)
