@@ -82,9 +82,9 @@ def test_every_command_on_the_real_files(shared_data, tmp_path, capsys):
 
 
 def test_mix_writes_provenance(tmp_path, capsys):
-    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x", "topic": "t" + str(i % 2)}
-                                           for i in range(10)])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x", "topic": "t" + str(i % 2)}
+                                       for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
     config = tmp_path / "mix.yaml"
     config.write_text(yaml.safe_dump({"output": str(tmp_path / "mixed.jsonl"), "seed": 1, "sources": [
         {"path": "a.jsonl", "max_rows": 6, "category_column": "topic", "category_cap": 4},
