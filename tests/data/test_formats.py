@@ -96,3 +96,11 @@ def test_flawed_openai_file_from_shared_data(shared_data):
     assert report.warnings == [f"{path}:5: messages[2].content: assistant reply is 'Eat a banana!' repeated 2000 "
                                f"times (26000 characters); likely a generation loop"]
     assert json.loads(path.read_text().splitlines()[3])["messages"][1]["role"] == "assistant"
+
+
+def test_unknown_turn_fields_are_warned_about():
+    row = {"messages": [{"role": "user", "content": "q", "lang": "en"}, {"role": "assistant", "content": "a"}]}
+    canonical, problems = to_canonical(row, "openai")
+    assert canonical is not None
+    assert [(p.field, p.message, p.severity) for p in problems] == [
+        ("messages[0]", "unknown field(s) 'lang'; they are ignored", "warning")]

@@ -15,6 +15,8 @@ CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks"
 PAIR_FIELDS = {"qa": ("question", "answer"), "completion": ("prompt", "completion")}
 FORMATS = CHAT_FORMATS + ("preference", "openai_preference", "hh")
 ROLES = ("system", "user", "assistant")
+# Keys a turn may carry besides its role and text (metadata the formats define); others are warned about.
+TURN_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "from", "value"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 
@@ -151,15 +153,18 @@ def _messages_from_list(raw: Any, prefix: str, role_key: str, text_key: str,
         if role is None or text_key not in turn:
             problems.append(_turn_problem(turn, f"{prefix}[{index}]", role_key, text_key, role_map))
             continue
+        if len(turn) > 2 and not turn.keys() <= TURN_KEYS:
+            unknown = ", ".join(sorted(map(repr, turn.keys() - TURN_KEYS)))
+            problems.append(Problem(f"{prefix}[{index}]", f"unknown field(s) {unknown}; they are ignored", "warning"))
         content = turn[text_key]
         if not isinstance(content, str):
             content = _content_text(content, f"{prefix}[{index}].{text_key}", problems)
             if content is None:
                 continue
         messages.append({"role": role, "content": content})
-    if problems:
+    if any(p.severity == "error" for p in problems):
         return None, problems
-    return messages, check_turn_order(messages, prefix) + _check_replies(messages, prefix)
+    return messages, problems + check_turn_order(messages, prefix) + _check_replies(messages, prefix)
 
 
 def _alpaca_messages(row: dict[str, Any]) -> tuple[list[dict[str, str]] | None, list[Problem]]:
