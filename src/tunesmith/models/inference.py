@@ -15,21 +15,28 @@ from tunesmith.errors import ModelLoadError
 from tunesmith.models.load import load_model, load_tokenizer
 
 
-def _load_adapter(base_config: ModelConfig, adapter_dir: Path, quantized: Config | None) -> tuple:
+def _load_adapter(base_config: ModelConfig, adapter_dir: Path, quantized: Config | None,
+                  dequantize: bool = False) -> tuple:
     quantization = quantized.method.quantization if quantized and quantized.method.type == "qlora" else None
+    quantization = None if dequantize else quantization
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir), device=base_config.device))
     base = load_model(base_config, quantization)
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer
 
 
-def load_for_inference(target: str, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for ``target``; a run folder uses the tokenizer and template it trained with."""
+def load_for_inference(target: str, device: str = "auto", dequantize: bool = False
+                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for ``target``; a run folder uses the tokenizer and template it trained with.
+
+    A QLoRA run loads its base in 4 bits, as trained, unless ``dequantize`` (for merging).
+    """
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "model").is_dir():  # a run folder
         run_config = Config.model_validate(read_yaml(path / "config.yaml"))
         path = path / "model"
         if (path / "adapter_config.json").is_file():
-            return _load_adapter(run_config.model.model_copy(update={"device": device}), path, run_config)
+            return _load_adapter(run_config.model.model_copy(update={"device": device}), path, run_config,
+                                 dequantize)
     elif path.is_dir() and (path / "config.yaml").is_file():
         raise ModelLoadError(f"{path} is a run folder without a final model (model/): the run did not finish; "
                              f"resume it with `tunesmith train CONFIG --resume`")
@@ -46,3 +53,11 @@ def tokenizer_for(target: str) -> PreTrainedTokenizerBase:
     if (path / "config.yaml").is_file() and (path / "model").is_dir():
         path = path / "model"
     return load_tokenizer(ModelConfig(name_or_path=str(path) if path.exists() else target))
+
+
+def run_config_of(target: str) -> Config | None:
+    """The resolved config of a run folder, or None for anything else."""
+    path = Path(target).expanduser()
+    if (path / "config.yaml").is_file():
+        return Config.model_validate(read_yaml(path / "config.yaml"))
+    return None
