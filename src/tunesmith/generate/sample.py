@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+                          TextStreamer)
 
 from tunesmith.train.loop import evaluating
 
@@ -36,6 +38,54 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, seq)
 
 
+class _Cancelled(StoppingCriteria):
+    """Stops generation once ``event`` is set (a client that went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # the new tokens, EOS excluded
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
+
+
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                 sampling: SamplingConfig = SamplingConfig(), streamer: object | None = None,
+                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Generation:
+    """Generate after ``input_ids`` (1, seq): greedy at temperature 0, stops at EOS, a stop string,
+    ``max_new_tokens`` or ``cancel``. The text excludes EOS and the stop string."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    kwargs: dict = {"do_sample": False} if sampling.temperature <= 0 else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    if stop:
+        kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+    eos = stop_token_ids(model, tokenizer)
+    with evaluating(model):
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
+                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
+    new = output[0, input_ids.shape[1]:].tolist()
+    ended = bool(new) and new[-1] in eos
+    new = new[:-1] if ended else new
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop or [] if s in text), default=-1)
+    if cut >= 0:
+        text, ended = text[:cut], True
+    reason = "stop" if ended else "cancelled" if cancel is not None and cancel.is_set() else "length"
+    return Generation(new, text, reason)
+
+
 def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
                    sampling: SamplingConfig = SamplingConfig(), stream: bool = False, prefill: str = "") -> str:
     """The assistant's next reply to ``messages``; generation ends at EOS or ``max_new_tokens``.
@@ -43,15 +93,6 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     ``prefill`` starts the reply (it is part of the returned text): small models follow a format
     far better when its first words are given.
     """
-    device = next(model.parameters()).device
-    input_ids = encode_prompt(tokenizer, messages, prefill).to(device)
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    kwargs = {"do_sample": False} if sampling.temperature <= 0 else {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with evaluating(model):
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
-                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
-    return (prefill + tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)).strip()
+    generation = generate_ids(model, tokenizer, encode_prompt(tokenizer, messages, prefill), sampling, streamer)
+    return (prefill + generation.text).strip()

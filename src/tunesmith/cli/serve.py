@@ -1,0 +1,42 @@
+"""`tunesmith serve TARGET [--adapter NAME=RUN ...] [--port 8000] [--api-key K]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from tunesmith.errors import TunesmithError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, adapters)")
+    parser.add_argument("target", help="a run folder, model or adapter folder, or 'embedded'")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
+                        help="another LoRA adapter on the same base, chosen by the request's model field")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health")
+    parser.add_argument("--max-concurrency", type=int, default=1, help="generations at once")
+    parser.add_argument("--max-queue", type=int, default=8, help="requests waiting; beyond them: 429")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-tokens", type=int, default=256, help="when a request sets none")
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.load import build_served
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TunesmithError(f"--adapter {item!r}: expected NAME=RUN_OR_ADAPTER_FOLDER")
+        adapters[name] = path
+    served = build_served(args.target, adapters, args.device, args.max_tokens)
+    app = create_app(served, args.api_key, args.max_concurrency, args.max_queue, args.max_body_bytes)
+    print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
