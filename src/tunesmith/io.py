@@ -17,10 +17,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give what a plain open() would
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -41,7 +48,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield staging
-        staging.chmod(0o755)
+        staging.chmod(0o777 & ~_umask())
         aside = None
         if target.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))

@@ -104,3 +104,14 @@ def test_unknown_turn_fields_are_warned_about():
     assert canonical is not None
     assert [(p.field, p.message, p.severity) for p in problems] == [
         ("messages[0]", "unknown field(s) 'lang'; they are ignored", "warning")]
+
+
+def test_csv_numbers_and_null_inputs_are_read_as_text(tmp_path):
+    (tmp_path / "qa.csv").write_text("question,answer\n2+2?,4\n3+3?,6\n")
+    report = DataReport()
+    rows = read_canonical(DatasetConfig(path=str(tmp_path / "qa.csv")), report)
+    assert not report.errors and rows[1].row["messages"][1]["content"] == "6"
+    (tmp_path / "a.json").write_bytes(b'\xef\xbb\xbf[{"instruction": "Say hi", "input": null, "output": "hi"}]')
+    report = DataReport()
+    rows = read_canonical(DatasetConfig(path=str(tmp_path / "a.json")), report)  # BOM and a null input
+    assert not report.errors and rows[0].row["messages"][0]["content"] == "Say hi"

@@ -74,3 +74,23 @@ def test_truncation_to_zero_labels_is_an_error_or_a_counted_drop(tokenizer, tmp_
     train, _, report = build_datasets(DataConfig(train=str(path), max_seq_len=64, empty_labels="drop"), tokenizer)
     assert len(train) == 1 and report.dropped_empty == 1 and report.truncated == 1
     assert train[0]["where"] == f"{path}:2"
+
+
+def test_turn_end_token_other_than_eos_is_trained_and_a_raising_template_names_the_row(embedded_dir, tmp_path):
+    from tunesmith.data.tokenize import turn_end_token
+
+    base = AutoTokenizer.from_pretrained(embedded_dir)
+    base.eos_token = "<|endoftext|>"  # a base model: EOS is not the ChatML turn end
+    assert turn_end_token(base) == "<|im_end|>"
+    row, _ = to_canonical(CASES["sharegpt"][0], "sharegpt")
+    assert trained_text(base, row) == "Blue<|im_end|>Green<|im_end|>"
+    base.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                          "{{ raise_exception('System role not supported') }}{% endif %}"
+                          "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    path = write_jsonl(tmp_path / "s.jsonl", [CASES["openai"][0], CASES["sharegpt"][0]["conversations"] and
+                                             {"messages": [{"role": "user", "content": "a"},
+                                                           {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError) as caught:
+        build_datasets(DataConfig(train=str(path)), base)
+    assert caught.value.problems == [f"{path}:1: messages: the chat template refused this row: System role not "
+                                     f"supported"]

@@ -1,5 +1,7 @@
 """Loop features: eval cadence, early stopping, gradient checkpointing, schedule."""
 
+import json
+
 import torch
 
 from tunesmith.config.load import build_config
@@ -59,3 +61,15 @@ def test_warmup_then_cosine_decay_to_zero():
         scheduler.step()
     assert rates[0] < rates[1] < rates[2] == 1.0
     assert all(a >= b for a, b in zip(rates[2:], rates[3:])) and rates[-1] < 0.05
+
+
+def test_one_epoch_ends_with_the_data_instead_of_wrapping(tiny_model_dir, chat_file, tmp_path):
+    # 24 rows, batch 4: 6 micro-batches; accumulation 4 -> 2 steps, the second of 2 micro-batches.
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "lora", max_steps=None, epochs=1.0,
+                     grad_accum=4)
+    run = run_sft(build_config(tree))
+    assert run.result.state.global_step == 2 and run.result.state.micro_batches_done == 6
+    records = [r for r in read_metrics(run.run_dir) if "loss" in r]
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()]
+    assert len(records) == 2 and sum(r["tokens"] for r in records) == run.result.state.tokens_seen
+    assert records[1]["epoch"] == 1.0 and len(rows) == 24

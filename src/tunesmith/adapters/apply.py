@@ -6,7 +6,7 @@ import logging
 import re
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -91,6 +91,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             trainable += _numel(parameter)
     return trainable, total
 
-
-def is_adapter_model(model: nn.Module) -> bool:
-    return isinstance(model, PeftModel)

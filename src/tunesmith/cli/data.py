@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from tunesmith.config.schema import DatasetConfig
-from tunesmith.errors import DataError
+from tunesmith.data.formats import FORMATS
+from tunesmith.errors import DataError, TunesmithError
 
-FORMAT_CHOICES = ["auto", "openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text", "preference",
-                  "openai_preference", "hh"]
+FORMAT_CHOICES = ["auto", *FORMATS]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -148,12 +148,12 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_preview(args: argparse.Namespace) -> int:
     from tunesmith.data.inspect import render_preview
+    from tunesmith.data.preference import as_chat
 
     tokenizer = _tokenizer(args.model)
     color = sys.stdout.isatty()
     for item in _read_valid(args.file, refuse_errors=False)[: args.n]:
-        row = item.row if "prompt" not in item.row else {
-            "messages": item.row["prompt"] + [{"role": "assistant", "content": item.row["chosen"]}]}
+        row = as_chat(item.row)
         print(f"--- {item.where}")
         print(render_preview(tokenizer, row, args.max_seq_len, color, args.train_on_prompt))
     return 0
@@ -196,14 +196,18 @@ def run_split(args: argparse.Namespace) -> int:
     strata = [str((r.raw or {}).get(args.stratify, "")) for r in rows] if args.stratify else None
     assignment = split_assignments(len(rows), args.val, args.test, args.seed, groups, strata)
     source = Path(args.input)
-    stem = source.name.split(".")[0]
+    stem = source.name
+    for suffix in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
+        stem = stem.removesuffix(suffix)
     folder = Path(args.out_dir) if args.out_dir else source.parent
+    targets = {name: folder / f"{stem}.{name}.jsonl" for name in ("train", "val", "test")}
+    if any(t.resolve() == source.resolve() for t in targets.values()):
+        raise TunesmithError(f"{source}: the split would overwrite its input; rename it or pass --out-dir")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("train", "val", "test"):
+    for name, target in targets.items():  # all three, so no stale split from an earlier run stays
         chosen = [r.raw for r, a in zip(rows, assignment) if a == name]
-        if chosen or name == "train":
-            write_jsonl(folder / f"{stem}.{name}.jsonl", chosen)
-            print(f"{folder / f'{stem}.{name}.jsonl'}: {len(chosen)} rows")
+        write_jsonl(target, chosen)
+        print(f"{target}: {len(chosen)} rows")
     return 0
 
 
@@ -258,6 +262,9 @@ def run_synth(args: argparse.Namespace) -> int:
     write_jsonl(Path(args.out), result.rows)
     dropped = ", ".join(f"{count} {reason}" for reason, count in result.dropped.most_common()) or "none"
     print(f"wrote {len(result.rows)} rows to {args.out} after {result.attempts} attempts; dropped: {dropped}")
+    if result.stopped:
+        print(f"error: {result.stopped}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -112,7 +112,7 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = Config
             problems.append(f"{field}: unknown field (value {item['input']!r}); {hint}")
         elif item["type"] == "missing":
             problems.append(f"{field}: required field is missing; add it")
-        elif not field or isinstance(item["input"], dict):
+        elif not field or (item["type"] == "value_error" and isinstance(item["input"], dict)):
             # a check across fields: its message names the fields
             problems.append(item["msg"].removeprefix("Value error, "))
         else:
@@ -140,6 +140,13 @@ def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
                 problems.append(f"data.{split}[{index}].path: {dataset.path!r} does not exist (looked in {where})")
             else:
                 dataset.path = str(found.resolve())
+    template = config.model.chat_template
+    if template and "{" not in template:
+        found = resolve_path(template, config_dir)
+        if found is None:
+            problems.append(f"model.chat_template: {template!r} is neither Jinja text nor an existing file")
+        else:
+            config.model.chat_template = str(found.resolve())
     name = config.model.name_or_path
     if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
         found = resolve_path(name, config_dir)

@@ -10,6 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.data.formats import FORMATS
+
+
+FormatName = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -44,14 +49,15 @@ class ModelConfig(StrictModel):
 class DatasetConfig(StrictModel):
     path: str = Field(description="a JSON, JSONL, CSV or Parquet file (relative to the working folder "
                       "or to the config file)")
-    format: Literal["auto", "alpaca", "openai", "sharegpt", "qa", "completion", "seed_tasks", "text", "preference",
-                    "openai_preference", "hh"] = "auto"
+    format: FormatName = "auto"
 
 
 def _datasets_from_paths(value: object) -> object:
-    """Accept ``train: file.jsonl`` and ``train: [a.jsonl, {path: b.csv, format: alpaca}]``."""
+    """Accept ``train: file.jsonl``, ``train: {path: ...}`` and ``train: [a.jsonl, {path: b.csv, format: alpaca}]``."""
     if isinstance(value, str):
         return [{"path": value}]
+    if isinstance(value, dict):
+        return [value]
     if isinstance(value, list):
         return [{"path": v} if isinstance(v, str) else v for v in value]
     return value
@@ -88,12 +94,6 @@ class FreezeConfig(StrictModel):
     train_embeddings: bool = False
     train_lm_head: bool = False
 
-    @model_validator(mode="after")
-    def _something_trains(self) -> FreezeConfig:
-        if not self.last_n_layers and not self.pattern and not self.train_embeddings and not self.train_lm_head:
-            raise ValueError("nothing would train: set last_n_layers > 0, a pattern, train_embeddings or train_lm_head")
-        return self
-
 
 class QuantizationConfig(StrictModel):
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -106,6 +106,15 @@ class MethodConfig(StrictModel):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="used by lora, dora and qlora")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="used by freeze")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="used by qlora")
+
+    @model_validator(mode="after")
+    def _freeze_trains_something(self) -> MethodConfig:
+        freeze = self.freeze
+        if self.type == "freeze" and not (freeze.last_n_layers or freeze.pattern or freeze.train_embeddings
+                                          or freeze.train_lm_head):
+            raise ValueError("method.freeze: nothing would train; set last_n_layers > 0, a pattern, "
+                             "train_embeddings or train_lm_head")
+        return self
 
 
 class TrainingConfig(StrictModel):
@@ -130,7 +139,7 @@ class TrainingConfig(StrictModel):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evals without a better eval loss"
     )
-    save_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    save_every: int | None = Field(500, ge=1, description="steps between checkpoints (null: none)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     log_every: int = Field(1, ge=1)
     seed: int = 0
@@ -171,8 +180,7 @@ class Config(StrictModel):
 class MixSourceConfig(StrictModel):
     path: str
     name: str | None = Field(None, description="provenance name; defaults to the file name")
-    format: Literal["auto", "alpaca", "openai", "sharegpt", "qa", "completion", "seed_tasks", "text", "preference",
-                    "openai_preference", "hh"] = "auto"
+    format: FormatName = "auto"
     weight: float = Field(1.0, gt=0.0, description="rows taken = weight x rows (above 1 up-samples)")
     max_rows: int | None = Field(None, ge=1)
     category_column: str | None = Field(None, description="a field of the rows to balance by")

@@ -23,12 +23,15 @@ from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config.schema import DataConfig, DatasetConfig
 from tunesmith.data.formats import CHAT_FORMATS, detect_format, to_canonical
+from tunesmith.data.preference import as_chat
 from tunesmith.data.readers import jsonl_lines, read_rows
 from tunesmith.data.tokenize import tokenize_rows_batched
 from tunesmith.errors import DataError
 
 log = logging.getLogger(__name__)
 BATCH = 1024  # rows per batched tokenizer call
+UNKNOWN_FORMAT = ("none of the fields messages, conversations, instruction/output, question/answer, text, or "
+                  "prompt/chosen/rejected; name the format (data.train[].format, or --format)")
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,7 @@ def _canonical(chunk: _Chunk, report: DataReport) -> list[CanonicalRow]:
                 continue
         detected = detect_format(value)
         if line < chunk.first_line and detected is None:
-            report.add(chunk.file, line, "row", "none of the fields messages, conversations, instruction/output, "
-                       "text, or prompt/chosen/rejected; name the format in data.train[].format")
+            report.add(chunk.file, line, "row", UNKNOWN_FORMAT)
             continue
         if chunk.auto and detected not in (None, chunk.fmt):
             report.add(chunk.file, line, "row", f"is in {detected} format but the file is in {chunk.fmt} format "
@@ -164,13 +166,11 @@ def _canonical(chunk: _Chunk, report: DataReport) -> list[CanonicalRow]:
 def _check_tokenized(rows: list[CanonicalRow], tokenizer: PreTrainedTokenizerBase, config: DataConfig,
                      report: DataReport) -> list[TokenizedItem]:
     """Tokenize; over-long rows are warned about, empty-label rows follow ``config.empty_labels``."""
-    chat_rows = [r.row if "prompt" not in r.row else {"messages": r.row["prompt"] + [
-        {"role": "assistant", "content": r.row[side]}]} for r in rows for side in
-        (("chosen", "rejected") if "prompt" in r.row else (None,))]
-    sides = [side for r in rows for side in (("chosen", "rejected") if "prompt" in r.row else ("row",))]
-    owners = [r for r in rows for _ in (("chosen", "rejected") if "prompt" in r.row else (None,))]
+    # A preference pair is checked twice: prompt + chosen, prompt + rejected.
+    jobs = [(r, side) for r in rows for side in (("chosen", "rejected") if "prompt" in r.row else ("row",))]
+    chat_rows = [as_chat(r.row, side) for r, side in jobs]
     kept = []
-    for item, side, tokenized in zip(owners, sides, tokenize_rows_batched(
+    for (item, side), tokenized in zip(jobs, tokenize_rows_batched(
             tokenizer, chat_rows, config.max_seq_len, config.train_on_prompt)):
         if isinstance(tokenized, ValueError):
             report.add(item.file, item.line, "messages", str(tokenized))
@@ -255,7 +255,7 @@ def load_rows(dataset: DatasetConfig, report: DataReport, allowed: tuple[str, ..
     """
     path = dataset.path
     if path.lower().endswith(".jsonl"):  # parsed in the workers too
-        items = [(n, text) for n, text in enumerate(jsonl_lines(Path(path).read_text(encoding="utf-8")), 1)
+        items = [(n, text) for n, text in enumerate(jsonl_lines(Path(path).read_text(encoding="utf-8-sig")), 1)
                  if text.strip()]
         parse = True
     else:
@@ -269,8 +269,7 @@ def load_rows(dataset: DatasetConfig, report: DataReport, allowed: tuple[str, ..
     file_format = detected if dataset.format == "auto" else dataset.format
     report.formats[path] = file_format or "unknown"
     if file_format is None:
-        report.add(path, items[0][0] if items else None, "row", "none of the fields messages, conversations, "
-                   "instruction/output, text, or prompt/chosen/rejected; name the format in data.train[].format")
+        report.add(path, items[0][0] if items else None, "row", UNKNOWN_FORMAT)
         return [], []
     if allowed and file_format not in allowed:
         report.add(path, first_line, "row", f"the file holds {file_format} rows, which this task does not take "

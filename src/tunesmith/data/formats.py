@@ -114,12 +114,13 @@ def check_turn_order(messages: list[dict[str, str]], prefix: str = "messages") -
     return problems
 
 
-def _check_replies(messages: list[dict[str, str]], prefix: str) -> list[Problem]:
+def _check_replies(messages: list[dict[str, str]], prefix: str, own_field: str | None = None) -> list[Problem]:
+    """Empty and looping replies. ``own_field`` names the reply's field in two-field formats."""
     problems = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        field = f"{prefix}[{index}].content"
+        field = own_field or f"{prefix}[{index}].content"
         if not message["content"].strip():
             problems.append(Problem(field, "assistant reply is empty or whitespace only; write the reply or drop the row"))
         elif (unit := repeated_unit(message["content"])) is not None:
@@ -179,10 +180,10 @@ def _alpaca_messages(row: dict[str, Any]) -> tuple[list[dict[str, str]] | None, 
             problems.append(Problem(key, f"must be a string, got {type(row[key]).__name__}"))
     if problems:
         return None, problems
-    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "")
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if (row.get("input") or "").strip() else "")
     messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    return messages, _check_replies(messages, "output")
+    return messages, _check_replies(messages, "output", own_field="output")
 
 
 def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Problem]]:
@@ -213,8 +214,8 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
         if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
             return None, [Problem("instances", "must be a non-empty list of {input, output}")]
         first = instances[0]
-        messages, problems = _alpaca_messages({"instruction": row.get("instruction"), "input": first.get("input", ""),
-                                               "output": first.get("output")})
+        messages, problems = _alpaca_messages({"instruction": row.get("instruction"),
+                                               "input": first.get("input") or "", "output": first.get("output")})
         problems = [Problem(f"instances[0].{p.field}" if p.field in ("input", "output") else p.field, p.message,
                             p.severity) for p in problems]
         if len(instances) > 1:
@@ -226,7 +227,7 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
         if problems:
             return None, problems
         messages = [{"role": "user", "content": row[user_key]}, {"role": "assistant", "content": row[reply_key]}]
-        problems = _check_replies(messages, reply_key)
+        problems = _check_replies(messages, reply_key, own_field=reply_key)
     elif fmt in ("preference", "openai_preference", "hh"):
         from tunesmith.data.preference import preference_to_canonical  # it builds on this module
 

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config.schema import DataConfig, DatasetConfig
 from tunesmith.data.build import CanonicalRow, DataReport, load_rows
+from tunesmith.data.preference import as_chat
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedRow, tokenize_row, tokenize_rows_batched
 
 
@@ -51,8 +52,7 @@ class DatasetStats:
 
 def compute_stats(rows: list[CanonicalRow], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> DatasetStats:
     """Token counts with the model's tokenizer and chat template (nothing truncated while counting)."""
-    chat_rows = [{"messages": r.row["prompt"] + [{"role": "assistant", "content": r.row["chosen"]}]}
-                 if "prompt" in r.row else r.row for r in rows]
+    chat_rows = [as_chat(r.row) for r in rows]
     tokenized = [t for t in tokenize_rows_batched(tokenizer, chat_rows, 10**9) if isinstance(t, TokenizedRow)]
     totals = [len(t.input_ids) for t in tokenized]
     responses = [t.trainable_tokens for t in tokenized]

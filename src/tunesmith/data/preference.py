@@ -13,7 +13,6 @@ from typing import Any
 
 from tunesmith.data.formats import Problem, check_turn_order
 
-PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -118,3 +117,14 @@ def preference_to_canonical(row: dict[str, Any], fmt: str) -> tuple[dict[str, An
         return _finish(chosen_turns[:-1], chosen_turns[-1]["content"], rejected_turns[-1]["content"], "chosen",
                        problems)
     raise ValueError(f"unknown preference format {fmt!r}")
+
+
+def as_chat(row: dict[str, Any], side: str = "chosen") -> dict[str, Any]:
+    """A canonical row as a chat row: a preference pair becomes its prompt + the ``side`` reply.
+
+    >>> as_chat({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}, "rejected")
+    {'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'b'}]}
+    """
+    if "prompt" not in row:
+        return row
+    return {"messages": row["prompt"] + [{"role": "assistant", "content": row[side]}]}

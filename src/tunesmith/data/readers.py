@@ -37,7 +37,7 @@ def _open_text(path: Path) -> str:
     raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
-    return raw.decode("utf-8")
+    return raw.decode("utf-8-sig")  # a byte-order mark from Windows tools is not part of the JSON
 
 
 def jsonl_lines(text: str) -> list[str]:
@@ -96,7 +96,12 @@ def _read_tabular(path: Path) -> Iterator[RawRow]:
 
     datasets.disable_progress_bars()
     if path.suffix == ".csv":
-        table = datasets.Dataset.from_csv(str(path), keep_in_memory=True)
+        # pandas with every column as text (datasets' CSV reader cannot be told so): inferred number
+        # columns would fail the formats' string checks, and empty cells would become NaN.
+        import pandas
+
+        table = datasets.Dataset.from_pandas(pandas.read_csv(path, dtype=str, keep_default_na=False),
+                                             preserve_index=False)
         offset = 2  # header on line 1
     else:
         table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)

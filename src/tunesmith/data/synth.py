@@ -120,6 +120,7 @@ class SynthResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     attempts: int = 0
+    stopped: str | None = None  # why generation stopped early; the rows kept so far are still written
 
 
 def synthesize(seeds: list[SeedTask], generate: Generate, n: int, generator_name: str, *, examples: int = 3,
@@ -135,13 +136,19 @@ def synthesize(seeds: list[SeedTask], generate: Generate, n: int, generator_name
 
     rng = random.Random(seed)
     index = MinHashLSH(threshold=near, num_perm=128, weights=(0.1, 0.9))
+    kept: dict[str, MinHash] = {}
     for task in seeds:
-        index.insert(f"seed:{task.id}", signature(f"{task.instruction} {task.input} {task.output}"))
+        kept[f"seed:{task.id}"] = signature(f"{task.instruction} {task.input} {task.output}")
+        index.insert(f"seed:{task.id}", kept[f"seed:{task.id}"])
     result = SynthResult()
     while len(result.rows) < n and result.attempts < (max_attempts or 5 * n):
         result.attempts += 1
         shown = rng.sample(seeds, min(examples, len(seeds)))
-        task = parse_task(generate(build_prompt(shown)))
+        try:
+            task = parse_task(generate(build_prompt(shown)))
+        except (TunesmithError, KeyboardInterrupt, TimeoutError, OSError) as err:
+            result.stopped = f"stopped after {result.attempts - 1} attempts: {err or type(err).__name__}"
+            break
         if not task["instruction"].strip() or not task["output"].strip():
             result.dropped["empty instruction or output"] += 1
             continue
@@ -150,11 +157,13 @@ def synthesize(seeds: list[SeedTask], generate: Generate, n: int, generator_name
             result.dropped["over-long"] += 1
             continue
         minhash = signature(text)
-        similar = index.query(minhash)
+        # LSH candidates are confirmed by their estimated similarity: the bands over-report to miss little.
+        similar = [key for key in index.query(minhash) if minhash.jaccard(kept[key]) >= near]
         if similar:
             kind = "seed" if any(str(key).startswith("seed:") for key in similar) else "generated row"
             result.dropped[f"near-duplicate of a {kind}"] += 1
             continue
+        kept[f"row:{len(result.rows)}"] = minhash
         index.insert(f"row:{len(result.rows)}", minhash)
         result.rows.append({**task, "_origin": {"generator": generator_name, "seed_tasks": [t.id for t in shown],
                                                 "attempt": result.attempts, **(sampling or {})}})

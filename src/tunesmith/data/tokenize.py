@@ -40,8 +40,29 @@ _SENTINEL = "\ue000{}\ue001"  # private-use characters: no real text or template
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
+_TURN_END: dict[tuple[int, str], str] = {}
+
+
+def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token the chat template writes right after an assistant reply: the one the
+    model must learn to emit and generation must stop at. EOS for most templates; ``<|eot_id|>``
+    for Llama 3, ``<|im_end|>`` for ChatML on a base model whose EOS is another token."""
+    key = (id(tokenizer), tokenizer.chat_template or "")
+    if key not in _TURN_END:
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL.format(1)}]
+        try:
+            text = render(tokenizer, messages, generation_prompt=False)
+            after = text[text.index(_SENTINEL.format(1)) + len(_SENTINEL.format(1)):]
+        except Exception:  # a template that cannot render the probe: fall back to EOS
+            after = ""
+        specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+                          key=len, reverse=True)
+        _TURN_END[key] = next((t for t in specials if t and after.startswith(t)), tokenizer.eos_token)
+    return _TURN_END[key]
+
+
 def _with_eos(text: str, start: int, end: int, eos: str) -> tuple[int, int]:
-    """Extend a reply span over the EOS the template writes right after it (if any)."""
+    """Extend a reply span over the turn-end token the template writes right after it (if any)."""
     tail = text[end:end + len(eos) + 8]
     at = tail.find(eos)
     return (start, end + at + len(eos)) if at >= 0 and not tail[:at].strip() else (start, end)
@@ -67,7 +88,7 @@ def _spans_by_sentinel(tokenizer: PreTrainedTokenizerBase, messages: list[dict[s
             cursor = match.end()
         pieces.append(template[cursor:])
         if "".join(pieces) == full:
-            return [_with_eos(full, s, e, tokenizer.eos_token) for s, e in spans]
+            return [_with_eos(full, s, e, turn_end_token(tokenizer)) for s, e in spans]
     return None
 
 
@@ -88,7 +109,7 @@ def _spans_by_prefix(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str
         if start < 0:
             raise ValueError("the chat template changes the assistant text beyond trimming; "
                              "set model.chat_template to one that keeps it")
-        spans.append(_with_eos(upto, start, start + len(reply), tokenizer.eos_token))
+        spans.append(_with_eos(upto, start, start + len(reply), turn_end_token(tokenizer)))
     return spans
 
 
@@ -139,8 +160,9 @@ def _labelled(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[i
             first = bisect.bisect_right(offsets, s_start, key=lambda o: o[1])
             last = bisect.bisect_left(offsets, s_end, key=lambda o: o[0])
             labels[first:last] = ids[first:last]
-    # A template that writes no EOS after the final reply: append one so the model learns to stop.
-    if spans and ends_with_reply and not full[: spans[-1][1]].endswith(tokenizer.eos_token):
+    # A template that writes nothing after the final reply: append EOS so the model learns to stop.
+    if spans and ends_with_reply and not full[: spans[-1][1]].endswith((turn_end_token(tokenizer),
+                                                                        tokenizer.eos_token)):
         ids = ids + [tokenizer.eos_token_id]
         labels.append(tokenizer.eos_token_id)
     return _truncated(ids, labels, max_seq_len)
@@ -161,7 +183,25 @@ def _encode_with_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]
 
 def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
                            max_seq_len: int, train_on_prompt: bool = False) -> list[TokenizedRow | ValueError]:
-    """Token ids and labels for many chat rows at once (one batched tokenizer call)."""
+    """Token ids and labels for many chat rows at once (batched rendering and tokenizer calls).
+
+    A template that raises on some row (``raise_exception``) is retried row by row, so that only
+    that row is reported, with the template's message.
+    """
+    try:
+        return _tokenize_batch(tokenizer, conversations, max_seq_len, train_on_prompt)
+    except Exception:
+        results: list[TokenizedRow | ValueError] = []
+        for messages in conversations:
+            try:
+                results += _tokenize_batch(tokenizer, [messages], max_seq_len, train_on_prompt)
+            except Exception as err:
+                results.append(ValueError(f"the chat template refused this row: {err}"))
+        return results
+
+
+def _tokenize_batch(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
+                    max_seq_len: int, train_on_prompt: bool) -> list[TokenizedRow | ValueError]:
     # One batched render of the sentinel versions, and of the conversations themselves unless the
     # template is known to write replies verbatim (then the text is the sentinel render filled in).
     templates = tokenizer.apply_chat_template([_marked(m) for m in conversations], tokenize=False) \

@@ -21,8 +21,13 @@ class SamplingConfig:
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS plus any EOS ids in the model's generation config."""
+    """The tokenizer's EOS, the template's turn-end token, and any EOS ids in the generation config."""
+    from tunesmith.data.tokenize import turn_end_token
+
     ids = [tokenizer.eos_token_id]
+    turn_end = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
+    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end not in ids:
+        ids.append(turn_end)
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in configured if isinstance(configured, list) else [configured]:
         if value is not None and value not in ids:

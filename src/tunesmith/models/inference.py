@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunesmith.config.load import read_yaml
 from tunesmith.config.schema import Config, ModelConfig
 from tunesmith.errors import ModelLoadError
-from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.load import load_model, load_tokenizer, resolve_model_source
 
 
 def _load_adapter(base_config: ModelConfig, adapter_dir: Path, quantized: Config | None,
@@ -44,7 +44,8 @@ def load_for_inference(target: str, device: str = "auto", dequantize: bool = Fal
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         return _load_adapter(ModelConfig(name_or_path=base, device=device), path, None)
     config = ModelConfig(name_or_path=str(path) if path.exists() else target, device=device)
-    return load_model(config), load_tokenizer(config)
+    source = resolve_model_source(config)  # once: it may probe the hub
+    return load_model(config, source=source), load_tokenizer(config, source)
 
 
 def tokenizer_for(target: str) -> PreTrainedTokenizerBase:

@@ -148,9 +148,9 @@ def load_tokenizer(config: ModelConfig, source: tuple[str, str | None] | None = 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.chat_template:
-        template_path = Path(config.chat_template)
-        tokenizer.chat_template = (template_path.read_text(encoding="utf-8")
-                                   if template_path.is_file() else config.chat_template)
+        # Jinja text holds "{"; anything else is a path to a template file.
+        tokenizer.chat_template = (config.chat_template if "{" in config.chat_template
+                                   else Path(config.chat_template).expanduser().read_text(encoding="utf-8"))
     elif not tokenizer.chat_template:
         log.info("%s has no chat template: using an Alpaca-style prompt", folder)
         tokenizer.chat_template = ALPACA_TEMPLATE

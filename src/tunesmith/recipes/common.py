@@ -28,10 +28,11 @@ def build_accelerator(config: Config) -> Accelerator:
                        cpu=device.type == "cpu")
 
 
-def build_trainable_model(config: Config, source: tuple[str, str | None]) -> nn.Module:
-    """Load the base model and apply the method; logs trainable vs total parameters."""
+def build_trainable_model(config: Config, source: tuple[str, str | None], device: torch.device) -> nn.Module:
+    """Load the base model onto ``device`` (this process's, under DDP) and apply the method; logs
+    trainable vs total parameters."""
     quantization = config.method.quantization if config.method.type == "qlora" else None
-    model = load_model(config.model, quantization, source)
+    model = load_model(config.model.model_copy(update={"device": str(device)}), quantization, source)
     model = apply_method(model, config.method, config.training.gradient_checkpointing)
     trainable, total = count_parameters(model)
     log.info("method %s: %s trainable of %s parameters (%.4f%%)", config.method.type, f"{trainable:,}",
@@ -41,7 +42,6 @@ def build_trainable_model(config: Config, source: tuple[str, str | None]) -> nn.
 
 def seed_everything(config: Config) -> None:
     set_seed(config.training.seed)
-    torch.use_deterministic_algorithms(False)
 
 
 def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: Path) -> dict:

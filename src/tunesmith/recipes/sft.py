@@ -42,15 +42,16 @@ class SFTRun:
 
 def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
     """Validate data, train, and write the run folder."""
+    accelerator = build_accelerator(config)
     seed_everything(config)
-    source = resolve_model_source(config.model)
+    with accelerator.main_process_first():  # the main process converts the embedded model once
+        source = resolve_model_source(config.model)
     tokenizer = load_tokenizer(config.model, source)
     train_rows, eval_rows, report = build_datasets(config.data, tokenizer, config.training.seed)
     log.info("data: %d training rows (%d trainable tokens), %d eval rows, %d truncated", len(train_rows),
              report.trainable_tokens, len(eval_rows) if eval_rows else 0, report.truncated)
-    run_dir, checkpoint = open_run_dir(config, resume, overwrite)  # only now: config and data are valid
-    model = build_trainable_model(config, source)
-    accelerator = build_accelerator(config)
+    run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)  # config and data are valid
+    model = build_trainable_model(config, source, accelerator.device)
     collate = functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id)
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate)
     eval_batches = None

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tunesmith.config.schema import TrainingConfig
+from tunesmith.io import write_text_atomic
 from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
@@ -87,16 +88,29 @@ class MicroBatches:
         return self.collate([self.dataset[i] for i in indices])
 
 
+def total_micro_batches(config: TrainingConfig, micro_per_epoch: int) -> int | None:
+    """Micro-batches in ``epochs`` passes over the data; None when ``max_steps`` sets the length."""
+    return None if config.max_steps else max(1, math.ceil(config.epochs * micro_per_epoch))
+
+
 def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1) -> int:
-    """Optimizer steps: ``max_steps`` if set, else enough for ``epochs`` passes.
+    """Optimizer steps: ``max_steps`` if set, else enough for ``epochs`` passes (the last step may
+    take fewer micro-batches, as the data runs out, rather than wrap into another epoch).
 
     >>> from tunesmith.config.schema import TrainingConfig
     >>> total_steps(TrainingConfig(epochs=2, grad_accum=4), micro_per_epoch=10)
     5
+    >>> total_steps(TrainingConfig(epochs=1, grad_accum=8), micro_per_epoch=5)
+    1
     """
     if config.max_steps:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * micro_per_epoch / (config.grad_accum * processes)))
+    return max(1, math.ceil(total_micro_batches(config, micro_per_epoch) / (config.grad_accum * processes)))
+
+
+def _no_loss(batch: Batch) -> Batch:
+    """A batch whose labels are all ignored: a process with no data left still joins the step (DDP)."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
 
 
 def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], accelerator: Accelerator) -> float:
@@ -116,13 +130,15 @@ class Progress:
     """A progress bar on a terminal; plain log lines elsewhere. Both show loss, lr, tokens/s, ETA."""
 
     def __init__(self, total: int, start: int, enabled: bool, log_every: int):
-        self.total, self.start, self.log_every = total, start, log_every
+        self.total, self.start, self.log_every, self.enabled = total, start, log_every, enabled
         self.started = time.monotonic()
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                         disable=not (enabled and sys.stderr.isatty()))
 
     def update(self, record: dict[str, Any]) -> None:
         step = record["step"]
+        if not self.enabled:
+            return
         if not self.bar.disable:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -140,14 +156,19 @@ class Progress:
 class MetricsLog:
     """metrics.jsonl in the run folder: one JSON object per line, appended and flushed."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, start_step: int, main_process: bool = True):
         self.path = path
-        if resume_step is not None and path.exists():
-            # Steps after the checkpoint are trained again: drop their old records.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
-            path.with_suffix(".tmp").replace(path)
+        if main_process and path.exists():
+            # Steps after the starting point are trained again: drop their old records (and a line
+            # cut short by a kill).
+            kept = []
+            for line in path.read_text().split("\n"):
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
@@ -162,7 +183,7 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
     loss_total = 0.0
     for index, batch in enumerate(window):
-        sync = accelerator.no_sync(model) if index < len(window) - 1 else _nullcontext()
+        sync = accelerator.no_sync(model) if index < len(window) - 1 else nullcontext()
         with sync, accelerator.autocast():
             loss = objective.loss_sum(model, batch) / units
             # DDP averages gradients over processes; the normaliser already counts all of them.
@@ -179,11 +200,6 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     return loss_total, grad_norm, tokens
 
 
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
-
-
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
           config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
           resume_from: Path | None = None) -> TrainResult:
@@ -196,21 +212,23 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.global_step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step if resume_from else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step, accelerator.is_main_process)
     progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
     per_step = config.grad_accum * accelerator.num_processes
+    end = total_micro_batches(config, stream.per_epoch)  # the data's end, when epochs set the length
     result = TrainResult(state, None, None, stopped_early=False)
     model.train()
     while state.global_step < steps:
         started = time.monotonic()
         first = state.micro_batches_done + accelerator.process_index
-        window = [stream[first + i * accelerator.num_processes] for i in range(config.grad_accum)]
+        positions = [first + i * accelerator.num_processes for i in range(config.grad_accum)]
+        window = [stream[p] for p in positions if end is None or p < end] or [_no_loss(stream[first])]
         loss, grad_norm, tokens = _train_step(model, objective, window, accelerator, optimizer, config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         elapsed = time.monotonic() - started
         state.global_step += 1
-        state.micro_batches_done += per_step
+        state.micro_batches_done = min(state.micro_batches_done + per_step, end or 10**18)
         state.tokens_seen += tokens
         state.elapsed_s += elapsed
         record = {"step": state.global_step, "epoch": round(state.micro_batches_done / stream.per_epoch, 4),

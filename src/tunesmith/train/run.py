@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -32,10 +33,29 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-def open_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
-    """Create (or reopen, with ``resume``) the run folder; return it and the checkpoint to resume from."""
+def open_run_dir(config: Config, resume: bool, overwrite: bool, accelerator: Accelerator | None = None
+                 ) -> tuple[Path, Path | None]:
+    """Create (or reopen, with ``resume``) the run folder; return it and the checkpoint to resume from.
+
+    Under several processes the main one prepares the folder and the others wait for it.
+    """
     run_dir = Path(config.output.dir) / config.run_name
+    if accelerator is not None and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        checkpoints = list_checkpoints(run_dir) if resume else []
+        return run_dir, checkpoints[-1] if checkpoints else None
+    try:
+        return _prepare_run_dir(config, run_dir, resume, overwrite)
+    finally:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+
+def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
     if run_dir.exists() and not resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise TunesmithError(f"{run_dir} exists and is not a tunesmith run folder; choose another output.dir "
+                                 f"or output.name (nothing was deleted)")
         if not overwrite:
             raise TunesmithError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                                  f"replace it, or choose another name (output.name=...)")
