@@ -68,3 +68,25 @@ def test_train_then_chat_with_the_run(tiny_model_dir, chat_file, tmp_path, capsy
         assert main(["-q", "chat", str(tmp_path / "runs" / method), "--prompt", "Count to 3.",
                      "--max-new-tokens", "5"]) == 0
         assert capsys.readouterr().out.strip(), f"{method}: empty reply"
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_model_dir, chat_file, tmp_path, capsys):
+    precious = tmp_path / "runs" / "tiny"
+    precious.mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    path = write_config(tmp_path / "c.yaml", tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", max_steps=2))
+    assert main(["train", str(path), "--overwrite"]) == 1
+    assert "is not a tunesmith run folder" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_without_a_checkpoint_restarts_and_keeps_metrics_single(tiny_model_dir, chat_file, tmp_path):
+    from helpers import read_metrics
+
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", max_steps=3, save_every=None)
+    path = write_config(tmp_path / "c.yaml", tree)
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--resume"]) == 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny") if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert oct((tmp_path / "runs" / "tiny" / "summary.json").stat().st_mode & 0o044) == oct(0o044)

@@ -107,3 +107,13 @@ def test_chunk_raw_text_with_overlap(tmp_path, capsys):
     chunks = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
     assert code == 0 and len(chunks) >= 4 and chunks[-1] == {"text": "short doc", "_source": f"{path}:2#0"}
     assert "packed:" in out and "padding" in out
+
+
+def test_split_never_overwrites_its_input_and_writes_all_three(tmp_path, capsys):
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(20)]
+    source = write_jsonl(tmp_path / "foo.train.jsonl", rows)
+    (tmp_path / "foo.train.test.jsonl").write_text("stale\n")  # from an earlier split with a test share
+    code, _, _ = run(capsys, "split", str(source), "--val", "0.1", "--test", "0")
+    assert code == 0 and source.read_text().count("\n") == 20
+    assert (tmp_path / "foo.train.test.jsonl").read_text() == ""  # rewritten, not left stale
+    assert (tmp_path / "foo.train.train.jsonl").read_text().count("\n") == 18

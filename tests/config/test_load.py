@@ -61,3 +61,13 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     bad.write_text("name: x\ndata:\n  train: [a\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(bad)
+
+
+def test_one_dataset_as_a_mapping_and_an_inline_chat_template(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    config = build_config({"data": {"train": {"path": str(data), "format": "alpaca"}},
+                           "model": {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}" * 20}})
+    assert config.data.train[0].format == "alpaca" and config.model.chat_template.startswith("{%")
+    with pytest.raises(ConfigError, match="model.name_or_path: {'x': 1} is invalid"):
+        build_config({"data": {"train": str(data)}, "model": {"name_or_path": {"x": 1}}})

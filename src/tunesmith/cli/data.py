@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tunesmith.config.schema import DatasetConfig
 from tunesmith.data.formats import FORMATS
-from tunesmith.errors import DataError, TunesmithError
+from tunesmith.errors import DataError
 
 FORMAT_CHOICES = ["auto", *FORMATS]
 
@@ -200,9 +200,8 @@ def run_split(args: argparse.Namespace) -> int:
     for suffix in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
         stem = stem.removesuffix(suffix)
     folder = Path(args.out_dir) if args.out_dir else source.parent
+    # Only known suffixes are stripped, so STEM.train.jsonl can never be the input itself.
     targets = {name: folder / f"{stem}.{name}.jsonl" for name in ("train", "val", "test")}
-    if any(t.resolve() == source.resolve() for t in targets.values()):
-        raise TunesmithError(f"{source}: the split would overwrite its input; rename it or pass --out-dir")
     folder.mkdir(parents=True, exist_ok=True)
     for name, target in targets.items():  # all three, so no stale split from an earlier run stays
         chosen = [r.raw for r, a in zip(rows, assignment) if a == name]
