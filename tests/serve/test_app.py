@@ -1,5 +1,6 @@
 """The OpenAI client against `tunesmith serve`'s app, on 127.0.0.1 in this process."""
 
+import re
 import socket
 import threading
 import time
@@ -130,3 +131,24 @@ def test_a_full_queue_answers_429(server):
         for _ in stream:
             pass
     assert first.choices[0].delta.role == "assistant"
+
+
+def test_data_synth_against_tunesmith_serve(server, tmp_path, capsys):
+    """`tunesmith data synth --endpoint` over HTTP against the project's own server."""
+    from tunesmith.cli.main import main
+
+    url, _ = server
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "a", "instruction": "Count to 3.", "instances": [{"input": "", "output": "1 2 3"}]}\n'
+                     '{"id": "b", "instruction": "Count to 2.", "instances": [{"input": "", "output": "1 2"}]}\n')
+    out = tmp_path / "synth.jsonl"
+    code = main(["-q", "data", "synth", "--seeds", str(seeds), "--n", "1", "--endpoint", url, "--endpoint-model",
+                 "first", "--api-key", KEY, "--out", str(out), "--max-new-tokens", "12", "--temperature", "0"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    # Whatever the random 2-layer model wrote, every attempt is either a kept row or a counted drop.
+    match = re.search(r"wrote (\d+) rows .* after (\d+) attempts; dropped: (.*)", printed)
+    kept, attempts = int(match.group(1)), int(match.group(2))
+    dropped = sum(int(part.split()[0]) for part in match.group(3).split(", ") if part != "none")
+    assert kept + dropped == attempts and attempts >= 1
+    assert len(out.read_text().splitlines()) == kept
