@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,19 @@ class _Gate:
         self.inside -= 1
 
 
+class _Ticket:
+    """A place in the gate, given back exactly once: by the request, or by the garbage collector
+    when a streaming response is dropped before its body ever started."""
+
+    def __init__(self, gate: _Gate):
+        self.gate, self.held = gate, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.leave()
+
+
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
@@ -173,12 +187,19 @@ async def _complete(served: Served, gate: _Gate, body: _Request, input_ids: torc
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
     def run(streamer=None):
-        with gate.lock, served.selected(body.model):
-            return generate_ids(served.model, served.tokenizer, input_ids, sampling, streamer, stop, cancel)
+        try:
+            with gate.lock, served.selected(body.model):
+                return generate_ids(served.model, served.tokenizer, input_ids, sampling, streamer, stop, cancel)
+        except BaseException:
+            if streamer is not None:
+                streamer.end()  # the reader must not wait for text that will never come
+            raise
 
     if body.stream:
-        return StreamingResponse(_stream(served, gate, body, run, cancel, ident, chat, request),
-                                 media_type="text/event-stream")
+        ticket = _Ticket(gate)
+        events = _stream(served, gate, body, run, cancel, ident, chat, request, ticket)
+        weakref.finalize(events, ticket.release)
+        return StreamingResponse(events, media_type="text/event-stream")
     try:
         async with gate.slots:
             watcher = asyncio.create_task(_watch_disconnect(request, cancel))
@@ -234,7 +255,7 @@ def _safe_prefix(text: str, stop: list[str]) -> int:
 
 
 async def _stream(served: Served, gate: _Gate, body: _Request, run, cancel: threading.Event, ident: str,
-                  chat: bool, request: Request) -> AsyncIterator[str]:
+                  chat: bool, request: Request, ticket: _Ticket) -> AsyncIterator[str]:
     """Server-sent events whose chunks concatenate to the non-streamed text (text that may begin a
     stop string is held back until it is clear). A client that goes away cancels the generation."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -264,4 +285,4 @@ async def _stream(served: Served, gate: _Gate, body: _Request, run, cancel: thre
             yield "data: [DONE]\n\n"
     finally:
         cancel.set()
-        gate.leave()
+        ticket.release()
