@@ -152,3 +152,65 @@ def test_data_synth_against_tunesmith_serve(server, tmp_path, capsys):
     dropped = sum(int(part.split()[0]) for part in match.group(3).split(", ") if part != "none")
     assert kept + dropped == attempts and attempts >= 1
     assert len(out.read_text().splitlines()) == kept
+
+
+def test_body_limit_and_a_disconnect_cancels_generation(runs):
+    """413 over the body limit; a streaming client that goes away stops its generation early."""
+    import http.client
+    import json as jsonlib
+
+    served = build_served(str(runs["first"]), {}, "cpu", max_tokens=16)
+    steps = []
+    inner = served.model.get_base_model()  # generate() runs the wrapped model's forward once per token
+    original = inner.forward
+
+    def counting_forward(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    inner.forward = counting_forward
+    app = create_app(served, max_body_bytes=2000)
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    try:
+        big = jsonlib.dumps({"model": "first", "messages": [{"role": "user", "content": "x" * 5000}]})
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", big, {"Content-Type": "application/json"})
+        assert connection.getresponse().status == 413
+        connection.close()
+
+        request = {"model": "first", "messages": MESSAGES, "max_tokens": 400, "temperature": 0}
+        full = client(f"http://127.0.0.1:{port}", "unused").chat.completions.create(**request)
+        uncancelled = len(steps)
+        assert full.usage.completion_tokens > 200, "the model stops early by itself: the test would prove nothing"
+        steps.clear()
+        body = jsonlib.dumps({**request, "stream": True})
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read(64)  # the first event has arrived: generation is under way
+        connection.sock.close()
+        connection.close()
+        deadline = time.monotonic() + 30
+        while app_queue(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert app_queue(port) == 0, "the abandoned request still holds its place"
+        # A 1-token request takes the model lock only once the abandoned generation has really ended.
+        client(f"http://127.0.0.1:{port}", "unused").chat.completions.create(**{**request, "max_tokens": 1})
+        abandoned = len(steps) - 1
+        assert abandoned < uncancelled / 2, f"{abandoned} of {uncancelled} steps ran for a client that left"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+def app_queue(port: int) -> int:
+    import json as jsonlib
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as response:
+        return jsonlib.loads(response.read())["queued"]
