@@ -86,7 +86,7 @@ def test_mix_writes_provenance(tmp_path, capsys):
                                        for i in range(10)])
     write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
     config = tmp_path / "mix.yaml"
-    config.write_text(yaml.safe_dump({"output": str(tmp_path / "mixed.jsonl"), "seed": 1, "sources": [
+    config.write_text(yaml.safe_dump({"output": "mixed.jsonl", "seed": 1, "sources": [  # beside the YAML
         {"path": "a.jsonl", "max_rows": 6, "category_column": "topic", "category_cap": 4},
         {"path": "b.jsonl", "weight": 2.0, "name": "raw"}]}))
     code, out, _ = run(capsys, "mix", str(config))

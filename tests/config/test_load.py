@@ -71,3 +71,9 @@ def test_one_dataset_as_a_mapping_and_an_inline_chat_template(tmp_path):
     assert config.data.train[0].format == "alpaca" and config.model.chat_template.startswith("{%")
     with pytest.raises(ConfigError, match="model.name_or_path: {'x': 1} is invalid"):
         build_config({"data": {"train": str(data)}, "model": {"name_or_path": {"x": 1}}})
+
+
+def test_a_data_path_that_is_not_a_data_file_is_a_config_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path: '.*notes.txt' is not a data file; use one of"):
+        build_config({"data": {"train": str(tmp_path / "notes.txt")}})

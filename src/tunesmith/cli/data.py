@@ -231,7 +231,7 @@ def run_mix(args: argparse.Namespace) -> int:
                                 source.category_column, source.category_cap, source.category_min,
                                 source.name or found.name))
     mixed = mix_sources(plans, config.seed)
-    output = resolve_path(config.output, None) or Path(config.output)
+    output = Path(config.output) if Path(config.output).is_absolute() else config_path.parent / config.output
     rows = [{**(row.raw if isinstance(row.raw, dict) else {"value": row.raw}), "_source": f"{name}:{row.line}"}
             for name, row in mixed]
     write_jsonl(output, rows)

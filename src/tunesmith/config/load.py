@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunesmith.config.schema import Config
+from tunesmith.data.readers import SUFFIXES
 from tunesmith.errors import ConfigError
 
 
@@ -135,7 +136,10 @@ def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
     for split in ("train", "eval"):
         for index, dataset in enumerate(getattr(config.data, split)):
             found = resolve_path(dataset.path, config_dir)
-            if found is None:
+            if not dataset.path.lower().endswith(SUFFIXES):
+                problems.append(f"data.{split}[{index}].path: {dataset.path!r} is not a data file; use one of "
+                                f"{', '.join(SUFFIXES)}")
+            elif found is None:
                 where = "the working folder" + (f" or {config_dir}" if config_dir else "")
                 problems.append(f"data.{split}[{index}].path: {dataset.path!r} does not exist (looked in {where})")
             else:

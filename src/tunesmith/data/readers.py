@@ -121,4 +121,6 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     elif name.endswith((".csv", ".parquet")):
         yield from _read_tabular(path)
     else:
-        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+        from tunesmith.errors import DataError
+
+        raise DataError([f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}"])

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunesmith.errors import TunesmithError
 from tunesmith.io import atomic_directory
 
 PREFIX = "step-"
@@ -99,8 +100,9 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     missing = sorted(set(n for n, p in parameters.items() if p.requires_grad) - set(weights))
     unexpected = sorted(set(weights) - set(parameters))
     if missing or unexpected:
-        raise ValueError(f"{checkpoint}: does not match this model and method (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); was the config changed?")
+        raise TunesmithError(f"{checkpoint}: does not match this model and method (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); resume with the config it was trained with, or "
+                             f"start a new run (--overwrite or output.name=...)")
     with torch.no_grad():
         for name, tensor in weights.items():
             parameters[name].copy_(tensor.to(parameters[name].device))
