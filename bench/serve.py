@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
     served = build_served(args.target, {}, "cpu", args.max_tokens)
-    app = create_app(served, max_concurrency=1, max_queue=args.concurrency)
+    app = create_app(served, max_concurrency=args.concurrency)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

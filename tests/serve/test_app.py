@@ -44,7 +44,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(runs):
     served = build_served(str(runs["first"]), {"second": str(runs["second"])}, "cpu", max_tokens=16)
-    app = create_app(served, api_key=KEY, max_concurrency=1, max_queue=0)
+    app = create_app(served, api_key=KEY, max_concurrency=1)
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)

@@ -126,7 +126,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from tunesmith.data.inspect import compute_stats, html_report, terminal_histogram, write_report
+    from tunesmith.data.inspect import compute_stats, html_report, terminal_histogram
+    from tunesmith.io import write_text_atomic
 
     stats = compute_stats(_read_valid(args.file, refuse_errors=False), _tokenizer(args.model), args.max_seq_len)
     if args.json:
@@ -141,7 +142,7 @@ def run_stats(args: argparse.Namespace) -> int:
                   + f" {values['mean']:>8}")
         print("row length (tokens):\n" + terminal_histogram(stats.lengths))
     if args.plot:
-        write_report(Path(args.plot), html_report(stats, args.file))
+        write_text_atomic(Path(args.plot), html_report(stats, args.file))
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

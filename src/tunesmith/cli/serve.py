@@ -15,8 +15,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health")
-    parser.add_argument("--max-concurrency", type=int, default=1, help="generations at once")
-    parser.add_argument("--max-queue", type=int, default=8, help="requests waiting; beyond them: 429")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="requests admitted at once: one generates, the others wait their turn; beyond: 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-tokens", type=int, default=256, help="when a request sets none")
     parser.add_argument("--device", default="auto")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             raise TunesmithError(f"--adapter {item!r}: expected NAME=RUN_OR_ADAPTER_FOLDER")
         adapters[name] = path
     served = build_served(args.target, adapters, args.device, args.max_tokens)
-    app = create_app(served, args.api_key, args.max_concurrency, args.max_queue, args.max_body_bytes)
+    app = create_app(served, args.api_key, args.max_concurrency, args.max_body_bytes)
     print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.schema import DataConfig, DatasetConfig
 from tunesmith.data.formats import CHAT_FORMATS, detect_format, to_canonical
 from tunesmith.data.preference import as_chat
-from tunesmith.data.readers import jsonl_lines, read_rows
+from tunesmith.data.readers import jsonl_lines, parse_json_line, read_rows
 from tunesmith.data.tokenize import tokenize_rows_batched
 from tunesmith.errors import DataError
 
@@ -142,10 +142,9 @@ def _canonical(chunk: _Chunk, report: DataReport) -> list[CanonicalRow]:
     rows = []
     for line, value in chunk.items:
         if chunk.parse:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                report.add(chunk.file, line, "", f"malformed JSON at column {err.colno}: {err.msg}")
+            value, error = parse_json_line(value)
+            if error:
+                report.add(chunk.file, line, "", error)
                 continue
         detected = detect_format(value)
         if line < chunk.first_line and detected is None:
@@ -235,9 +234,8 @@ def _first_row(items: list[tuple[int, Any]], parse: bool) -> tuple[int, str | No
     """The line and format of the first row whose format can be told."""
     for line, value in items:
         if parse:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
+            value, error = parse_json_line(value)
+            if error:
                 continue
         detected = detect_format(value)
         if detected is not None:

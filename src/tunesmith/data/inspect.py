@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -146,8 +145,3 @@ def render_preview(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], max_
         text += f"\n... truncated at {max_seq_len} of {tokenized.length_before_truncation} tokens"
     return text
 
-
-def write_report(path: Path, content: str) -> None:
-    from tunesmith.io import write_text_atomic
-
-    write_text_atomic(path, content)

@@ -50,14 +50,23 @@ def jsonl_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def parse_json_line(line: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, why) for a line that is not JSON.
+
+    >>> parse_json_line('{"a": 1}'), parse_json_line('{"a": }')
+    (({'a': 1}, None), (None, 'malformed JSON at column 7: Expecting value'))
+    """
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as err:
+        return None, f"malformed JSON at column {err.colno}: {err.msg}"
+
+
 def _read_jsonl(path: Path, text: str) -> Iterator[RawRow]:
     for number, line in enumerate(jsonl_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield RawRow(str(path), number, json.loads(line))
-        except json.JSONDecodeError as err:
-            yield RawRow(str(path), number, error=f"malformed JSON at column {err.colno}: {err.msg}")
+        if line.strip():
+            value, error = parse_json_line(line)
+            yield RawRow(str(path), number, value, error)
 
 
 def _read_json_array(path: Path, text: str) -> Iterator[RawRow]:

@@ -88,13 +88,14 @@ class Served:
 
 
 class _Gate:
-    """At most ``running`` generations at once and ``waiting`` queued; beyond that, refuse."""
+    """At most ``capacity`` requests admitted at once (beyond that: refuse). They take turns on
+    the one model object through ``lock``: adapter selection changes the model, so two generations
+    never overlap."""
 
-    def __init__(self, running: int, waiting: int):
-        self.capacity = running + waiting
+    def __init__(self, capacity: int):
+        self.capacity = capacity
         self.inside = 0
-        self.slots = asyncio.Semaphore(running)
-        self.lock = threading.Lock()  # one model object: generations take turns on it
+        self.lock = threading.Lock()
 
     def try_enter(self) -> bool:
         if self.inside >= self.capacity:
@@ -125,10 +126,11 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
                         status_code=status, headers=headers)
 
 
-def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 8,
+def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 8,
                max_body_bytes: int = 1 << 20) -> FastAPI:
+    """``max_concurrency``: requests admitted at once, one generating and the others waiting."""
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
-    gate = _Gate(max_concurrency, max_queue)
+    gate = _Gate(max_concurrency)
 
     @app.middleware("http")
     async def protect(request: Request, call_next):
@@ -197,17 +199,14 @@ async def _complete(served: Served, gate: _Gate, body: _Request, input_ids: torc
 
     if body.stream:
         ticket = _Ticket(gate)
-        events = _stream(served, gate, body, run, cancel, ident, chat, request, ticket)
+        events = _stream(served, body, run, cancel, ident, chat, request, ticket)
         weakref.finalize(events, ticket.release)
         return StreamingResponse(events, media_type="text/event-stream")
+    watcher = asyncio.create_task(_watch_disconnect(request, cancel))
     try:
-        async with gate.slots:
-            watcher = asyncio.create_task(_watch_disconnect(request, cancel))
-            try:
-                generation = await asyncio.to_thread(run)
-            finally:
-                watcher.cancel()
+        generation = await asyncio.to_thread(run)
     finally:
+        watcher.cancel()
         gate.leave()
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(generation.token_ids),
              "total_tokens": prompt_tokens + len(generation.token_ids)}
@@ -254,35 +253,34 @@ def _safe_prefix(text: str, stop: list[str]) -> int:
     return len(text)
 
 
-async def _stream(served: Served, gate: _Gate, body: _Request, run, cancel: threading.Event, ident: str,
+async def _stream(served: Served, body: _Request, run, cancel: threading.Event, ident: str,
                   chat: bool, request: Request, ticket: _Ticket) -> AsyncIterator[str]:
     """Server-sent events whose chunks concatenate to the non-streamed text (text that may begin a
     stop string is held back until it is clear). A client that goes away cancels the generation."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     try:
-        async with gate.slots:
-            streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                            timeout=600)
-            task = asyncio.create_task(asyncio.to_thread(run, streamer))
-            if chat:
-                yield _chunk(ident, body.model, chat, "", None, role=True)
-            received, sent = "", 0
-            iterator = iter(streamer)
-            while (piece := await asyncio.to_thread(next, iterator, None)) is not None:
-                if await request.is_disconnected():
-                    cancel.set()
-                    break
-                received += piece
-                ready = _safe_prefix(received, stop)
-                if ready > sent:
-                    yield _chunk(ident, body.model, chat, received[sent:ready], None)
-                    sent = ready
-            generation = await task
-            if len(generation.text) > sent:  # what was held back and turned out not to be a stop string
-                yield _chunk(ident, body.model, chat, generation.text[sent:], None)
-            reason = "length" if generation.finish_reason == "length" else "stop"
-            yield _chunk(ident, body.model, chat, None, reason)
-            yield "data: [DONE]\n\n"
+        streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        task = asyncio.create_task(asyncio.to_thread(run, streamer))
+        if chat:
+            yield _chunk(ident, body.model, chat, "", None, role=True)
+        received, sent = "", 0
+        iterator = iter(streamer)
+        while (piece := await asyncio.to_thread(next, iterator, None)) is not None:
+            if await request.is_disconnected():
+                cancel.set()
+                break
+            received += piece
+            ready = _safe_prefix(received, stop)
+            if ready > sent:
+                yield _chunk(ident, body.model, chat, received[sent:ready], None)
+                sent = ready
+        generation = await task
+        if len(generation.text) > sent:  # what was held back and turned out not to be a stop string
+            yield _chunk(ident, body.model, chat, generation.text[sent:], None)
+        reason = "length" if generation.finish_reason == "length" else "stop"
+        yield _chunk(ident, body.model, chat, None, reason)
+        yield "data: [DONE]\n\n"
     finally:
         cancel.set()
         ticket.release()
