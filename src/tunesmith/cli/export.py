@@ -1,4 +1,4 @@
-"""`tunesmith export RUN --to hf --out DIR [--dtype ...]`"""
+"""`tunesmith export RUN --to hf|gguf|ollama|bnb-4bit|bnb-8bit --out DIR`"""
 
 from __future__ import annotations
 
@@ -6,26 +6,52 @@ import argparse
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TARGETS = ["hf", "gguf", "ollama", "bnb-4bit", "bnb-8bit"]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("export", help="merge a run and write a plain transformers folder, checked "
-                                                "against the trained model")
+    parser = commands.add_parser("export", help="merge a run and write it as a transformers folder, GGUF (with an "
+                                                "Ollama Modelfile) or bitsandbytes folder, checked against the "
+                                                "trained model")
     parser.add_argument("target", help="a run folder, an adapter folder or a model folder")
-    parser.add_argument("--to", choices=["hf"], default="hf")
-    parser.add_argument("--out", required=True, help="the folder to write (replaced atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--to", choices=TARGETS, default="hf")
+    parser.add_argument("--out", required=True, help="the folder to write (replaced atomically, only if parity holds)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="--to hf: the weights' dtype")
+    parser.add_argument("--quant", default="f16",
+                        help="--to gguf/ollama: f32, f16, bf16, q8_0 or q4_0; several comma-separated give one file "
+                             "each (the Modelfile uses the first)")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tunesmith.export.hf import export_hf
+def _print_parity(kind: str, report, enforced: bool) -> None:
+    if report is not None:
+        verdict = "passed" if enforced else "reported only (QLoRA: merged into the de-quantized base)"
+        print(f"parity {kind} {verdict}: {report.summary()}")
 
-    result = export_hf(args.target, Path(args.out), DTYPES[args.dtype], parity=not args.no_parity)
+
+def run(args: argparse.Namespace) -> int:
+    out, parity = Path(args.out), not args.no_parity
+    if args.to in ("gguf", "ollama"):
+        from tunesmith.export.gguf import export_gguf
+
+        quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+        result, files = export_gguf(args.target, out, quants, parity, ollama=args.to == "ollama")
+        for file in files:
+            print(f"wrote {file.path} ({file.quant})")
+            _print_parity(file.quant, file.parity, result.parity_enforced)
+        if args.to == "ollama":
+            print(f"wrote {out / 'Modelfile'}; create the model with: ollama create NAME -f {out / 'Modelfile'}")
+        return 0
+    if args.to.startswith("bnb-"):
+        from tunesmith.export.bnb import export_bnb
+
+        result = export_bnb(args.target, out, int(args.to[4]), parity)
+    else:
+        from tunesmith.export.hf import export_hf
+
+        result = export_hf(args.target, out, DTYPES[args.dtype], parity=parity)
     action = "merged and wrote" if result.merged else "wrote"
-    print(f"{action} {result.out} ({args.dtype})")
-    if result.parity is not None:
-        verdict = "passed" if result.parity_enforced else "reported only (QLoRA: merged into the de-quantized base)"
-        print(f"parity {verdict}: {result.parity.summary()}")
+    print(f"{action} {result.out} ({result.dtype})")
+    _print_parity(result.dtype, result.parity, result.parity_enforced)
     return 0

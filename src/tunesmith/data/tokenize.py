@@ -132,7 +132,7 @@ def substitution_safe(tokenizer: PreTrainedTokenizerBase) -> bool:
                         {"role": "user", "content": "r"}, {"role": "assistant", "content": probe}]
             full = render(tokenizer, messages, generation_prompt=False)
             template = render(tokenizer, _marked(messages), generation_prompt=False)
-            safe &= _SENTINEL_RE.sub(lambda m: messages[int(m.group(1))]["content"], template) == full
+            safe &= _SENTINEL_RE.sub(lambda m: messages[int(m.group(1))]["content"], template) == full  # noqa: B023
         _SUBSTITUTION_SAFE[key] = safe
     return _SUBSTITUTION_SAFE[key]
 

@@ -9,25 +9,18 @@ model is reported, not enforced.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tunesmith.errors import TunesmithError
-from tunesmith.export.parity import ParityReport, check, compare, record_reference
+from tunesmith.export.merge import ExportError, Merged, merge_for_export
+from tunesmith.export.parity import ParityReport, check, compare
 from tunesmith.io import atomic_directory
 from tunesmith.models.device import select_dtype
-from tunesmith.models.inference import load_for_inference, run_config_of
 
-log = logging.getLogger(__name__)
-
-
-class ExportError(TunesmithError):
-    """An export that failed its parity check; nothing was written."""
+__all__ = ["ExportError", "ExportResult", "export_hf", "verify"]
 
 
 @dataclass
@@ -39,32 +32,31 @@ class ExportResult:
     parity_enforced: bool
 
 
+def verify(exported: torch.nn.Module, prepared: Merged, kind: str, out: Path, staging: Path,
+           extra: dict | None = None) -> ParityReport | None:
+    """Compare ``exported`` with the training-time model; raise if ``kind``'s thresholds fail
+    (not for a QLoRA run, whose reference is the 4-bit model); write parity.json into ``staging``."""
+    if prepared.reference is None:
+        return None
+    report = compare(exported, prepared.reference)
+    problem = None if prepared.from_qlora else check(report, kind)
+    if problem:
+        raise ExportError(f"parity check failed: {problem}; {out} was not written")
+    record = {"format": kind, "enforced": not prepared.from_qlora, **asdict(report), **(extra or {})}
+    (staging / "parity.json").write_text(json.dumps(record, indent=2))
+    return report
+
+
 def export_hf(target: str, out: Path, dtype: str = "float32", parity: bool = True) -> ExportResult:
     """Merge (if an adapter) and save ``target`` as a transformers folder at ``out``."""
-    config = run_config_of(target)
-    quantized = config is not None and config.method.type == "qlora"
-    model, tokenizer = load_for_inference(target, "cpu")
-    reference = record_reference(model, tokenizer) if parity else None
-    merged = isinstance(model, PeftModel)
-    if merged and quantized:
-        log.info("QLoRA run: merging into the de-quantized base in %s (never into the 4-bit weights); parity "
-                 "against the 4-bit training model is reported, not enforced", dtype)
-        del model
-        model, _ = load_for_inference(target, "cpu", dequantize=True)
-    if merged:
-        model = model.merge_and_unload()
-    model = model.to(select_dtype(dtype, torch.device("cpu")))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    report = None
+    prepared = merge_for_export(target, parity)
+    torch_dtype = select_dtype(dtype, torch.device("cpu"))
+    model = prepared.model.to(torch_dtype)
     with atomic_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if reference is not None:
-            exported = AutoModelForCausalLM.from_pretrained(staging, dtype=select_dtype(dtype, torch.device("cpu")))
-            report = compare(exported, reference)
-            problem = None if quantized else check(report, dtype)
-            if problem:
-                raise ExportError(f"parity check failed: {problem}; {out} was not written")
-            (staging / "parity.json").write_text(json.dumps({"dtype": dtype, **asdict(report)}, indent=2))
-    return ExportResult(out, dtype, merged, report, parity and not quantized)
+        prepared.tokenizer.save_pretrained(staging)
+        report = None
+        if prepared.reference is not None:
+            exported = AutoModelForCausalLM.from_pretrained(staging, dtype=torch_dtype)
+            report = verify(exported, prepared, dtype, out, staging)
+    return ExportResult(out, dtype, prepared.merged, report, parity and not prepared.from_qlora)
