@@ -2,11 +2,11 @@
 
 import copy
 
-
 from tunesmith.data.tokenize import render
 from tunesmith.export.ollama import chat_pieces, modelfile
 
-# A Llama-3-style template, written for this test: header tokens around the role, <|eot_id|> after.
+# A Llama-3-style template, written for this test: a BOS-like prefix, header tokens around the role
+# and an end-of-turn token after each message (spelled with tokens this vocabulary has).
 LLAMA3_STYLE = (
     "{{ '<|im_start|>' }}{% for m in messages %}{{ '<|endoftext|>' + m['role'] + '<|im_end|>\n\n' + m['content'] "
     "+ '<|endoftext|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|endoftext|>assistant<|im_end|>\n\n' }}"
