@@ -133,17 +133,19 @@ def resolve_path(raw: str, config_dir: Path | None) -> Path | None:
 
 def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
     problems = []
-    for split in ("train", "eval"):
-        for index, dataset in enumerate(getattr(config.data, split)):
-            found = resolve_path(dataset.path, config_dir)
-            if not dataset.path.lower().endswith(SUFFIXES):
-                problems.append(f"data.{split}[{index}].path: {dataset.path!r} is not a data file; use one of "
-                                f"{', '.join(SUFFIXES)}")
-            elif found is None:
-                where = "the working folder" + (f" or {config_dir}" if config_dir else "")
-                problems.append(f"data.{split}[{index}].path: {dataset.path!r} does not exist (looked in {where})")
-            else:
-                dataset.path = str(found.resolve())
+    entries = [(f"data.{split}[{index}]", dataset) for split in ("train", "eval")
+               for index, dataset in enumerate(getattr(config.data, split))]
+    if config.data.replay is not None:
+        entries.append(("data.replay", config.data.replay))
+    for label, dataset in entries:
+        found = resolve_path(dataset.path, config_dir)
+        if not dataset.path.lower().endswith(SUFFIXES):
+            problems.append(f"{label}.path: {dataset.path!r} is not a data file; use one of {', '.join(SUFFIXES)}")
+        elif found is None:
+            where = "the working folder" + (f" or {config_dir}" if config_dir else "")
+            problems.append(f"{label}.path: {dataset.path!r} does not exist (looked in {where})")
+        else:
+            dataset.path = str(found.resolve())
     template = config.model.chat_template
     if template and "{" not in template:
         found = resolve_path(template, config_dir)
@@ -151,6 +153,13 @@ def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
             problems.append(f"model.chat_template: {template!r} is neither Jinja text nor an existing file")
         else:
             config.model.chat_template = str(found.resolve())
+    if isinstance(config.model.add_tokens, str):
+        found = resolve_path(config.model.add_tokens, config_dir)
+        if found is None:
+            problems.append(f"model.add_tokens: {config.model.add_tokens!r} is not a file (give a list of tokens "
+                            "or a text file with one token per line)")
+        else:
+            config.model.add_tokens = str(found.resolve())
     name = config.model.name_or_path
     if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
         found = resolve_path(name, config_dir)

@@ -36,6 +36,10 @@ class ModelConfig(StrictModel):
     chat_template: str | None = Field(
         None, description="a Jinja chat template (or a path to one) to use instead of the tokenizer's"
     )
+    add_tokens: list[str] | str | None = Field(
+        None, description="domain vocabulary: tokens to add (or a text file, one per line); their embeddings "
+        "start at the mean of their sub-token embeddings and are trained (with LoRA: those rows only)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -63,8 +67,17 @@ def _datasets_from_paths(value: object) -> object:
     return value
 
 
+class ReplayConfig(StrictModel):
+    """Forgetting mitigation: general data mixed into every training batch."""
+
+    path: str = Field(description="the general dataset (any training format)")
+    format: FormatName = "auto"
+    share: float = Field(0.25, gt=0.0, lt=1.0, description="share of each micro-batch's rows taken from it")
+
+
 class DataConfig(StrictModel):
     train: list[DatasetConfig] = Field(min_length=1)
+    replay: ReplayConfig | None = None
     eval: list[DatasetConfig] = Field(default_factory=list)
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="held out from train when eval is empty")
     max_seq_len: int = Field(1024, ge=8)
@@ -86,6 +99,8 @@ class LoraConfig(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
     bias: Literal["none", "all", "lora_only"] = "none"
+    lr_ratio: float | None = Field(None, gt=0.0, description="LoRA+: the B matrices learn at lr x lr_ratio "
+                                   "(the LoRA+ paper suggests 16)")
 
 
 class FreezeConfig(StrictModel):
@@ -93,6 +108,35 @@ class FreezeConfig(StrictModel):
     pattern: str | None = Field(None, description="train parameters whose name matches this regex")
     train_embeddings: bool = False
     train_lm_head: bool = False
+    unfreeze_every: int | None = Field(None, ge=1, description="gradual unfreezing: every this many steps, "
+                                       "one more decoder block (counting down from the top) starts training")
+
+
+class PrefixConfig(StrictModel):
+    num_virtual_tokens: int = Field(20, ge=1)
+    projection: bool = Field(False, description="reparametrise the prefix through an MLP (prefix_projection)")
+    projection_hidden_size: int | None = Field(None, ge=1, description="hidden size of that MLP")
+
+
+class PromptConfig(StrictModel):
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = Field(None, description="initialise the virtual tokens from this phrase's embeddings")
+
+
+class IA3Config(StrictModel):
+    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture "
+                                             "(k, v and down projections for Llama)")
+    feedforward_modules: list[str] | None = None
+
+
+class AdapterConfig(StrictModel):
+    """Bottleneck adapters: x + up(act(down(LayerNorm(x)))) after a sub-layer's output."""
+
+    style: Literal["houlsby", "pfeiffer"] = Field("pfeiffer", description="houlsby: after attention and MLP; "
+                                                  "pfeiffer: after the MLP only")
+    reduction_factor: int = Field(16, ge=1, description="bottleneck width = hidden size / reduction_factor")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class QuantizationConfig(StrictModel):
@@ -101,11 +145,18 @@ class QuantizationConfig(StrictModel):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+MethodName = Literal["full", "freeze", "lora", "dora", "qlora", "prefix", "prompt", "ia3", "adapter"]
+
+
 class MethodConfig(StrictModel):
-    type: Literal["full", "freeze", "lora", "dora", "qlora"] = "lora"
+    type: MethodName = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig, description="used by lora, dora and qlora")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="used by freeze")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="used by qlora")
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig, description="used by prefix")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="used by prompt")
+    ia3: IA3Config = Field(default_factory=IA3Config, description="used by ia3")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="used by adapter")
 
     @model_validator(mode="after")
     def _freeze_trains_something(self) -> MethodConfig:
@@ -120,7 +171,11 @@ class MethodConfig(StrictModel):
 class TrainingConfig(StrictModel):
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd is there for exact-arithmetic checks")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="on matrices only: biases and norm weights are never "
+                                "decayed")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="discriminative learning rates: "
+                                      "block i of L learns at lr x layer_decay^(L - i), embeddings at "
+                                      "lr x layer_decay^(L + 1), the final norm and head at lr")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0.0)
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
@@ -156,18 +211,28 @@ class OutputConfig(StrictModel):
     name: str | None = Field(None, description="run folder name; defaults to the config's name")
 
 
+class RegularizationConfig(StrictModel):
+    kl_to_base: float = Field(0.0, ge=0.0, description="add this x KL(model || base) per trained token; the "
+                              "base is the same model with adapters disabled (full/freeze: a frozen copy)")
+
+
 class Config(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: Literal["sft", "pretrain"] = Field("sft", description="pretrain: continued pre-training: documents "
+                                             "packed end to end into data.max_seq_len blocks, loss on every token")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
         if self.training.early_stopping_patience and not self.training.eval_every:
             raise ValueError("training.early_stopping_patience needs training.eval_every")
+        if self.data.replay is not None and self.training.batch_size < 2:
+            raise ValueError("data.replay needs training.batch_size >= 2 (each micro-batch mixes both)")
         if self.training.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.early_stopping_patience needs eval data: set data.eval or data.eval_fraction")
         return self

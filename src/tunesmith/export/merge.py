@@ -38,6 +38,13 @@ def merge_for_export(target: str, parity: bool = True) -> Merged:
     """``target`` (run, adapter or model folder, GGUF, 'embedded') as one float32 model on CPU."""
     config = run_config_of(target)
     from_qlora = config is not None and config.method.type == "qlora"
+    unmergeable = {"prefix": "its virtual tokens are inputs, not weights",
+                   "prompt": "its virtual tokens are inputs, not weights",
+                   "adapter": "bottleneck adapters are extra non-linear layers"}
+    if config is not None and config.method.type in unmergeable:
+        raise ExportError(f"a {config.method.type} run cannot be merged into plain weights "
+                          f"({unmergeable[config.method.type]}); use the run as it is with `tunesmith chat` or "
+                          f"`tunesmith serve`")
     model, tokenizer = load_for_inference(target, "cpu")
     reference = record_reference(model, tokenizer) if parity else None
     merged = isinstance(model, PeftModel)

@@ -40,3 +40,30 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1
         total = total + F.cross_entropy(chunk_logits.reshape(-1, chunk_logits.shape[-1]), chunk_labels.reshape(-1),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
     return total
+
+
+def kl_to_reference_sum(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    """Sum over the label positions of KL(p_model || p_reference) of the next-token distributions.
+
+    logits, reference_logits: (batch, seq, vocab); labels: (batch, seq). The positions are those
+    ``sft_loss_sum`` trains, so the regulariser shares its normaliser (label tokens).
+
+    >>> logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]); labels = torch.tensor([[-100, 1]])
+    >>> float(kl_to_reference_sum(logits, logits, labels))  # the same distribution: no divergence
+    0.0
+    >>> sharp = torch.tensor([[[20.0, -20.0], [0.0, 0.0]]])  # ~certain of token 0 where the base is 50/50
+    >>> round(float(kl_to_reference_sum(sharp, logits, labels)), 4)  # log 2
+    0.6931
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX  # (batch, seq-1): the position before each label predicts it
+    own_logits, base_logits = logits[:, :-1], reference_logits[:, :-1]  # (batch, seq-1, vocab)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, mask.shape[1], chunk_size):
+        chunk_mask = mask[:, start:start + chunk_size]
+        if not chunk_mask.any():
+            continue
+        own = F.log_softmax(own_logits[:, start:start + chunk_size][chunk_mask].float(), -1)  # (tokens, vocab)
+        base = F.log_softmax(base_logits[:, start:start + chunk_size][chunk_mask].float(), -1)
+        total = total + (own.exp() * (own - base)).sum()
+    return total

@@ -9,6 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunesmith.adapters.bottleneck import BOTTLENECK_CONFIG, load_bottleneck, read_bottleneck_config
 from tunesmith.config.load import read_yaml
 from tunesmith.config.schema import Config, ModelConfig
 from tunesmith.errors import ModelLoadError
@@ -17,11 +18,26 @@ from tunesmith.models.load import load_model, load_tokenizer, resolve_model_sour
 
 def _load_adapter(base_config: ModelConfig, adapter_dir: Path, quantized: Config | None,
                   dequantize: bool = False) -> tuple:
+    """A base model with the PEFT or bottleneck adapter of ``adapter_dir``, and the adapter's tokenizer."""
     quantization = quantized.method.quantization if quantized and quantized.method.type == "qlora" else None
     quantization = None if dequantize else quantization
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir), device=base_config.device))
-    base = load_model(base_config, quantization)
+    base = load_model(base_config.model_copy(update={"add_tokens": None}), quantization)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the run added tokens
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if (adapter_dir / BOTTLENECK_CONFIG).is_file():
+        return load_bottleneck(base, adapter_dir), tokenizer
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() or (path / BOTTLENECK_CONFIG).is_file()
+
+
+def _adapter_base(path: Path) -> str:
+    if (path / BOTTLENECK_CONFIG).is_file():
+        return read_bottleneck_config(path)["base_model_name_or_path"]
+    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def load_for_inference(target: str, device: str = "auto", dequantize: bool = False
@@ -34,15 +50,14 @@ def load_for_inference(target: str, device: str = "auto", dequantize: bool = Fal
     if (path / "config.yaml").is_file() and (path / "model").is_dir():  # a run folder
         run_config = Config.model_validate(read_yaml(path / "config.yaml"))
         path = path / "model"
-        if (path / "adapter_config.json").is_file():
+        if _is_adapter(path):
             return _load_adapter(run_config.model.model_copy(update={"device": device}), path, run_config,
                                  dequantize)
     elif path.is_dir() and (path / "config.yaml").is_file():
         raise ModelLoadError(f"{path} is a run folder without a final model (model/): the run did not finish; "
                              f"resume it with `tunesmith train CONFIG --resume`")
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return _load_adapter(ModelConfig(name_or_path=base, device=device), path, None)
+    if _is_adapter(path):
+        return _load_adapter(ModelConfig(name_or_path=_adapter_base(path), device=device), path, None)
     config = ModelConfig(name_or_path=str(path) if path.exists() else target, device=device)
     source = resolve_model_source(config)  # once: it may probe the hub
     return load_model(config, source=source), load_tokenizer(config, source)

@@ -135,8 +135,19 @@ def resolve_model_source(config: ModelConfig) -> tuple[str, str | None]:
     return name, config.gguf_file
 
 
+def tokens_to_add(config: ModelConfig) -> list[str]:
+    """``model.add_tokens`` as a list (read from its file if a path), without blanks or repeats."""
+    raw = config.add_tokens
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = Path(raw).expanduser().read_text(encoding="utf-8").splitlines()
+    return list(dict.fromkeys(token.strip() for token in raw if token.strip()))
+
+
 def load_tokenizer(config: ModelConfig, source: tuple[str, str | None] | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer with a pad token and a chat template (the model's, the config's, or Alpaca-style)."""
+    """The tokenizer with a pad token, a chat template (the model's, the config's, or Alpaca-style)
+    and the config's added tokens."""
     folder, gguf = source or resolve_model_source(config)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
@@ -154,7 +165,28 @@ def load_tokenizer(config: ModelConfig, source: tuple[str, str | None] | None = 
     elif not tokenizer.chat_template:
         log.info("%s has no chat template: using an Alpaca-style prompt", folder)
         tokenizer.chat_template = ALPACA_TEMPLATE
+    new = tokens_to_add(config)
+    if new:
+        tokenizer.add_tokens(new)
     return tokenizer
+
+
+def initialise_added_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                            parts: dict[str, list[int]]) -> list[int]:
+    """Grow the embeddings to the tokenizer and start each new row at the mean of the rows of the
+    sub-tokens the old vocabulary split it into (a better start than the random or overall-mean rows
+    transformers gives). ``parts``: token -> its ids under the old tokenizer. Returns the new ids."""
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in parts]
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for matrix in matrices:
+            for token_id, part_ids in zip(ids, parts.values()):
+                matrix[token_id] = matrix[torch.tensor(part_ids, device=matrix.device)].mean(0)
+    return ids
 
 
 def load_model(

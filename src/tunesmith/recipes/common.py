@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
+
+import datasets
 
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from tunesmith import __version__
-from tunesmith.adapters.apply import apply_method, count_parameters
-from tunesmith.config.schema import Config
+from peft import PeftModel
+
+from tunesmith.adapters.apply import apply_method, count_parameters, decoder_layers, gradual_unfreeze
+from tunesmith.adapters.bottleneck import bottlenecks_disabled, is_bottleneck
+from tunesmith.config.schema import Config, DatasetConfig
+from tunesmith.data.build import build_datasets
+from tunesmith.data.pack import packed_dataset
 from tunesmith.models.device import select_device, select_mixed_precision
-from tunesmith.models.load import load_model
+from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, tokens_to_add
 from tunesmith.train.loop import TrainResult
+from tunesmith.train.optim import lr_scale_for
+
+UNLIMITED = 1 << 30  # max_seq_len while tokenizing documents for packing: nothing is cut
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +41,91 @@ def build_accelerator(config: Config) -> Accelerator:
                        cpu=device.type == "cpu")
 
 
-def build_trainable_model(config: Config, source: tuple[str, str | None], device: torch.device) -> nn.Module:
-    """Load the base model onto ``device`` (this process's, under DDP) and apply the method; logs
-    trainable vs total parameters."""
+def _added_token_parts(config: Config, source: tuple[str, str | None]) -> dict[str, list[int]]:
+    """Each token of ``model.add_tokens`` not already in the vocabulary -> its ids under the old tokenizer."""
+    old = load_tokenizer(config.model.model_copy(update={"add_tokens": None}), source)
+    vocabulary = old.get_vocab()
+    return {token: old(token, add_special_tokens=False)["input_ids"]
+            for token in tokens_to_add(config.model) if token not in vocabulary}
+
+
+def build_trainable_model(config: Config, source: tuple[str, str | None], device: torch.device,
+                          tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """Load the base model onto ``device`` (this process's, under DDP), add the config's tokens, and apply
+    the method; logs trainable vs total parameters."""
     quantization = config.method.quantization if config.method.type == "qlora" else None
     model = load_model(config.model.model_copy(update={"device": str(device)}), quantization, source)
-    model = apply_method(model, config.method, config.training.gradient_checkpointing)
+    new_ids: list[int] = []
+    if config.model.add_tokens:
+        parts = _added_token_parts(config, source)
+        new_ids = initialise_added_tokens(model, tokenizer, parts)
+        log.info("added %d tokens to the vocabulary (%d already in it)", len(new_ids),
+                 len(tokens_to_add(config.model)) - len(new_ids))
+    model = apply_method(model, config.method, config.training.gradient_checkpointing, tokenizer, new_ids)
     trainable, total = count_parameters(model)
     log.info("method %s: %s trainable of %s parameters (%.4f%%)", config.method.type, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> the base model's logits
+
+
+def base_reference(model: nn.Module) -> Reference:
+    """The frozen base's logits for a batch, for the KL-to-base regulariser. Adapter methods use the
+    same model with its adapters switched off (no second copy in memory); full and freeze fine-tuning
+    change the base itself, so they keep a frozen copy, taken before the first step."""
+    if isinstance(model, PeftModel):
+        def with_adapters_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with model.disable_adapter():
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return with_adapters_off
+    if is_bottleneck(model):
+        def with_bottlenecks_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with bottlenecks_disabled(model):
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return with_bottlenecks_off
+    log.info("kl_to_base with a full/freeze method: keeping a frozen copy of the base model in memory")
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def from_copy(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return from_copy
+
+
+def build_training_data(config: Config, tokenizer: PreTrainedTokenizerBase
+                        ) -> tuple[datasets.Dataset, datasets.Dataset | None, datasets.Dataset | None]:
+    """(train, eval, replay) datasets. For ``task: pretrain`` documents are tokenized whole (chat rows
+    with the loss on every turn) and packed into ``data.max_seq_len`` blocks."""
+    data = config.data.model_copy(update={"replay": None})
+    pretrain = config.task == "pretrain"
+    if pretrain:
+        data = data.model_copy(update={"max_seq_len": UNLIMITED, "train_on_prompt": True})
+    train_rows, eval_rows, report = build_datasets(data, tokenizer, config.training.seed)
+    replay_rows = None
+    if config.data.replay is not None:
+        replay = config.data.replay
+        replay_data = data.model_copy(update={"train": [DatasetConfig(path=replay.path, format=replay.format)],
+                                              "eval": [], "eval_fraction": 0.0})
+        replay_rows = build_datasets(replay_data, tokenizer, config.training.seed)[0]
+    if pretrain:
+        block = config.data.max_seq_len
+        train_rows = packed_dataset(train_rows, block)
+        eval_rows = packed_dataset(eval_rows, block) if eval_rows is not None else None
+        replay_rows = packed_dataset(replay_rows, block) if replay_rows is not None else None
+    log.info("data: %d training %s (%d trainable tokens), %d eval, %d replay, %d truncated", len(train_rows),
+             f"blocks of {config.data.max_seq_len} tokens" if pretrain else "rows", report.trainable_tokens,
+             len(eval_rows) if eval_rows else 0, len(replay_rows) if replay_rows else 0, report.truncated)
+    return train_rows, eval_rows, replay_rows
+
+
+def training_controls(config: Config, model: nn.Module
+                      ) -> tuple[Callable[[str], float] | None, Callable[[int], list[nn.Parameter]] | None]:
+    """(per-parameter learning-rate scale, parameters held still per step) from the config."""
+    needs_layers = config.training.layer_decay is not None or config.method.freeze.unfreeze_every
+    layers = len(decoder_layers(model)) if needs_layers else 0
+    held = gradual_unfreeze(model, config.method.freeze) if config.method.type == "freeze" else None
+    return lr_scale_for(config, layers), held
 
 
 def seed_everything(config: Config) -> None:

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from tunesmith.config.schema import Config
-from tunesmith.data.build import build_datasets
 from tunesmith.data.collate import collate_batch
-from tunesmith.losses.sft import count_label_tokens, sft_loss_sum
+from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.load import load_tokenizer, resolve_model_source
-from tunesmith.recipes.common import build_accelerator, build_trainable_model, run_summary, seed_everything
+from tunesmith.recipes.common import Reference, base_reference, build_accelerator, build_trainable_model, \
+    build_training_data, run_summary, seed_everything, training_controls
 from tunesmith.train.loop import MicroBatches, TrainResult, train
 from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 
@@ -23,11 +23,23 @@ log = logging.getLogger(__name__)
 
 
 class SFTObjective:
-    """Summed next-token NLL over label tokens; the unit is one label token."""
+    """Summed next-token NLL over label tokens; the unit is one label token. With ``kl_to_base``,
+    plus that coefficient times KL(model || base) at the same positions (``reference`` gives the base's
+    logits for a batch)."""
+
+    def __init__(self, kl_to_base: float = 0.0, reference: Reference | None = None):
+        self.kl_to_base, self.reference = kl_to_base, reference
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sft_loss_sum(logits, batch["labels"])  # logits: (batch, seq, vocab)
+        logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens first: (batch, seq, vocab)
+        loss = sft_loss_sum(logits, labels)
+        if self.kl_to_base and model.training:  # a regulariser of training; eval loss stays the plain NLL
+            with torch.no_grad():
+                reference = self.reference(batch)[:, -labels.shape[1]:]
+            loss = loss + self.kl_to_base * kl_to_reference_sum(logits, reference, labels)
+        return loss
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return count_label_tokens(batch["labels"])
@@ -47,19 +59,22 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     with accelerator.main_process_first():  # the main process converts the embedded model once
         source = resolve_model_source(config.model)
     tokenizer = load_tokenizer(config.model, source)
-    train_rows, eval_rows, report = build_datasets(config.data, tokenizer, config.training.seed)
-    log.info("data: %d training rows (%d trainable tokens), %d eval rows, %d truncated", len(train_rows),
-             report.trainable_tokens, len(eval_rows) if eval_rows else 0, report.truncated)
+    train_rows, eval_rows, replay_rows = build_training_data(config, tokenizer)
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)  # config and data are valid
-    model = build_trainable_model(config, source, accelerator.device)
+    model = build_trainable_model(config, source, accelerator.device, tokenizer)
+    objective = SFTObjective(config.regularization.kl_to_base,
+                             base_reference(model) if config.regularization.kl_to_base else None)
     collate = functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id)
-    stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate)
+    stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate,
+                          replay_rows, config.data.replay.share if config.data.replay else 0.0)
     eval_batches = None
     if eval_rows is not None:
         rows = [eval_rows[i] for i in range(len(eval_rows))]
         size = config.training.batch_size
         eval_batches = [collate(rows[i:i + size]) for i in range(0, len(rows), size)]
-    result = train(model, SFTObjective(), stream, eval_batches, config.training, run_dir, accelerator, checkpoint)
+    lr_scale, held = training_controls(config, model)
+    result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
+                   lr_scale, held)
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         save_final_model(final, tokenizer, run_dir)

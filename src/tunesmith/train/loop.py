@@ -73,19 +73,42 @@ def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
 
 
 class MicroBatches:
-    """The stream of micro-batches over epochs, addressable by its position."""
+    """The stream of micro-batches over epochs, addressable by its position (so a resumed run sees
+    exactly the batches the interrupted one would have).
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, collate: Callable[[list[dict]], Batch]):
-        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
-        self.per_epoch = math.ceil(len(dataset) / batch_size)
+    With ``replay`` (forgetting mitigation), ``round(replay_share x batch_size)`` rows of each
+    micro-batch (at least one) come from the replay dataset, cycled in its own shuffled order; the
+    rest from ``dataset``, whose epochs are counted as before."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, collate: Callable[[list[dict]], Batch],
+                 replay: Any = None, replay_share: float = 0.0):
+        self.dataset, self.seed, self.collate, self.replay = dataset, seed, collate, replay
+        self.replay_rows = 0 if replay is None else max(1, round(replay_share * batch_size))
+        self.batch_size = batch_size - self.replay_rows  # rows of ``dataset`` per micro-batch
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {batch_size} leaves no room for training rows beside the replay rows")
+        self.per_epoch = math.ceil(len(dataset) / self.batch_size)
         self._orders: dict[int, list[int]] = {}
+        self._replay_orders: dict[int, list[int]] = {}
 
     def __getitem__(self, position: int) -> Batch:
         epoch, index = divmod(position, self.per_epoch)
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(len(self.dataset), self.seed, epoch)}
         indices = self._orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
-        return self.collate([self.dataset[i] for i in indices])
+        rows = [self.dataset[i] for i in indices]
+        if self.replay is not None:
+            rows += [self.replay[i] for i in self._replay_indices(position)]
+        return self.collate(rows)
+
+    def _replay_indices(self, position: int) -> list[int]:
+        indices = []
+        for offset in range(position * self.replay_rows, (position + 1) * self.replay_rows):
+            epoch, index = divmod(offset, len(self.replay))
+            if epoch not in self._replay_orders:
+                self._replay_orders = {epoch: epoch_order(len(self.replay), self.seed + 7919, epoch)}
+            indices.append(self._replay_orders[epoch][index])
+        return indices
 
 
 def total_micro_batches(config: TrainingConfig, micro_per_epoch: int) -> int | None:
@@ -176,8 +199,10 @@ class MetricsLog:
 
 
 def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
-                optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> tuple[float, float | None, int]:
-    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens)."""
+                optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                held: list[nn.Parameter] = ()) -> tuple[float, float | None, int]:
+    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens).
+    ``held`` parameters (gradual unfreezing) lose their gradients before clipping: they do not move."""
     window = [{k: v.to(accelerator.device) for k, v in b.items()} for b in window]
     units = torch.tensor(float(sum(objective.units(b) for b in window)), device=accelerator.device)
     units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
@@ -189,10 +214,12 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
             # DDP averages gradients over processes; the normaliser already counts all of them.
             accelerator.backward(loss * accelerator.num_processes)
         loss_total += float(loss.detach())
+    for parameter in held:
+        parameter.grad = None
     grad_norm = None
     if max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                      max_grad_norm))
+        grad_norm = float(accelerator.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad and p.grad is not None], max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
@@ -202,9 +229,13 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
 
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
           config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
-          resume_from: Path | None = None) -> TrainResult:
-    """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``."""
-    optimizer = build_optimizer(model, config)
+          resume_from: Path | None = None, lr_scale: Callable[[str], float] | None = None,
+          held: Callable[[int], list[nn.Parameter]] | None = None) -> TrainResult:
+    """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``.
+
+    ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
+    parameters to keep still at a given step (gradual unfreezing)."""
+    optimizer = build_optimizer(model, config, lr_scale)
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -223,8 +254,9 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         first = state.micro_batches_done + accelerator.process_index
         positions = [first + i * accelerator.num_processes for i in range(config.grad_accum)]
         window = [stream[p] for p in positions if end is None or p < end] or [_no_loss(stream[first])]
-        loss, grad_norm, tokens = _train_step(model, objective, window, accelerator, optimizer, config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm, tokens = _train_step(model, objective, window, accelerator, optimizer, config.max_grad_norm,
+                                              held(state.global_step) if held else ())
+        lr = config.lr * scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # the base rate
         scheduler.step()
         elapsed = time.monotonic() - started
         state.global_step += 1

@@ -3,25 +3,65 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from tunesmith.config.schema import TrainingConfig
+from tunesmith.config.schema import Config, TrainingConfig
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
+def layer_scale(name: str, layers: int, decay: float) -> float:
+    """Discriminative fine-tuning: the learning-rate multiplier of parameter ``name`` in a model of
+    ``layers`` blocks. The top block learns at ``decay``, each block below at one more factor of it,
+    the embeddings below them all, and what sits above the blocks (final norm, head) at 1.
+
+    >>> [layer_scale(n, 2, 0.5) for n in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+    ...                                   "model.layers.1.mlp.up_proj.weight", "lm_head.weight")]
+    [0.125, 0.25, 0.5, 1.0]
+    """
+    found = _LAYER.search(name)
+    if found:
+        return decay ** (layers - int(found.group(1)))
+    if "embed" in name or "wte" in name or "wpe" in name:
+        return decay ** (layers + 1)
+    return 1.0
+
+
+def lr_scale_for(config: Config, layers: int) -> Callable[[str], float] | None:
+    """The per-parameter learning-rate multiplier the config asks for (layer decay, LoRA+), or None."""
+    decay, ratio = config.training.layer_decay, config.method.lora.lr_ratio
+    if ratio is not None and config.method.type not in ("lora", "dora", "qlora"):
+        ratio = None
+    if decay is None and ratio is None:
+        return None
+
+    def scale(name: str) -> float:
+        value = layer_scale(name, layers, decay) if decay is not None else 1.0
+        return value * (ratio if ratio is not None and "lora_B" in name else 1.0)
+
+    return scale
+
+
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     lr_scale: Callable[[str], float] | None = None, lr: float = 1.0) -> list[dict]:
+    """Trainable parameters grouped by (decayed?, learning rate). Weight decay goes on matrices only:
+    biases and norm weights (1-D) are not decayed."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            key = (parameter.ndim >= 2, lr * (lr_scale(name) if lr_scale else 1.0))
+            groups.setdefault(key, []).append(parameter)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": group_lr}
+            for (decayed, group_lr), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
-def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay)
+def build_optimizer(model: nn.Module, config: TrainingConfig,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.weight_decay, lr_scale, config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)

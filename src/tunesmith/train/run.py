@@ -77,13 +77,19 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
 
 
 def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
-    """Write ``model/``: a PEFT adapter folder or a full model folder, with the tokenizer."""
+    """Write ``model/``: a PEFT adapter folder, a bottleneck adapter folder or a full model folder, with
+    the tokenizer."""
+    from tunesmith.adapters.bottleneck import is_bottleneck, save_bottleneck
+
     target = run_dir / "model"
     with atomic_directory(target) as staging:
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(staging, safe_serialization=True)
+        if is_bottleneck(model):
+            save_bottleneck(model, staging, model.config.name_or_path)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target
 
