@@ -89,7 +89,7 @@ def test_kl_to_base_zero_is_plain_sft_and_large_stays_closer(tiny_model_dir, tmp
 
 def test_kl_to_base_runs_for_every_kind_of_base(tiny_model_dir, chat_file, tmp_path):
     """Bottleneck adapters bypass themselves, prompt tuning drops its virtual tokens, full fine-tuning
-    keeps a frozen copy: all give a reference, and the first step's KL is 0 (the model is the base)."""
+    keeps a frozen copy: each gives the base's logits to compare with."""
     for method in ("adapter", "prompt", "full"):
         tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / method, method, max_steps=2)
         tree["regularization"] = {"kl_to_base": 1.0}
