@@ -6,7 +6,7 @@ silent default. YAML keys equal the attribute names below.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -265,3 +265,19 @@ class MixConfig(StrictModel):
     output: str
     seed: int = 0
     sources: list[MixSourceConfig] = Field(min_length=1)
+
+
+class CompareMethodConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the run folder's name")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to the base "
+                                      "config, e.g. {method.type: lora, method.lora.r: 8, training.lr: 1e-3}")
+
+
+class CompareConfig(StrictModel):
+    """`tunesmith methods compare` input: several methods trained on the same data, budget and seed."""
+
+    base: str = Field(description="a training config (relative to this file or the working folder)")
+    output: str = Field("runs/compare", description="folder for the runs and the report")
+    max_steps: int | None = Field(None, ge=1, description="the budget: optimizer steps for every method "
+                                  "(default: the base config's)")
+    methods: list[CompareMethodConfig] = Field(min_length=1)

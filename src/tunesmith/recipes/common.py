@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def training_controls(config: Config, model: nn.Module
     return lr_scale_for(config, layers), held
 
 
+def peak_memory_mb() -> float:
+    """The process's peak: CUDA memory allocated on a GPU run, else the peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
 def seed_everything(config: Config) -> None:
     set_seed(config.training.seed)
 
@@ -145,6 +156,7 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "stopped_early": result.stopped_early,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
         "model_dir": str(run_dir / "model"),
         "versions": {"tunesmith": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
