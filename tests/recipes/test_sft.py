@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.config.load import build_config
+from tunesmith.models.inference import load_for_inference
 from tunesmith.recipes.sft import run_sft
 from helpers import counting_rows, read_metrics, tiny_tree, write_jsonl
 
@@ -30,6 +31,20 @@ def test_each_method_learns(tiny_model_dir, chat_file, tmp_path, method, lr):
     assert (run.run_dir / "model" / ("adapter_config.json" if method in ("lora", "dora", "qlora")
                                      else "model.safetensors")).is_file()
     assert (run.run_dir / "model" / "tokenizer.json").is_file()
+    reloaded, tokenizer = load_for_inference(str(run.run_dir), "cpu")  # save -> load: the same model
+    ids = tokenizer("Count to 5.", return_tensors="pt")["input_ids"]
+    run.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, run.model(ids).logits)
+
+
+def test_attention_dropout_setting(tiny_model_dir, chat_file, tmp_path):
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "lora", max_steps=1)
+    tree["model"]["attention_dropout"] = 0.2
+    run = run_sft(build_config(tree))
+    rates = {m.attention_dropout for m in run.model.modules() if hasattr(m, "attention_dropout")
+             and isinstance(m.attention_dropout, float)}
+    assert rates == {0.2}
 
 
 def test_lora_changes_only_adapter_parameters(tiny_model_dir, chat_file, tmp_path):

@@ -18,6 +18,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunesmith.config.load import read_yaml
+
+    if "methods" in read_yaml(Path(args.config)):  # a `tunesmith methods compare` file
+        from tunesmith.recipes.compare import load_compare_config
+
+        _, per_method = load_compare_config(Path(args.config))
+        print(f"{args.config}: valid ({len(per_method)} methods: {', '.join(per_method)})")
+        return 0
     config = load_config(args.config, args.overrides)
     if args.show:
         print(dump_config(config), end="")

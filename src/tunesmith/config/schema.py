@@ -32,6 +32,8 @@ class ModelConfig(StrictModel):
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="override the model's attention "
+                                            "dropout (Llama, Mistral and Qwen2 ship 0.0)")
     trust_remote_code: bool = False
     chat_template: str | None = Field(
         None, description="a Jinja chat template (or a path to one) to use instead of the tokenizer's"

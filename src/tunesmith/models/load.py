@@ -202,7 +202,8 @@ def load_model(
         if quantization is not None:
             raise ModelLoadError("qlora from a GGUF file: convert it first (tunesmith models prepare) "
                                  "or load a Hugging Face folder")
-        return _load_plain_from_gguf(Path(folder) / gguf, dtype).to(device)
+        return _with_attention_dropout(_load_plain_from_gguf(Path(folder) / gguf, dtype).to(device),
+                                       config.attention_dropout)
     kwargs: dict = {"dtype": dtype, "attn_implementation": config.attn_implementation,
                     "trust_remote_code": config.trust_remote_code}
     if quantization is not None:
@@ -221,4 +222,15 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a causal language model from {folder!r}: {err}") from None
-    return model if quantization is not None else model.to(device)
+    return _with_attention_dropout(model if quantization is not None else model.to(device), config.attention_dropout)
+
+
+def _with_attention_dropout(model: PreTrainedModel, rate: float | None) -> PreTrainedModel:
+    """Set the attention dropout (``model.attention_dropout``); each attention module copies the config's
+    value when built, so both are set."""
+    if rate is not None:
+        model.config.attention_dropout = rate
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = rate
+    return model
