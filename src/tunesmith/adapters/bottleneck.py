@@ -11,6 +11,9 @@ sub-layer's output while every base weight stays frozen:
 Only the adapter weights are saved, under names that do not depend on how they are wired in
 (``layers.3.mlp_adapter.down.weight``), to ``bottleneck_adapter.safetensors`` beside a
 ``bottleneck_config.json`` that records the :class:`AdapterConfig` and the base model.
+
+Why our own: peft has no bottleneck adapters, and AdapterHub's ``adapters`` (1.3.0) requires
+transformers ~=4.57, while tunesmith runs on transformers 5.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
-"""Packing for continued pre-training: documents end to end, cut into blocks of equal length."""
+"""Packing: documents end to end in equal blocks (continued pre-training), and padding-free
+micro-batches (SFT's fast path)."""
 
 from __future__ import annotations
 
 import datasets
+import torch
+
+from tunesmith.data.tokenize import IGNORE_INDEX
 
 
 def pack_documents(documents: list[list[int]], block: int) -> list[list[int]]:
@@ -20,3 +24,23 @@ def packed_dataset(rows: datasets.Dataset, block: int) -> datasets.Dataset:
     """Rows of ``input_ids`` -> packed blocks whose labels are the inputs (loss on every token)."""
     blocks = pack_documents(list(rows["input_ids"]), block)
     return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def collate_padding_free(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """A micro-batch as ONE sequence: the rows end to end, no padding. ``position_ids`` restart at 0
+    for each row; with no ``attention_mask``, transformers reads the restarts as document boundaries
+    and builds a block-diagonal causal mask (flash/flex varlen on GPU, a masked SDPA on CPU), so no
+    row attends to another. Each row's first label is ignored: nothing before it in its row predicts it.
+
+    >>> batch = collate_padding_free([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    ...                               {"input_ids": [8, 9], "labels": [8, 9]}])
+    >>> batch["input_ids"].tolist(), batch["labels"].tolist(), batch["position_ids"].tolist()
+    ([[5, 6, 7, 8, 9]], [[-100, 6, 7, -100, 9]], [[0, 1, 2, 0, 1]])
+    """
+    input_ids, labels, positions = [], [], []
+    for row in rows:
+        input_ids += row["input_ids"]
+        labels += [IGNORE_INDEX, *row["labels"][1:]]
+        positions += range(len(row["input_ids"]))
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}

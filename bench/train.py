@@ -1,0 +1,202 @@
+"""Training throughput and memory: tunesmith's fast path against a plain transformers + peft loop.
+
+    python bench/train.py --shape smollm2-135m --method lora --seq 512 --batch 8 --steps 8
+    python bench/train.py --shape llama-8b --method lora --seq 4096 --batch 2      # on a CUDA machine
+
+Both paths train the same model (same config, LoRA rank/targets, dropout 0, dtype, AdamW) on the
+same rows in the same order: the baseline pads each micro-batch to its longest row and lets
+transformers compute the loss from full logits, as a default collator and `labels=` do; tunesmith
+packs the rows padding-free and computes the loss in checkpointed chunks at label positions only.
+Reported per path, after warm-up steps: non-padding tokens/s, peak memory (CUDA max allocated; on
+CPU the peak RSS of a forked child that runs only that path) and MFU, then the ratios. GPU shapes
+use random weights (no hub here); smollm2-135m is the embedded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tunesmith.config.schema import MethodConfig  # noqa: E402
+from tunesmith.data.collate import collate_batch  # noqa: E402
+from tunesmith.data.pack import collate_padding_free  # noqa: E402
+from tunesmith.data.tokenize import tokenize_rows_batched  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (64, 128, 2, 4, 2, 49152),
+    "llama-1b": (2048, 8192, 16, 32, 8, 128256),
+    "llama-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+PEAK_TFLOPS = {"cuda": 989.0}  # H100 SXM dense bf16
+
+
+def build_model(shape: str, method: str, device: torch.device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tunesmith.adapters.apply import apply_method
+    from tunesmith.models.load import prepare_embedded
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if shape == "smollm2-135m":
+        model = AutoModelForCausalLM.from_pretrained(prepare_embedded(), dtype=dtype)
+    else:
+        hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                             max_position_embeddings=131072, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to(device)
+    method_config = MethodConfig.model_validate({"type": method, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}})
+    return apply_method(model, method_config)
+
+
+def load_rows(data: Path, seq: int, count: int) -> list[dict]:
+    """Alpaca rows through the embedded chat template, truncated to ``seq`` tokens."""
+    from tunesmith.config.schema import ModelConfig
+    from tunesmith.data.formats import to_canonical
+    from tunesmith.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    raw = json.loads(data.read_text()) if data.suffix == ".json" else [json.loads(x) for x in data.open()]
+    rows = [to_canonical(r, "alpaca")[0] for r in raw]
+    tokenized = tokenize_rows_batched(tokenizer, [r for r in rows if r is not None], seq)
+    items = [{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized if not isinstance(t, Exception)]
+    return [items[i % len(items)] for i in range(count)]
+
+
+def flops_per_token(model: torch.nn.Module, seq: float, method: str) -> tuple[float, str]:
+    config = model.config if hasattr(model, "config") else model.get_base_model().config
+    params = sum(p.numel() for p in model.parameters())
+    attention = 6 * config.num_hidden_layers * seq * config.hidden_size  # causal: half of 12 L s d
+    if method == "full":
+        return 6 * params + attention, f"6N + 6*L*s*d (N={params / 1e9:.3f}B)"
+    return 4 * params + attention, f"4N + 6*L*s*d (frozen base: no weight gradients; N={params / 1e9:.3f}B)"
+
+
+def baseline_step(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss
+
+
+def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
+    from tunesmith.recipes.sft import SFTObjective
+
+    model = build_model(args.shape, args.method, device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    objective = SFTObjective()
+    tokens = measured = 0
+    started = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # warm-up done: measure from here
+            started = time.perf_counter()
+            tokens = measured = 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        chunk = rows[step * args.batch:(step + 1) * args.batch]
+        if path == "baseline":
+            batch = {k: v.to(device) for k, v in collate_batch(chunk, 0).items()}
+            loss = baseline_step(model, batch)
+        else:
+            batch = {k: v.to(device) for k, v in collate_padding_free(chunk).items()}
+            loss = objective.loss_sum(model, batch) / max(objective.units(batch), 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens += sum(len(r["input_ids"]) for r in chunk)
+        measured += 1
+    elapsed = time.perf_counter() - started
+    mean_seq = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    flops, formula = flops_per_token(model, mean_seq, args.method)
+    tokens_per_s = tokens / elapsed
+    peak = PEAK_TFLOPS.get(device.type)
+    result = {"path": path, "shape": args.shape, "method": args.method, "seq": args.seq, "batch": args.batch,
+              "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss), 4),
+              "mfu": round(tokens_per_s * flops / (peak * 1e12), 4) if peak else None, "mfu_formula": formula}
+    if device.type == "cuda":
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def run_isolated(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
+    """On CPU, run the path in a forked child so its peak RSS is its own (os.wait4 reports it)."""
+    if device.type == "cuda":
+        return run_path(path, args, rows, device)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: train, send the result, leave without cleanup
+        os.close(read)
+        try:
+            payload = json.dumps(run_path(path, args, rows, device)).encode()
+        except BaseException as err:  # noqa: BLE001 - any failure must reach the parent
+            payload = json.dumps({"error": repr(err)}).encode()
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        result = json.loads(pipe.read() or b'{"error": "no result"}')
+    _, _, usage = os.wait4(pid, 0)
+    if "error" in result:
+        raise SystemExit(f"{path} failed: {result['error']}")
+    result["peak_memory_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=["smollm2-135m", *SHAPES], default="smollm2-135m")
+    parser.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=SHARED / "alpaca_cleaned_sample.json")
+    parser.add_argument("--out", type=Path, default=Path("bench/train-results.jsonl"))
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} not found: pass --data with an Alpaca-style JSON/JSONL file")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = load_rows(args.data, args.seq, args.batch * (args.warmup + args.steps))
+    padded = sum(max(len(r["input_ids"]) for r in rows[i:i + args.batch]) * len(rows[i:i + args.batch])
+                 for i in range(0, len(rows), args.batch))
+    real = sum(len(r["input_ids"]) for r in rows)
+    print(f"{args.shape} {args.method} on {device.type}: {len(rows)} rows, {real:,} tokens, "
+          f"{100 * (1 - real / padded):.1f}% of the baseline's batch is padding")
+    results = [run_isolated(p, args, rows, device) for p in ("baseline", "tunesmith")]
+    base, ours = results
+    ratio = {"tokens_per_s_ratio": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
+             "peak_memory_ratio": round(ours["peak_memory_mb"] / base["peak_memory_mb"], 3)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as handle:
+        for result in results:
+            handle.write(json.dumps({**result, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "threads": torch.get_num_threads(),
+                                     "ru_maxrss_parent_mb": round(resource.getrusage(resource.RUSAGE_SELF)
+                                                                  .ru_maxrss / 1024, 1)}) + "\n")
+    print(f"{'path':<10} {'tokens/s':>10} {'peak MB':>10} {'MFU':>8} {'loss':>8}")
+    for r in results:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{r['path']:<10} {r['tokens_per_s']:>10,.1f} {r['peak_memory_mb']:>10,.0f} {mfu:>8} "
+              f"{r['final_loss']:>8.4f}")
+    print(f"tunesmith / baseline: {ratio['tokens_per_s_ratio']}x tokens/s, {ratio['peak_memory_ratio']}x peak memory")
+    print(f"MFU formula: {ours['mfu_formula']}; peak {PEAK_TFLOPS.get(device.type, 'n/a')} TFLOP/s"
+          + ("" if device.type == "cuda" else " (no CPU peak: MFU not computed)"))
+
+
+if __name__ == "__main__":
+    main()
