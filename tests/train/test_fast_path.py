@@ -13,7 +13,7 @@ from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.tokenize import tokenize_messages
 from tunesmith.models.load import load_model
 from tunesmith.config.schema import ModelConfig, QuantizationConfig
-from tunesmith.recipes.sft import SFTObjective
+from tunesmith.recipes.sft import SFTObjective, decoder_and_head
 from helpers import counting_rows
 
 
@@ -38,13 +38,14 @@ def loss_and_grads(model, objective, batch):
     model.zero_grad(set_to_none=True)
     loss = objective.loss_sum(model, batch) / objective.units(batch)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_fast_path_equals_reference(tiny_model_dir, tokenizer, method):
     model = model_for(method, tiny_model_dir)
     model.train()
+    assert decoder_and_head(model) is not None  # the fast path really runs
     batch_rows = rows(tokenizer)
     reference = loss_and_grads(model, SFTObjective(chunked=False), collate_batch(batch_rows, tokenizer.pad_token_id))
     fast = loss_and_grads(model, SFTObjective(chunked=True), collate_padding_free(batch_rows))
@@ -59,7 +60,8 @@ def test_packed_rows_have_the_losses_they_have_alone(tiny_model_dir, tokenizer):
     batch_rows = rows(tokenizer, 4)
     packed = collate_padding_free(batch_rows)
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]  # (T, vocab)
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       use_cache=False).logits[0]  # (T, vocab); a cache would hide the row boundaries
         start = 0
         for row in batch_rows:
             length = len(row["input_ids"])
@@ -71,6 +73,6 @@ def test_packed_rows_have_the_losses_they_have_alone(tiny_model_dir, tokenizer):
             start += length
     # Without the restarting position ids the rows would attend to each other: the test can fail.
     with torch.no_grad():
-        leaked = model(input_ids=packed["input_ids"]).logits[0]
+        leaked = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
     second = len(batch_rows[0]["input_ids"])
     assert not torch.allclose(leaked[second:second + 3], logits[second:second + 3], atol=1e-3)

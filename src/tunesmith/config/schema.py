@@ -189,6 +189,10 @@ class TrainingConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(True, description="fast path: each micro-batch is one sequence with no padding "
+                               "(position ids restart per row; rows never attend to each other)")
+    chunked_loss: bool = Field(True, description="fast path: the LM head and loss run in checkpointed chunks at "
+                               "label positions only, never materialising the full logits")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU"
     )

@@ -69,7 +69,7 @@ def build_trainable_model(config: Config, source: tuple[str, str | None], device
     return model
 
 
-Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> the base model's logits
+Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # model inputs -> the base model's logits
 
 
 def base_reference(model: nn.Module) -> Reference:
@@ -79,18 +79,18 @@ def base_reference(model: nn.Module) -> Reference:
     if isinstance(model, PeftModel):
         def with_adapters_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with model.disable_adapter():
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return model(**batch).logits
         return with_adapters_off
     if is_bottleneck(model):
         def with_bottlenecks_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with bottlenecks_disabled(model):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return model(**batch).logits
         return with_bottlenecks_off
     log.info("kl_to_base with a full/freeze method: keeping a frozen copy of the base model in memory")
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     def from_copy(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return frozen(**batch).logits
     return from_copy
 
 

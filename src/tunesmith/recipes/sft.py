@@ -12,6 +12,10 @@ from torch import nn
 
 from tunesmith.config.schema import Config
 from tunesmith.data.collate import collate_batch
+from peft import PeftModel
+
+from tunesmith.data.pack import collate_padding_free
+from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.load import load_tokenizer, resolve_model_source
 from tunesmith.recipes.common import Reference, base_reference, build_accelerator, build_trainable_model, \
@@ -22,22 +26,46 @@ from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 log = logging.getLogger(__name__)
 
 
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(the decoder stack, the LM head) of a causal LM, for the chunked loss; None where it does not
+    apply: a DDP wrapper (its forward must run for gradients to sync), virtual-token methods, models
+    whose logits are post-processed (soft-capping, scaling)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    inner = model
+    if isinstance(model, PeftModel):
+        if model.peft_config[model.active_adapter].is_prompt_learning:
+            return None
+        inner = model.get_base_model()
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
+    return (decoder, head) if isinstance(decoder, nn.Module) and head is not None else None
+
+
 class SFTObjective:
     """Summed next-token NLL over label tokens; the unit is one label token. With ``kl_to_base``,
     plus that coefficient times KL(model || base) at the same positions (``reference`` gives the base's
     logits for a batch)."""
 
-    def __init__(self, kl_to_base: float = 0.0, reference: Reference | None = None):
-        self.kl_to_base, self.reference = kl_to_base, reference
+    def __init__(self, kl_to_base: float = 0.0, reference: Reference | None = None, chunked: bool = False):
+        self.kl_to_base, self.reference, self.chunked = kl_to_base, reference, chunked
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        inputs["use_cache"] = False  # a cache would also hide the packed rows' boundaries from the mask
+        parts = decoder_and_head(model) if self.chunked and not self.kl_to_base else None
+        if parts is not None:  # the fast path: no full logits
+            decoder, head = parts
+            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head, labels)
+        logits = model(**inputs).logits
         logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens first: (batch, seq, vocab)
         loss = sft_loss_sum(logits, labels)
         if self.kl_to_base and model.training:  # a regulariser of training; eval loss stays the plain NLL
             with torch.no_grad():
-                reference = self.reference(batch)[:, -labels.shape[1]:]
+                reference = self.reference(inputs)[:, -labels.shape[1]:]
             loss = loss + self.kl_to_base * kl_to_reference_sum(logits, reference, labels)
         return loss
 
@@ -63,8 +91,10 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)  # config and data are valid
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
     objective = SFTObjective(config.regularization.kl_to_base,
-                             base_reference(model) if config.regularization.kl_to_base else None)
-    collate = functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id)
+                             base_reference(model) if config.regularization.kl_to_base else None,
+                             config.training.chunked_loss)
+    collate = (collate_padding_free if config.training.padding_free and config.method.type not in ("prefix", "prompt")
+               else functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id))
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate,
                           replay_rows, config.data.replay.share if config.data.replay else 0.0)
     eval_batches = None

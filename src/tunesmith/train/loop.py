@@ -131,6 +131,11 @@ def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1
     return max(1, math.ceil(total_micro_batches(config, micro_per_epoch) / (config.grad_accum * processes)))
 
 
+def _tokens(batch: Batch) -> int:
+    """Non-padding tokens: a padding-free batch has no attention mask and no padding."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def _no_loss(batch: Batch) -> Batch:
     """A batch whose labels are all ignored: a process with no data left still joins the step (DDP)."""
     return {**batch, "labels": torch.full_like(batch["labels"], -100)}
@@ -223,7 +228,7 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
-    tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    tokens = sum(_tokens(b) for b in window)
     return loss_total, grad_norm, tokens
 
 
