@@ -15,6 +15,7 @@ use random weights (no hub here); smollm2-135m is the embedded model.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ from tunesmith.config.schema import MethodConfig  # noqa: E402
 from tunesmith.data.collate import collate_batch  # noqa: E402
 from tunesmith.data.pack import collate_padding_free  # noqa: E402
 from tunesmith.data.tokenize import tokenize_rows_batched  # noqa: E402
+from tunesmith.train.mfu import flops_per_token, peak_flops  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
@@ -37,26 +39,35 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama-1b": (2048, 8192, 16, 32, 8, 128256),
     "llama-8b": (4096, 14336, 32, 32, 8, 128256),
 }
-PEAK_TFLOPS = {"cuda": 989.0}  # H100 SXM dense bf16
 
 
-def build_model(shape: str, method: str, device: torch.device):
+def _random_folder(shape: str, dtype: torch.dtype) -> Path:
+    """A random-init Llama of ``shape`` saved once per machine (no hub here; the weights do not
+    matter for speed), so every path loads it the same way, 4-bit included."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tunesmith.adapters.apply import apply_method
-    from tunesmith.models.load import prepare_embedded
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if shape == "smollm2-135m":
-        model = AutoModelForCausalLM.from_pretrained(prepare_embedded(), dtype=dtype)
-    else:
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"tunesmith-bench-{shape}"
+    if not (folder / "config.json").is_file():
         hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                              max_position_embeddings=131072, tie_word_embeddings=False)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device)
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
+    return folder
+
+
+def build_model(shape: str, method: str, device: torch.device):
+    """The same model for both paths: loaded by transformers (4-bit by bitsandbytes for qlora), the
+    method applied by peft; LoRA r16 on all linear layers, dropout 0."""
+    from tunesmith.adapters.apply import apply_method
+    from tunesmith.config.schema import ModelConfig, QuantizationConfig
+    from tunesmith.models.load import load_model, prepare_embedded
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    folder = prepare_embedded() if shape == "smollm2-135m" else _random_folder(shape, dtype)
+    quantization = QuantizationConfig() if method == "qlora" else None
+    model = load_model(ModelConfig(name_or_path=str(folder), device=device.type), quantization)
     method_config = MethodConfig.model_validate({"type": method, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}})
     return apply_method(model, method_config)
 
@@ -75,15 +86,6 @@ def load_rows(data: Path, seq: int, count: int) -> list[dict]:
     return [items[i % len(items)] for i in range(count)]
 
 
-def flops_per_token(model: torch.nn.Module, seq: float, method: str) -> tuple[float, str]:
-    config = model.config if hasattr(model, "config") else model.get_base_model().config
-    params = sum(p.numel() for p in model.parameters())
-    attention = 6 * config.num_hidden_layers * seq * config.hidden_size  # causal: half of 12 L s d
-    if method == "full":
-        return 6 * params + attention, f"6N + 6*L*s*d (N={params / 1e9:.3f}B)"
-    return 4 * params + attention, f"4N + 6*L*s*d (frozen base: no weight gradients; N={params / 1e9:.3f}B)"
-
-
 def baseline_step(model, batch):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss
@@ -95,7 +97,7 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
     model = build_model(args.shape, args.method, device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    objective = SFTObjective()
+    objective = SFTObjective(chunked=True)
     tokens = measured = 0
     started = time.perf_counter()
     for step in range(args.warmup + args.steps):
@@ -120,12 +122,13 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
         measured += 1
     elapsed = time.perf_counter() - started
     mean_seq = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    flops, formula = flops_per_token(model, mean_seq, args.method)
+    flops, formula = flops_per_token(model, mean_seq)
     tokens_per_s = tokens / elapsed
-    peak = PEAK_TFLOPS.get(device.type)
+    peak = peak_flops(device)
     result = {"path": path, "shape": args.shape, "method": args.method, "seq": args.seq, "batch": args.batch,
               "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss), 4),
-              "mfu": round(tokens_per_s * flops / (peak * 1e12), 4) if peak else None, "mfu_formula": formula}
+              "mfu": round(tokens_per_s * flops / peak, 4) if peak else None, "mfu_formula": formula,
+              "peak_tflops": peak / 1e12 if peak else None}
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
@@ -177,7 +180,12 @@ def main() -> None:
     real = sum(len(r["input_ids"]) for r in rows)
     print(f"{args.shape} {args.method} on {device.type}: {len(rows)} rows, {real:,} tokens, "
           f"{100 * (1 - real / padded):.1f}% of the baseline's batch is padding")
-    results = [run_isolated(p, args, rows, device) for p in ("baseline", "tunesmith")]
+    results = []
+    for path in ("baseline", "tunesmith"):
+        results.append(run_isolated(path, args, rows, device))
+        if device.type == "cuda":  # nothing of one path's memory may count against the next
+            gc.collect()
+            torch.cuda.empty_cache()
     base, ours = results
     ratio = {"tokens_per_s_ratio": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
              "peak_memory_ratio": round(ours["peak_memory_mb"] / base["peak_memory_mb"], 3)}
@@ -194,8 +202,8 @@ def main() -> None:
         print(f"{r['path']:<10} {r['tokens_per_s']:>10,.1f} {r['peak_memory_mb']:>10,.0f} {mfu:>8} "
               f"{r['final_loss']:>8.4f}")
     print(f"tunesmith / baseline: {ratio['tokens_per_s_ratio']}x tokens/s, {ratio['peak_memory_ratio']}x peak memory")
-    print(f"MFU formula: {ours['mfu_formula']}; peak {PEAK_TFLOPS.get(device.type, 'n/a')} TFLOP/s"
-          + ("" if device.type == "cuda" else " (no CPU peak: MFU not computed)"))
+    print(f"MFU: tokens/s x ({ours['mfu_formula']}) / peak {ours['peak_tflops'] or 'n/a'} TFLOP/s"
+          + ("" if ours["peak_tflops"] else " (no known peak for this device: MFU not computed)"))
 
 
 if __name__ == "__main__":

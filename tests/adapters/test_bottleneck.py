@@ -210,10 +210,10 @@ def test_load_rejects_a_different_base_and_a_bad_config(tmp_path: Path) -> None:
         load_bottleneck(tiny_llama(), folder)
 
 
-def test_adapters_follow_the_base_dtype() -> None:
+def test_adapters_keep_fp32_weights_under_a_bf16_base() -> None:
     model = add_bottleneck_adapters(tiny_llama().to(torch.bfloat16), AdapterConfig(style="houlsby"))
-    assert {t.dtype for t in bottleneck_state_dict(model).values()} == {torch.bfloat16}
-    assert logits_of(model, batch()).dtype == torch.bfloat16
+    assert {t.dtype for t in bottleneck_state_dict(model).values()} == {torch.float32}
+    assert logits_of(model, batch()).dtype == torch.bfloat16  # the base's activations keep their dtype
 
 
 def test_unsupported_models_and_double_application_are_config_errors() -> None:

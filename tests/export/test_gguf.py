@@ -76,10 +76,24 @@ def test_qwen2_with_biases_round_trips(tokenizer, tmp_path):
             layer.self_attn.q_proj.bias.normal_(0, 0.5)  # non-zero biases must survive the trip
     model.save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
-    result, files = export_gguf(str(tmp_path / "qwen"), tmp_path / "out", ["f32"])
+    _, files = export_gguf(str(tmp_path / "qwen"), tmp_path / "out", ["f32"])
     assert files[0].parity.max_abs_logit_diff < 1e-4 and files[0].parity.greedy_agreement == 1.0
     names = {t.name for t in gguf.GGUFReader(files[0].path).tensors}
     assert {"output.weight", "blk.1.attn_q.bias"} <= names
+
+
+def test_mistral_round_trips(tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    _, files = export_gguf(str(tmp_path / "mistral"), tmp_path / "out", ["f32"])
+    assert files[0].parity.max_abs_logit_diff < 1e-4
+    assert files[0].parity.greedy_agreement == 1.0  # read back as Llama: the same computation
 
 
 def test_unsupported_architecture_fails_before_writing(tokenizer, tmp_path):
@@ -101,7 +115,7 @@ def test_failed_gguf_parity_writes_nothing(tiny_model_dir, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_embedded_smollm2_round_trips_at_f32_f16_and_q8_0(embedded_dir, tmp_path):
-    result, files = export_gguf("embedded", tmp_path / "out", ["f32", "f16", "q8_0"])
+    _, files = export_gguf("embedded", tmp_path / "out", ["f32", "f16", "q8_0"])
     by_quant = {f.quant: f.parity for f in files}
     for quant, report in by_quant.items():
         print(f"embedded SmolLM2-135M GGUF {quant}: {report.summary()}")

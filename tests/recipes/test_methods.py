@@ -9,7 +9,7 @@ from tunesmith.config.load import build_config
 from tunesmith.models.inference import load_for_inference
 from tunesmith.recipes.sft import run_sft
 from tunesmith.train.optim import build_optimizer, lr_scale_for
-from helpers import read_metrics, tiny_tree
+from helpers import read_metrics, tiny_tree, write_jsonl
 
 # method -> (config overrides of method.*, learning rate, the substring every trainable name has)
 METHODS = {
@@ -133,3 +133,19 @@ def initial_rows(model_dir, tokens):
     old = AutoTokenizer.from_pretrained(model_dir)
     weight = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
     return [weight[old(t, add_special_tokens=False)["input_ids"]].mean(0) for t in tokens]
+
+
+def test_resume_is_exact_with_replay_gradual_unfreezing_and_layer_decay(tiny_model_dir, chat_file, tmp_path):
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"General sentence number {i}."} for i in range(7)])
+    tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "freeze", max_steps=6, save_every=3,
+                     layer_decay=0.7, weight_decay=0.1)
+    tree["method"]["freeze"] = {"last_n_layers": 1, "unfreeze_every": 2, "train_lm_head": True}
+    tree["data"]["replay"] = {"path": str(general), "share": 0.25}
+    config = build_config(tree)
+    first = run_sft(config)
+    uninterrupted = {k: v.clone() for k, v in first.model.state_dict().items()}
+    curve = losses(first.run_dir)
+    resumed = run_sft(config, resume=True)  # from the step-3 checkpoint: steps 4-6 again
+    for name, tensor in resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+    assert losses(resumed.run_dir) == pytest.approx(curve, abs=1e-6)

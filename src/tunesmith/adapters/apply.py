@@ -113,11 +113,8 @@ def peft_config(method: MethodConfig, model: PreTrainedModel, new_token_ids: lis
 def apply_method(model: PreTrainedModel, method: MethodConfig, gradient_checkpointing: bool = False,
                  tokenizer: PreTrainedTokenizerBase | None = None, new_token_ids: list[int] = ()) -> nn.Module:
     """Return the model to train, with exactly the parameters of the method requiring grad.
-    ``new_token_ids``: added tokens, whose embedding rows must train."""
-    if new_token_ids and not (method.type in ("full", "lora", "dora", "qlora")
-                              or (method.type == "freeze" and method.freeze.train_embeddings)):
-        raise ConfigError([f"model.add_tokens: the new tokens' embeddings would not train with method "
-                           f"{method.type}; use full, lora, dora, qlora, or freeze with train_embeddings: true"])
+    ``new_token_ids``: added tokens, whose embedding rows must train (the config validator has checked
+    that the method trains them)."""
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

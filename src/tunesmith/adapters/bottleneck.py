@@ -95,9 +95,10 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(self.norm(x))  # (..., width)
+        inner = x.to(self.down.weight.dtype)  # fp32 adapter weights under a bf16 base (no autocast on CPU)
+        h = self.down(self.norm(inner))  # (..., width)
         h = self.dropout(self.act(h))  # (..., width)
-        return x + self.up(h)  # (..., hidden)
+        return x + self.up(h).to(x.dtype)  # (..., hidden)
 
 
 class AdaptedSublayer(nn.Module):
@@ -176,8 +177,10 @@ def add_bottleneck_adapters(model: PreTrainedModel, config: AdapterConfig) -> Pr
         for target in STYLE_TARGETS[config.style]:
             base = getattr(layer, target)
             reference = _reference_parameter(base)
+            # fp32 whatever the base: in bf16 a LayerNorm weight of 1.0 cannot take an update below
+            # 0.004, so the adapter would not train (peft keeps its adapters in fp32 for the same reason)
             adapter = BottleneckAdapter(hidden_size, width, config.non_linearity, config.dropout,
-                                        device=reference.device, dtype=reference.dtype)
+                                        device=reference.device, dtype=torch.float32)
             adapter.requires_grad_(True)
             setattr(layer, target, AdaptedSublayer(base, adapter))
     setattr(model, CONFIG_ATTRIBUTE, config)

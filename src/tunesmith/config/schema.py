@@ -31,7 +31,8 @@ class ModelConfig(StrictModel):
         "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="flash_attention_2 needs the flash-attn package and a GPU")
     attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="override the model's attention "
                                             "dropout (Llama, Mistral and Qwen2 ship 0.0)")
     trust_remote_code: bool = False
@@ -167,6 +168,15 @@ class MethodConfig(StrictModel):
                                           or freeze.train_lm_head):
             raise ValueError("method.freeze: nothing would train; set last_n_layers > 0, a pattern, "
                              "train_embeddings or train_lm_head")
+        if self.lora.lr_ratio is not None and self.type not in ("lora", "dora", "qlora"):
+            raise ValueError(f"method.lora.lr_ratio is for lora, dora and qlora, not {self.type}; remove it")
+        if freeze.unfreeze_every is not None and self.type != "freeze":
+            raise ValueError(f"method.freeze.unfreeze_every is for method.type freeze, not {self.type}; remove it")
+        if freeze.unfreeze_every is not None and freeze.pattern:
+            raise ValueError("method.freeze: unfreeze_every unfreezes whole blocks and would override pattern; "
+                             "use one of them")
+        if self.prefix.projection_hidden_size is not None and not self.prefix.projection:
+            raise ValueError("method.prefix.projection_hidden_size needs method.prefix.projection: true")
         return self
 
 
@@ -237,8 +247,20 @@ class Config(StrictModel):
     def _check_cross_fields(self) -> Config:
         if self.training.early_stopping_patience and not self.training.eval_every:
             raise ValueError("training.early_stopping_patience needs training.eval_every")
-        if self.data.replay is not None and self.training.batch_size < 2:
-            raise ValueError("data.replay needs training.batch_size >= 2 (each micro-batch mixes both)")
+        if self.data.replay is not None:
+            replayed = max(1, round(self.data.replay.share * self.training.batch_size))
+            if replayed >= self.training.batch_size:
+                raise ValueError(f"data.replay.share {self.data.replay.share} of training.batch_size "
+                                 f"{self.training.batch_size} takes {replayed} replay rows and leaves no training row; "
+                                 "lower the share or raise the batch size")
+        if self.method.type == "prefix" and self.training.gradient_checkpointing:
+            raise ValueError("training.gradient_checkpointing is not supported with method prefix (its virtual "
+                             "tokens enter through the attention cache); set it to false")
+        trains_embeddings = self.method.type in ("full", "lora", "dora", "qlora") or (
+            self.method.type == "freeze" and self.method.freeze.train_embeddings)
+        if self.model.add_tokens and not trains_embeddings:
+            raise ValueError(f"model.add_tokens: the new tokens' embeddings would not train with method "
+                             f"{self.method.type}; use full, lora, dora, qlora, or freeze with train_embeddings: true")
         if self.training.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.early_stopping_patience needs eval data: set data.eval or data.eval_fraction")
         return self

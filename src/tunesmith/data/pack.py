@@ -11,13 +11,17 @@ from tunesmith.data.tokenize import IGNORE_INDEX
 
 def pack_documents(documents: list[list[int]], block: int) -> list[list[int]]:
     """Concatenate token lists (each already ending with EOS) and cut them into ``block``-token
-    blocks; the last, shorter remainder is kept as its own block so no token is lost.
+    blocks; a shorter remainder is kept as its own block, unless it is a single token (nothing in
+    its block would predict it, so it carries no loss).
 
-    >>> pack_documents([[1, 2, 0], [3, 4, 5, 0], [6, 0]], 4)
-    [[1, 2, 0, 3], [4, 5, 0, 6], [0]]
+    >>> pack_documents([[1, 2, 0], [3, 4, 5, 0], [6, 0, 7]], 4)
+    [[1, 2, 0, 3], [4, 5, 0, 6], [0, 7]]
+    >>> pack_documents([[1, 2, 0], [3, 4, 0]], 5)
+    [[1, 2, 0, 3, 4]]
     """
     stream = [token for document in documents for token in document]
-    return [stream[start:start + block] for start in range(0, len(stream), block)]
+    blocks = [stream[start:start + block] for start in range(0, len(stream), block)]
+    return [b for b in blocks if len(b) > 1]
 
 
 def packed_dataset(rows: datasets.Dataset, block: int) -> datasets.Dataset:
@@ -28,9 +32,10 @@ def packed_dataset(rows: datasets.Dataset, block: int) -> datasets.Dataset:
 
 def collate_padding_free(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     """A micro-batch as ONE sequence: the rows end to end, no padding. ``position_ids`` restart at 0
-    for each row; with no ``attention_mask``, transformers reads the restarts as document boundaries
-    and builds a block-diagonal causal mask (flash/flex varlen on GPU, a masked SDPA on CPU), so no
-    row attends to another. Each row's first label is ignored: nothing before it in its row predicts it.
+    for each row; with no ``attention_mask``, transformers reads the restarts as row boundaries, so
+    no row attends to another: varlen kernels with ``attn_implementation: flash_attention_2``, a
+    block mask with ``flex_attention``, a dense block-diagonal mask with ``sdpa`` (whose cost grows
+    with the square of the packed length). Each row's first label is ignored: nothing before it in its row predicts it.
 
     >>> batch = collate_padding_free([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
     ...                               {"input_ids": [8, 9], "labels": [8, 9]}])

@@ -39,8 +39,9 @@ from tunesmith.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
-# transformers model_type -> GGUF architecture. Mistral is llama in GGUF; transformers' loader
-# reads it back as Mistral when "mistral" is in general.name.
+# transformers model_type -> GGUF architecture. Mistral is llama in GGUF (llama.cpp's own convention);
+# transformers' loader reads such a file back as a Llama model: the same weights and computation,
+# minus a sliding window (which Mistral v0.2 and later do not use).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Architectures whose q/k rows GGML expects interleaved (llama.cpp permutes only these).
 PERMUTED = {"llama"}
@@ -229,8 +230,12 @@ def write_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     """Write ``model`` (float32) and ``tokenizer`` as one GGUF file of type ``quant``."""
     arch = _check_supported(model)
     tensor_type, file_type = QUANTS[quant]
-    if model.config.model_type == "mistral" and "mistral" not in name.lower():
-        name = f"{name} (mistral)"
+    window = getattr(model.config, "sliding_window", None)
+    if model.config.model_type == "mistral" and window and window < model.config.max_position_embeddings:
+        log.warning("GGUF export: this Mistral model attends within a %d-token sliding window; llama.cpp "
+                    "applies none, so replies longer than that will differ", window)
+    if name == "mistral":  # exactly this name makes transformers' loader ask gguf for a "mistral" architecture
+        name = "mistral-model"  # that gguf 0.19 lacks, and the file would not load back
     writer = gguf.GGUFWriter(path, arch)
     _write_hparams(writer, model, name, file_type)
     _write_tokenizer(writer, tokenizer, model.config.vocab_size)

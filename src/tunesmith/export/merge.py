@@ -34,6 +34,16 @@ class Merged:
     from_qlora: bool  # the adapter was trained on a 4-bit base: parity is reported, not enforced
 
 
+def _unmergeable_kind(model: object) -> str | None:
+    from tunesmith.adapters.bottleneck import is_bottleneck
+
+    if is_bottleneck(model):
+        return "adapter"
+    if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
+        return "prompt"
+    return None
+
+
 def merge_for_export(target: str, parity: bool = True) -> Merged:
     """``target`` (run, adapter or model folder, GGUF, 'embedded') as one float32 model on CPU."""
     config = run_config_of(target)
@@ -46,6 +56,10 @@ def merge_for_export(target: str, parity: bool = True) -> Merged:
                           f"({unmergeable[config.method.type]}); use the run as it is with `tunesmith chat` or "
                           f"`tunesmith serve`")
     model, tokenizer = load_for_inference(target, "cpu")
+    kind = _unmergeable_kind(model)
+    if kind:  # an adapter folder given directly, not through its run
+        raise ExportError(f"{target} holds a {kind} adapter, which cannot be merged into plain weights "
+                          f"({unmergeable[kind]}); use it with `tunesmith chat` or `tunesmith serve`")
     reference = record_reference(model, tokenizer) if parity else None
     merged = isinstance(model, PeftModel)
     if merged and from_qlora:

@@ -101,6 +101,11 @@ def _agrees(pieces: ChatPieces, tokenizer: PreTrainedTokenizerBase) -> bool:
     return all(pieces.render(c) == render(tokenizer, c, generation_prompt=True) for c in conversations)
 
 
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
@@ -110,6 +115,11 @@ def modelfile(tokenizer: PreTrainedTokenizerBase, gguf_name: str, source: str) -
     lines = [f"# Written by tunesmith from {source}.", "# Create the model: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}"]
     pieces = chat_pieces(tokenizer)
+    bos = tokenizer.bos_token
+    if pieces is not None and bos and pieces.prefix.startswith(bos) and _adds_bos(tokenizer):
+        # The GGUF says add_bos_token, so Ollama adds BOS itself: a second one from the template would
+        # be a double BOS (a known cause of degraded output).
+        pieces.prefix = pieces.prefix[len(bos):]
     if pieces is None or '"""' in pieces.go_template() or "{{" in "".join(pieces.heads.values()):
         lines.append("# The chat template could not be written as a Go template; Ollama reads it from the GGUF.")
     else:

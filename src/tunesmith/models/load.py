@@ -176,7 +176,9 @@ def initialise_added_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     """Grow the embeddings to the tokenizer and start each new row at the mean of the rows of the
     sub-tokens the old vocabulary split it into (a better start than the random or overall-mean rows
     transformers gives). ``parts``: token -> its ids under the old tokenizer. Returns the new ids."""
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # a padded embedding (Qwen2: 151,936 rows) may already hold the new ids
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = [tokenizer.convert_tokens_to_ids(token) for token in parts]
     matrices = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()

@@ -28,7 +28,7 @@ from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
 from tunesmith.models.device import select_device, select_mixed_precision
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, tokens_to_add
-from tunesmith.train.loop import TrainResult
+from tunesmith.train.loop import TrainResult, evaluating
 from tunesmith.train.optim import lr_scale_for
 
 UNLIMITED = 1 << 30  # max_seq_len while tokenizing documents for packing: nothing is cut
@@ -78,12 +78,12 @@ def base_reference(model: nn.Module) -> Reference:
     change the base itself, so they keep a frozen copy, taken before the first step."""
     if isinstance(model, PeftModel):
         def with_adapters_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with model.disable_adapter():
+            with model.disable_adapter(), evaluating(model):  # no dropout in the reference
                 return model(**batch).logits
         return with_adapters_off
     if is_bottleneck(model):
         def with_bottlenecks_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with bottlenecks_disabled(model):
+            with bottlenecks_disabled(model), evaluating(model):
                 return model(**batch).logits
         return with_bottlenecks_off
     log.info("kl_to_base with a full/freeze method: keeping a frozen copy of the base model in memory")

@@ -14,12 +14,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from transformers import AutoConfig
 
-from tunesmith.config.load import apply_overrides, build_config, dump_config, format_validation_error, read_yaml, \
-    resolve_path
+from tunesmith.config.load import build_config, dump_config, format_validation_error, read_yaml, resolve_path
 from tunesmith.config.schema import CompareConfig, Config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.io import write_text_atomic
@@ -28,8 +28,35 @@ from tunesmith.plots import bar_chart, line_chart
 
 log = logging.getLogger(__name__)
 
-FAIRNESS_KEYS = ("data.", "training.max_steps", "training.epochs", "training.batch_size", "training.grad_accum",
-                 "training.seed", "model.name_or_path", "task")
+# What a method may change. Everything else (data, template, vocabulary, steps, batch, seed, fast-path
+# switches, eval and early stopping) is the shared budget.
+OVERRIDABLE = ("method.", "regularization.", "model.attention_dropout", "training.lr", "training.layer_decay",
+               "training.weight_decay", "training.scheduler", "training.warmup_steps", "training.warmup_ratio",
+               "training.optimizer", "training.adam_betas", "training.adam_eps", "training.max_grad_norm",
+               "training.gradient_checkpointing")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested or dotted override keys as dotted keys.
+
+    >>> _flatten({"method": {"type": "lora", "lora": {"r": 8}}, "training.lr": 0.1})
+    {'method.type': 'lora', 'method.lora.r': 8, 'training.lr': 0.1}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Put a typed value at a dotted key (no re-parsing: a string stays the string it was)."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[last] = value
 
 
 @dataclass
@@ -56,25 +83,27 @@ def load_compare_config(path: Path) -> tuple[CompareConfig, dict[str, Config]]:
     if base_path is None:
         raise ConfigError([f"base: {compare.base!r} does not exist"], str(path))
     problems, configs = [], {}
+    names = [entry.name for entry in compare.methods]
+    if len(set(names)) != len(names):
+        problems.append(f"methods: names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                        "each method needs its own run folder")
     for index, entry in enumerate(compare.methods):
-        unfair = [key for key in entry.overrides if key.startswith(FAIRNESS_KEYS)]
+        overrides = _flatten(entry.overrides)
+        unfair = [key for key in overrides if not key.startswith(OVERRIDABLE)]
         if unfair:
-            problems.append(f"methods[{index}] ({entry.name}): {', '.join(unfair)} would change the data, budget "
-                            "or seed of one method only; set them in the base config")
+            problems.append(f"methods[{index}] ({entry.name}): {', '.join(unfair)} would change what the methods "
+                            "share (data, template, vocabulary, budget, batch, seed); set it in the base config")
             continue
-        overrides = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-                     for key, value in entry.overrides.items()]
-        overrides += [f"name={entry.name}", f"output.dir={(path.parent / compare.output).resolve()}",
-                      "output.name=null"]
+        tree = read_yaml(base_path)
+        for key, value in {**overrides, "name": entry.name, "output.dir": str((path.parent / compare.output).resolve()),
+                           "output.name": None}.items():
+            _set(tree, key, value)
         if compare.max_steps:
-            overrides.append(f"training.max_steps={compare.max_steps}")
-        tree = apply_overrides(read_yaml(base_path), overrides)
+            _set(tree, "training.max_steps", compare.max_steps)
         try:
             configs[entry.name] = build_config(tree, f"{path} methods[{index}]", base_path.parent)
         except ConfigError as err:
             problems += err.problems
-    if len(configs) != len({e.name for e in compare.methods}) and not problems:
-        problems.append("methods: two entries share a name; each needs its own run folder")
     if problems:
         raise ConfigError(problems, str(path))
     return compare, configs

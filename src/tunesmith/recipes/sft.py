@@ -26,10 +26,22 @@ from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 log = logging.getLogger(__name__)
 
 
+# Model families whose causal-LM forward is exactly lm_head(decoder(x)) (no logit scaling or capping)
+# and whose attention masks come from transformers' masking utilities, which read restarting position
+# ids as row boundaries. The fast path is used for these only; other models take the plain path.
+FAST_PATH_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def fast_path_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return (config is not None and config.model_type in FAST_PATH_MODELS
+            and not getattr(config, "auto_map", None))  # remote code may build its own masks
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(the decoder stack, the LM head) of a causal LM, for the chunked loss; None where it does not
-    apply: a DDP wrapper (its forward must run for gradients to sync), virtual-token methods, models
-    whose logits are post-processed (soft-capping, scaling)."""
+    apply: a DDP wrapper (its forward must run for gradients to sync), virtual-token methods, model
+    families outside ``FAST_PATH_MODELS``."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return None
     inner = model
@@ -37,8 +49,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         if model.peft_config[model.active_adapter].is_prompt_learning:
             return None
         inner = model.get_base_model()
-    config = getattr(inner, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if not fast_path_model(inner):
         return None
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
     return (decoder, head) if isinstance(decoder, nn.Module) and head is not None else None
@@ -73,6 +84,17 @@ class SFTObjective:
         return count_label_tokens(batch["labels"])
 
 
+def _collate_for(config: Config, model: nn.Module, pad_token_id: int):
+    """Padding-free micro-batches where they are exact, padded ones elsewhere (said once in the log)."""
+    if config.training.padding_free:
+        why = ("virtual tokens are prepended to every row" if config.method.type in ("prefix", "prompt")
+               else None if fast_path_model(model) else f"{model.config.model_type} is not in the fast-path families")
+        if why is None:
+            return collate_padding_free
+        log.info("training.padding_free: padded micro-batches instead (%s)", why)
+    return functools.partial(collate_batch, pad_token_id=pad_token_id)
+
+
 @dataclass
 class SFTRun:
     run_dir: Path
@@ -93,8 +115,10 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     objective = SFTObjective(config.regularization.kl_to_base,
                              base_reference(model) if config.regularization.kl_to_base else None,
                              config.training.chunked_loss)
-    collate = (collate_padding_free if config.training.padding_free and config.method.type not in ("prefix", "prompt")
-               else functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id))
+    collate = _collate_for(config, model, tokenizer.pad_token_id)
+    if config.training.chunked_loss and (config.regularization.kl_to_base or decoder_and_head(model) is None):
+        log.info("training.chunked_loss: full logits instead (%s)", "kl_to_base compares full distributions"
+                 if config.regularization.kl_to_base else "not available for this model or method")
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate,
                           replay_rows, config.data.replay.share if config.data.replay else 0.0)
     eval_batches = None

@@ -11,6 +11,9 @@ from torch import nn
 
 from tunesmith.config.schema import Config, TrainingConfig
 
+# Parameters layer decay leaves at the base rate: virtual tokens (prompt/prefix) and the rows of added
+# tokens are new, not pre-trained, and must learn in full.
+_OWN_RATE = ("prompt_encoder", "trainable_tokens", "token_adapter")
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -20,13 +23,16 @@ def layer_scale(name: str, layers: int, decay: float) -> float:
     the embeddings below them all, and what sits above the blocks (final norm, head) at 1.
 
     >>> [layer_scale(n, 2, 0.5) for n in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
-    ...                                   "model.layers.1.mlp.up_proj.weight", "lm_head.weight")]
-    [0.125, 0.25, 0.5, 1.0]
+    ...                                   "model.layers.1.mlp.up_proj.weight", "lm_head.weight",
+    ...                                   "prompt_encoder.default.embedding.weight")]
+    [0.125, 0.25, 0.5, 1.0, 1.0]
     """
+    if any(own in name for own in _OWN_RATE):
+        return 1.0
     found = _LAYER.search(name)
     if found:
         return decay ** (layers - int(found.group(1)))
-    if "embed" in name or "wte" in name or "wpe" in name:
+    if name.endswith(("embed_tokens.weight", "wte.weight", "wpe.weight")):
         return decay ** (layers + 1)
     return 1.0
 

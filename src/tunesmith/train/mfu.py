@@ -1,0 +1,35 @@
+"""Model FLOPs utilisation: achieved training FLOP/s over the accelerator's peak.
+
+Per token, a training step costs a forward (2N: one multiply-add per parameter), the backward
+through the activations (2N) and the weight gradients of the trainable parameters (2T), plus the
+attention scores and values: 6·L·s·d for causal attention over s tokens of width d in L layers
+(12·L·s·d halved by the causal mask). Full fine-tuning (T = N) gives the usual 6N; a frozen base
+with small adapters about 4N. Recomputation by activation checkpointing is not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Dense bf16 peak TFLOP/s by device name fragment (vendor data sheets).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def flops_per_token(model: nn.Module, seq: float) -> tuple[float, str]:
+    """(training FLOPs per token at sequence length ``seq``, the formula with its numbers)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = getattr(model, "config", None) or model.get_base_model().config
+    attention = 6 * config.num_hidden_layers * seq * config.hidden_size
+    formula = (f"4N + 2T + 6·L·s·d with N={total / 1e9:.3f}B, T={trainable / 1e9:.4f}B, "
+               f"L={config.num_hidden_layers}, s={seq:.0f}, d={config.hidden_size}")
+    return 4 * total + 2 * trainable + attention, formula
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for fragment, tflops in PEAK_TFLOPS.items() if fragment in name), None)
