@@ -13,8 +13,7 @@ from tunesmith.cli.main import main
 from tunesmith.config.load import build_config
 from tunesmith.export import parity
 from tunesmith.export.gguf import _permute_rows, export_gguf
-from tunesmith.export.merge import ExportError
-from tunesmith.models.inference import load_for_inference
+from tunesmith.export.merge import ExportError, merge_for_export
 from tunesmith.recipes.sft import run_sft
 from helpers import tiny_tree
 
@@ -37,8 +36,8 @@ def test_lora_run_round_trips_through_gguf_and_ollama(tiny_model_dir, chat_file,
     printed = capsys.readouterr().out
     print(printed)
     reports = {q: json.loads((out / f"tiny-{q}.parity.json").read_text()) for q in ("f32", "f16", "q8_0")}
-    # f32: the file holds exactly the merged weights (the q/k permutation is undone exactly on load).
-    assert reports["f32"]["max_abs_logit_diff"] < 1e-4 and reports["f32"]["greedy_agreement"] == 1.0
+    # f32 against the unmerged adapter model: only the merge's fp32 rounding remains.
+    assert reports["f32"]["max_abs_logit_diff"] < 1e-3 and reports["f32"]["greedy_agreement"] == 1.0
     assert reports["f16"]["greedy_agreement"] >= 0.99
     assert reports["q8_0"]["greedy_agreement"] >= 0.8 and "q8_0" in printed
     assert reports["f16"]["positions"] == 20 * 16
@@ -51,12 +50,12 @@ def test_lora_run_round_trips_through_gguf_and_ollama(tiny_model_dir, chat_file,
     fields = reader.fields
     assert bytes(fields["tokenizer.chat_template"].parts[-1]).decode().startswith("{% for message")
 
-    # The GGUF model, loaded with plain transformers, continues like the adapter model it came from.
-    adapter_model, tokenizer = load_for_inference(str(run_dir), "cpu")
+    # The f32 file holds exactly the merged weights: the q/k interleaving is undone exactly on load.
+    merged = merge_for_export(str(run_dir), parity=False)
+    tokenizer = merged.tokenizer
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="tiny-f32.gguf", dtype=torch.float32)
-    ids = tokenizer("Count to 5.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, adapter_model(ids).logits, atol=1e-4)
+    for name, tensor in merged.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
     assert AutoTokenizer.from_pretrained(out, gguf_file="tiny-f32.gguf").eos_token == tokenizer.eos_token
 
     modelfile = (out / "Modelfile").read_text()
