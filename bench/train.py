@@ -126,7 +126,7 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
     tokens_per_s = tokens / elapsed
     peak = peak_flops(device)
     result = {"path": path, "shape": args.shape, "method": args.method, "seq": args.seq, "batch": args.batch,
-              "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss), 4),
+              "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss.detach()), 4),
               "mfu": round(tokens_per_s * flops / peak, 4) if peak else None, "mfu_formula": formula,
               "peak_tflops": peak / 1e12 if peak else None}
     if device.type == "cuda":
