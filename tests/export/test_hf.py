@@ -20,14 +20,14 @@ def trained_run(tiny_model_dir, chat_file, tmp_path, method):
     return run_sft(build_config(tree)).run_dir
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_merged_logits_equal_adapter_logits(tiny_model_dir, chat_file, tmp_path, method):
     run_dir = trained_run(tiny_model_dir, chat_file, tmp_path, method)
     result = export_hf(str(run_dir), tmp_path / "merged")
     assert result.merged and result.parity.greedy_agreement == 1.0
     adapter_model, tokenizer = load_for_inference(str(run_dir), "cpu")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any("lora" in name for name in merged.state_dict())
+    assert not any(part in name for name in merged.state_dict() for part in ("lora_", "ia3_"))
     ids = tokenizer("Count to 5.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = adapter_model(ids).logits  # (1, seq, vocab)
