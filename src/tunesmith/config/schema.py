@@ -182,7 +182,9 @@ class MethodConfig(StrictModel):
 
 class TrainingConfig(StrictModel):
     lr: float = Field(2e-4, gt=0.0, le=1.0)
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd is there for exact-arithmetic checks")
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "sgd"] = Field(
+        "adamw", description="adamw_fused: torch's single-kernel AdamW; adamw_8bit: bitsandbytes' AdamW with "
+        "8-bit states (a quarter of the optimizer memory); sgd is there for exact-arithmetic checks")
     weight_decay: float = Field(0.0, ge=0.0, description="on matrices only: biases and norm weights are never "
                                 "decayed")
     layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="discriminative learning rates: "

@@ -70,7 +70,12 @@ def build_optimizer(model: nn.Module, config: TrainingConfig,
     groups = parameter_groups(model, config.weight_decay, lr_scale, config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    if config.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                             fused=config.optimizer == "adamw_fused" or None)
 
 
 def warmup_steps(config: TrainingConfig, total_steps: int) -> int:
