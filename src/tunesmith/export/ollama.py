@@ -120,11 +120,12 @@ def modelfile(tokenizer: PreTrainedTokenizerBase, gguf_name: str, source: str) -
         # The GGUF says add_bos_token, so Ollama adds BOS itself: a second one from the template would
         # be a double BOS (a known cause of degraded output).
         pieces.prefix = pieces.prefix[len(bos):]
-    if pieces is None or '"""' in pieces.go_template() or "{{" in "".join(pieces.heads.values()):
+    literal = "" if pieces is None else pieces.prefix + "".join(pieces.heads.values()) + "".join(pieces.tails.values())
+    if pieces is None or '"""' in literal or "{{" in literal:  # would end the quotes or open a Go action
         lines.append("# The chat template could not be written as a Go template; Ollama reads it from the GGUF.")
     else:
         lines.append(f"TEMPLATE {_quoted(pieces.go_template())}")
-        if pieces.default_system:
+        if pieces.default_system and '"""' not in pieces.default_system:
             lines.append(f"SYSTEM {_quoted(pieces.default_system)}")
     stops = []
     for token in (turn_end_token(tokenizer), tokenizer.eos_token):
