@@ -56,3 +56,14 @@ def test_qlora_merges_into_the_dequantized_base_and_reports_parity(tiny_model_di
     assert result.merged and not result.parity_enforced and result.parity.positions > 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.float32 and getattr(merged.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize(("method", "why"), [("prompt", "virtual tokens are inputs"),
+                                             ("adapter", "extra non-linear layers")])
+def test_unmergeable_runs_and_adapter_folders_are_refused(tiny_model_dir, chat_file, tmp_path, method, why):
+    run_dir = run_sft(build_config(tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", method,
+                                             max_steps=1))).run_dir
+    for target in (run_dir, run_dir / "model"):  # the run, and its adapter folder given directly
+        with pytest.raises(ExportError, match=f"cannot be merged into plain weights .*{why}"):
+            export_hf(str(target), tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -44,15 +44,23 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """
     for item in overrides:
         keys, value = parse_override(item)
-        node = tree
-        for depth, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                dotted = ".".join(keys[: depth + 1])
-                raise ConfigError([f"override {item!r}: {dotted} is {child!r}, not a section"])
-            node = child
-        node[keys[-1]] = value
+        set_dotted(tree, keys, value, f"override {item!r}")
     return tree
+
+
+def set_dotted(tree: dict[str, Any], keys: list[str], value: Any, what: str) -> None:
+    """Put ``value`` (as given: not parsed again) at the nested key path ``keys``, creating levels.
+
+    >>> tree = {"method": {"type": "lora"}}; set_dotted(tree, ["method", "lora", "r"], 8, "x"); tree
+    {'method': {'type': 'lora', 'lora': {'r': 8}}}
+    """
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"{what}: {'.'.join(keys[:depth + 1])} is {child!r}, not a section"])
+        node = child
+    node[keys[-1]] = value
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

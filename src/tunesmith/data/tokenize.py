@@ -61,6 +61,12 @@ def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str:
     return _TURN_END[key]
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding text puts BOS in front by itself (then a template's own BOS would be a second)."""
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
 def _with_eos(text: str, start: int, end: int, eos: str) -> tuple[int, int]:
     """Extend a reply span over the turn-end token the template writes right after it (if any)."""
     tail = text[end:end + len(eos) + 8]

@@ -44,5 +44,5 @@ def export_bnb(target: str, out: Path, bits: int, parity: bool = True) -> Export
         report = None
         if parity:
             loaded = AutoModelForCausalLM.from_pretrained(staging, device_map=device_map)
-            report = verify(loaded, prepared, kind, out, staging)
+            report = verify(loaded, prepared, kind, out, staging / "parity.json")
     return ExportResult(out, kind, prepared.merged, report, parity and not prepared.from_qlora)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunesmith.data.tokenize import render, turn_end_token
+from tunesmith.data.tokenize import adds_bos, render, turn_end_token
 from tunesmith.export.hf import ExportResult, verify
 from tunesmith.export.merge import ExportError, merge_for_export
 from tunesmith.export.ollama import modelfile
@@ -214,10 +214,9 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase
     turn_end = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
     if isinstance(turn_end, int) and turn_end != tokenizer.eos_token_id:
         writer.add_eot_token_id(turn_end)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
-                             and len(probe) > 1)
+    writer.add_add_eos_token(len(probe) > 1 and probe[-1] == tokenizer.eos_token_id)
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
@@ -269,7 +268,6 @@ def export_gguf(target: str, out: Path, quants: list[str], parity: bool = True, 
     if unknown:
         raise ExportError(f"unknown GGUF type(s) {unknown}; choose from {', '.join(QUANTS)}")
     prepared = merge_for_export(target, parity)
-    _check_supported(prepared.model)
     name = name or Path(target.rstrip("/")).name or "model"
     files = []
     with atomic_directory(out) as staging:
@@ -284,8 +282,8 @@ def export_gguf(target: str, out: Path, quants: list[str], parity: bool = True, 
                     raise ExportError(f"parity check failed for {path.name}: the tokenizer read back from it "
                                       f"differs: {'; '.join(problems[:3])}; {out} was not written")
                 loaded = AutoModelForCausalLM.from_pretrained(staging, gguf_file=path.name, dtype=torch.float32)
-                report = verify(loaded, prepared, f"gguf-{quant}", out, staging, {"file": path.name})
-                (staging / "parity.json").rename(staging / f"{path.stem}.parity.json")
+                report = verify(loaded, prepared, f"gguf-{quant}", out, staging / f"{path.stem}.parity.json",
+                                {"file": path.name})
                 del loaded
             files.append(GGUFFile(out / path.name, quant, report))
         if ollama:

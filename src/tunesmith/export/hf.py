@@ -32,18 +32,18 @@ class ExportResult:
     parity_enforced: bool
 
 
-def verify(exported: torch.nn.Module, prepared: Merged, kind: str, out: Path, staging: Path,
+def verify(exported: torch.nn.Module, prepared: Merged, kind: str, out: Path, record: Path,
            extra: dict | None = None) -> ParityReport | None:
     """Compare ``exported`` with the training-time model; raise if ``kind``'s thresholds fail
-    (not for a QLoRA run, whose reference is the 4-bit model); write parity.json into ``staging``."""
+    (not for a QLoRA run, whose reference is the 4-bit model); write the report to ``record``."""
     if prepared.reference is None:
         return None
     report = compare(exported, prepared.reference)
     problem = None if prepared.from_qlora else check(report, kind)
     if problem:
         raise ExportError(f"parity check failed: {problem}; {out} was not written")
-    record = {"format": kind, "enforced": not prepared.from_qlora, **asdict(report), **(extra or {})}
-    (staging / "parity.json").write_text(json.dumps(record, indent=2))
+    fields = {"format": kind, "enforced": not prepared.from_qlora, **asdict(report), **(extra or {})}
+    record.write_text(json.dumps(fields, indent=2))
     return report
 
 
@@ -58,5 +58,5 @@ def export_hf(target: str, out: Path, dtype: str = "float32", parity: bool = Tru
         report = None
         if prepared.reference is not None:
             exported = AutoModelForCausalLM.from_pretrained(staging, dtype=torch_dtype)
-            report = verify(exported, prepared, dtype, out, staging)
+            report = verify(exported, prepared, dtype, out, staging / "parity.json")
     return ExportResult(out, dtype, prepared.merged, report, parity and not prepared.from_qlora)

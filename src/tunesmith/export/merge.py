@@ -34,13 +34,14 @@ class Merged:
     from_qlora: bool  # the adapter was trained on a 4-bit base: parity is reported, not enforced
 
 
-def _unmergeable_kind(model: object) -> str | None:
+def _why_unmergeable(model: object) -> str | None:
+    """Why ``model``'s adapter cannot be folded into plain weights, or None if it can (or there is none)."""
     from tunesmith.adapters.bottleneck import is_bottleneck
 
     if is_bottleneck(model):
-        return "adapter"
+        return "bottleneck adapters are extra non-linear layers"
     if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
-        return "prompt"
+        return "its prefix/prompt virtual tokens are inputs, not weights"
     return None
 
 
@@ -48,18 +49,11 @@ def merge_for_export(target: str, parity: bool = True) -> Merged:
     """``target`` (run, adapter or model folder, GGUF, 'embedded') as one float32 model on CPU."""
     config = run_config_of(target)
     from_qlora = config is not None and config.method.type == "qlora"
-    unmergeable = {"prefix": "its virtual tokens are inputs, not weights",
-                   "prompt": "its virtual tokens are inputs, not weights",
-                   "adapter": "bottleneck adapters are extra non-linear layers"}
-    if config is not None and config.method.type in unmergeable:
-        raise ExportError(f"a {config.method.type} run cannot be merged into plain weights "
-                          f"({unmergeable[config.method.type]}); use the run as it is with `tunesmith chat` or "
-                          f"`tunesmith serve`")
     model, tokenizer = load_for_inference(target, "cpu")
-    kind = _unmergeable_kind(model)
-    if kind:  # an adapter folder given directly, not through its run
-        raise ExportError(f"{target} holds a {kind} adapter, which cannot be merged into plain weights "
-                          f"({unmergeable[kind]}); use it with `tunesmith chat` or `tunesmith serve`")
+    why = _why_unmergeable(model)  # decided from what loaded: a run folder or an adapter folder alike
+    if why:
+        raise ExportError(f"{target} cannot be merged into plain weights ({why}); use it as it is with "
+                          "`tunesmith chat` or `tunesmith serve`")
     reference = record_reference(model, tokenizer) if parity else None
     merged = isinstance(model, PeftModel)
     if merged and from_qlora:

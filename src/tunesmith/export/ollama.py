@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from tunesmith.data.tokenize import render, turn_end_token
+from tunesmith.data.tokenize import adds_bos, render, turn_end_token
 
 _S, _U, _A, _V = "\x00SYS\x00", "\x00USER\x00", "\x00ASSISTANT\x00", "\x00NEXT\x00"
 
@@ -101,11 +101,6 @@ def _agrees(pieces: ChatPieces, tokenizer: PreTrainedTokenizerBase) -> bool:
     return all(pieces.render(c) == render(tokenizer, c, generation_prompt=True) for c in conversations)
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
@@ -116,7 +111,7 @@ def modelfile(tokenizer: PreTrainedTokenizerBase, gguf_name: str, source: str) -
              f"FROM ./{gguf_name}"]
     pieces = chat_pieces(tokenizer)
     bos = tokenizer.bos_token
-    if pieces is not None and bos and pieces.prefix.startswith(bos) and _adds_bos(tokenizer):
+    if pieces is not None and bos and pieces.prefix.startswith(bos) and adds_bos(tokenizer):
         # The GGUF says add_bos_token, so Ollama adds BOS itself: a second one from the template would
         # be a double BOS (a known cause of degraded output).
         pieces.prefix = pieces.prefix[len(bos):]

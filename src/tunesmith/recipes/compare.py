@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 from transformers import AutoConfig
 
-from tunesmith.config.load import build_config, dump_config, format_validation_error, read_yaml, resolve_path
+from tunesmith.config.load import build_config, dump_config, format_validation_error, read_yaml, resolve_path, \
+    set_dotted
 from tunesmith.config.schema import CompareConfig, Config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.io import write_text_atomic
@@ -50,13 +51,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[f"{prefix}{key}"] = value
     return flat
 
-
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Put a typed value at a dotted key (no re-parsing: a string stays the string it was)."""
-    *parents, last = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[last] = value
 
 
 @dataclass
@@ -95,11 +89,11 @@ def load_compare_config(path: Path) -> tuple[CompareConfig, dict[str, Config]]:
                             "share (data, template, vocabulary, budget, batch, seed); set it in the base config")
             continue
         tree = read_yaml(base_path)
-        for key, value in {**overrides, "name": entry.name, "output.dir": str((path.parent / compare.output).resolve()),
-                           "output.name": None}.items():
-            _set(tree, key, value)
+        fixed = {"name": entry.name, "output.dir": str((path.parent / compare.output).resolve()), "output.name": None}
         if compare.max_steps:
-            _set(tree, "training.max_steps", compare.max_steps)
+            fixed["training.max_steps"] = compare.max_steps
+        for key, value in {**overrides, **fixed}.items():  # typed values: a string stays the string it was
+            set_dotted(tree, key.split("."), value, f"methods[{index}] ({entry.name}) {key}")
         try:
             configs[entry.name] = build_config(tree, f"{path} methods[{index}]", base_path.parent)
         except ConfigError as err:
