@@ -1,12 +1,15 @@
 """Training throughput and memory: tunesmith's fast path against a plain transformers + peft loop.
 
     python bench/train.py --shape smollm2-135m --method lora --seq 512 --batch 8 --steps 8
-    python bench/train.py --shape llama-8b --method lora --seq 4096 --batch 2      # on a CUDA machine
+    bash bench/gpu.sh                                   # every GPU row of the table, on a CUDA machine
 
 Both paths train the same model (same config, LoRA rank/targets, dropout 0, dtype, AdamW) on the
 same rows in the same order: the baseline pads each micro-batch to its longest row and lets
 transformers compute the loss from full logits, as a default collator and `labels=` do; tunesmith
-packs the rows padding-free and computes the loss in checkpointed chunks at label positions only.
+runs its training fast path exactly as `tunesmith train` sets it up (``apply_speedups``): rows
+packed padding-free, attention per row, fused LoRA layers, the loss at label positions only with
+its gradient taken chunk by chunk, never the full logits (``--fast KEY=VALUE`` switches pieces,
+with the names of the ``training:`` config section).
 Reported per path, after warm-up steps: non-padding tokens/s, peak memory (CUDA max allocated; on
 CPU the peak RSS of a forked child that runs only that path) and MFU, then the ratios. GPU shapes
 use random weights (no hub here); smollm2-135m is the embedded model.
@@ -15,6 +18,7 @@ use random weights (no hub here); smollm2-135m is the embedded model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -57,7 +61,7 @@ def _random_folder(shape: str, dtype: torch.dtype) -> Path:
     return folder
 
 
-def build_model(shape: str, method: str, device: torch.device):
+def build_model(shape: str, method: str, device: torch.device, checkpointing: bool = False):
     """The same model for both paths: loaded by transformers (4-bit by bitsandbytes for qlora), the
     method applied by peft; LoRA r16 on all linear layers, dropout 0."""
     from tunesmith.adapters.apply import apply_method
@@ -69,7 +73,7 @@ def build_model(shape: str, method: str, device: torch.device):
     quantization = QuantizationConfig() if method == "qlora" else None
     model = load_model(ModelConfig(name_or_path=str(folder), device=device.type), quantization)
     method_config = MethodConfig.model_validate({"type": method, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}})
-    return apply_method(model, method_config)
+    return apply_method(model, method_config, gradient_checkpointing=checkpointing)
 
 
 def load_rows(data: Path, seq: int, count: int) -> list[dict]:
@@ -91,13 +95,55 @@ def baseline_step(model, batch):
     return out.loss
 
 
-def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
-    from tunesmith.recipes.sft import SFTObjective
+def fast_config(pairs: list[str]):
+    """The tunesmith path's ``training:`` settings: defaults, then ``--fast KEY=VALUE`` pairs."""
+    from tunesmith.config.load import apply_overrides
+    from tunesmith.config.schema import TrainingConfig
 
-    model = build_model(args.shape, args.method, device)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    objective = SFTObjective(chunked=True)
+    return TrainingConfig.model_validate(apply_overrides({"lr": 1e-4}, pairs))
+
+
+class Path_:
+    """One path set up for training: the model, its optimizer and one step's code."""
+
+    def __init__(self, path: str, args: argparse.Namespace, device: torch.device):
+        from tunesmith.recipes.sft import SFTObjective, apply_speedups
+        from tunesmith.train.optim import build_optimizer
+
+        self.path, self.device = path, device
+        self.model = build_model(args.shape, args.method, device, args.checkpointing)
+        self.model.train()
+        self.training = fast_config(args.fast if path == "tunesmith" else [])
+        self.applied = []
+        if path == "baseline":
+            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        else:
+            self.applied = apply_speedups(self.model, self.training, padding_free=self.training.padding_free)
+            self.optimizer = build_optimizer(self.model, self.training)
+        self.objective = SFTObjective(chunked=self.training.chunked_loss)
+
+    def step(self, chunk: list[dict]) -> torch.Tensor:
+        if self.path == "baseline":
+            batch = {k: v.to(self.device) for k, v in collate_batch(chunk, 0).items()}
+            loss = baseline_step(self.model, batch)
+            loss.backward()
+        else:
+            packed = self.training.padding_free
+            batch = {k: v.to(self.device) for k, v in
+                     (collate_padding_free(chunk) if packed else collate_batch(chunk, 0)).items()}
+            offload = self.training.offload_activations and self.device.type == "cuda"
+            with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+                loss = self.objective.loss_sum(self.model, batch) / max(self.objective.units(batch), 1)
+                loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.detach()
+
+
+def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
+    runner = Path_(path, args, device)
     tokens = measured = 0
     started = time.perf_counter()
     for step in range(args.warmup + args.steps):
@@ -107,31 +153,52 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         chunk = rows[step * args.batch:(step + 1) * args.batch]
-        if path == "baseline":
-            batch = {k: v.to(device) for k, v in collate_batch(chunk, 0).items()}
-            loss = baseline_step(model, batch)
-        else:
-            batch = {k: v.to(device) for k, v in collate_padding_free(chunk).items()}
-            loss = objective.loss_sum(model, batch) / max(objective.units(batch), 1)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        loss = runner.step(chunk)
         tokens += sum(len(r["input_ids"]) for r in chunk)
         measured += 1
     elapsed = time.perf_counter() - started
     mean_seq = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    flops, formula = flops_per_token(model, mean_seq)
+    flops, formula = flops_per_token(runner.model, mean_seq)
     tokens_per_s = tokens / elapsed
     peak = peak_flops(device)
     result = {"path": path, "shape": args.shape, "method": args.method, "seq": args.seq, "batch": args.batch,
-              "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss.detach()), 4),
+              "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss), 4),
               "mfu": round(tokens_per_s * flops / peak, 4) if peak else None, "mfu_formula": formula,
-              "peak_tflops": peak / 1e12 if peak else None}
+              "peak_tflops": peak / 1e12 if peak else None, "fast_path": runner.applied,
+              "settings": args.fast if path == "tunesmith" else [], "checkpointing": args.checkpointing}
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
+
+
+def longest_context(path: str, args: argparse.Namespace, device: torch.device, vocab: int) -> dict:
+    """The longest single row (batch 1, loss on every token) that trains a step without running out
+    of memory: doubling from 8,192 tokens, then bisecting to 1,024."""
+    runner = Path_(path, args, device)
+    generator = torch.Generator().manual_seed(0)
+
+    def fits(length: int) -> bool:
+        ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
+        try:
+            runner.step([{"input_ids": ids, "labels": ids}])
+            return True
+        except torch.OutOfMemoryError:
+            runner.optimizer.zero_grad(set_to_none=True)
+            return False
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    good, bad = 0, 8192
+    while fits(bad) and bad < args.max_probe:
+        good, bad = bad, bad * 2
+        print(f"  {path}: {good:,} tokens fit", flush=True)
+    while bad - good > 1024:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return {"path": path, "shape": args.shape, "method": args.method, "longest_context": good,
+            "fast_path": runner.applied, "settings": args.fast if path == "tunesmith" else []}
 
 
 def run_isolated(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
@@ -159,6 +226,33 @@ def run_isolated(path: str, args: argparse.Namespace, rows: list[dict], device: 
     return result
 
 
+def record(out: Path, results: list[dict]) -> None:
+    """Append the results to the JSON-lines file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        for result in results:
+            handle.write(json.dumps({**result, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "threads": torch.get_num_threads(),
+                                     "ru_maxrss_parent_mb": round(resource.getrusage(resource.RUSAGE_SELF)
+                                                                  .ru_maxrss / 1024, 1)}) + "\n")
+
+
+def find_max_seq(args: argparse.Namespace, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise SystemExit("--find-max-seq measures GPU memory: run it on a CUDA machine")
+    vocab = 49152 if args.shape == "smollm2-135m" else SHAPES[args.shape][5]
+    results = []
+    for path in ("baseline", "tunesmith"):
+        results.append(longest_context(path, args, device, vocab))
+        gc.collect()
+        torch.cuda.empty_cache()
+    record(args.out, results)
+    base, ours = results
+    print(f"longest trainable row at batch 1, {args.shape} {args.method}, "
+          f"{torch.cuda.get_device_name(device)}: baseline {base['longest_context']:,} tokens, "
+          f"tunesmith {ours['longest_context']:,} tokens ({ours['longest_context'] / max(base['longest_context'], 1):.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["smollm2-135m", *SHAPES], default="smollm2-135m")
@@ -169,10 +263,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--data", type=Path, default=SHARED / "alpaca_cleaned_sample.json")
     parser.add_argument("--out", type=Path, default=Path("bench/train-results.jsonl"))
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both paths")
+    parser.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting for the tunesmith path, e.g. fused_lora=off or optimizer=adamw_fused")
+    parser.add_argument("--find-max-seq", action="store_true",
+                        help="instead of throughput: the longest row each path trains at batch 1 (CUDA)")
+    parser.add_argument("--max-probe", type=int, default=1 << 20, help="--find-max-seq stops doubling here")
     args = parser.parse_args()
+    fast_config(args.fast)  # a bad setting fails here, before anything runs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.find_max_seq:
+        find_max_seq(args, device)
+        return
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found: pass --data with an Alpaca-style JSON/JSONL file")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     rows = load_rows(args.data, args.seq, args.batch * (args.warmup + args.steps))
     padded = sum(max(len(r["input_ids"]) for r in rows[i:i + args.batch]) * len(rows[i:i + args.batch])
@@ -189,19 +293,14 @@ def main() -> None:
     base, ours = results
     ratio = {"tokens_per_s_ratio": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
              "peak_memory_ratio": round(ours["peak_memory_mb"] / base["peak_memory_mb"], 3)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as handle:
-        for result in results:
-            handle.write(json.dumps({**result, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "threads": torch.get_num_threads(),
-                                     "ru_maxrss_parent_mb": round(resource.getrusage(resource.RUSAGE_SELF)
-                                                                  .ru_maxrss / 1024, 1)}) + "\n")
+    record(args.out, results)
     print(f"{'path':<10} {'tokens/s':>10} {'peak MB':>10} {'MFU':>8} {'loss':>8}")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{r['path']:<10} {r['tokens_per_s']:>10,.1f} {r['peak_memory_mb']:>10,.0f} {mfu:>8} "
               f"{r['final_loss']:>8.4f}")
     print(f"tunesmith / baseline: {ratio['tokens_per_s_ratio']}x tokens/s, {ratio['peak_memory_ratio']}x peak memory")
+    print(f"tunesmith fast path: {', '.join(ours['fast_path']) or 'padding-free rows and chunked loss only'}")
     print(f"MFU: tokens/s x ({ours['mfu_formula']}) / peak {ours['peak_tflops'] or 'n/a'} TFLOP/s"
           + ("" if ours["peak_tflops"] else " (no known peak for this device: MFU not computed)"))
 

@@ -83,3 +83,13 @@ def test_a_data_path_that_is_not_a_data_file_is_a_config_error(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"data.train\[0\].path: '.*notes.txt' is not a data file; use one of"):
         build_config({"data": {"train": str(tmp_path / "notes.txt")}})
+
+
+def test_a_bare_off_switches_the_fused_lora_off():
+    """YAML 1.1 reads `off` as false; the setting still means its "off" value."""
+    from tunesmith.config.load import parse_override
+    from tunesmith.config.schema import TrainingConfig
+
+    keys, value = parse_override("training.fused_lora=off")
+    assert value is False
+    assert TrainingConfig.model_validate({keys[-1]: value}).fused_lora == "off"

@@ -1,5 +1,6 @@
-"""The fast path (padding-free packing + chunked loss) computes the same loss and gradients as the
-reference path (padded batch, full logits), and packed rows do not see each other."""
+"""The fast path (padding-free packing, per-row attention, the fused LoRA layers and the fused
+linear cross-entropy) computes the same loss and gradients as the reference path (padded batch,
+transformers' SDPA, peft's LoRA forward, full logits), and packed rows do not see each other."""
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.tokenize import tokenize_messages
 from tunesmith.models.load import load_model
-from tunesmith.config.schema import ModelConfig, QuantizationConfig
-from tunesmith.recipes.sft import SFTObjective, decoder_and_head
+from tunesmith.config.schema import ModelConfig, QuantizationConfig, TrainingConfig
+from tunesmith.losses.chunked import LinearCrossEntropy
+from tunesmith.models.varlen import NAME as VARLEN
+from tunesmith.recipes.sft import SFTObjective, apply_speedups, decoder_and_head
 from helpers import counting_rows
 
 
@@ -48,6 +51,9 @@ def test_fast_path_equals_reference(tiny_model_dir, tokenizer, method):
     assert decoder_and_head(model) is not None  # the fast path really runs
     batch_rows = rows(tokenizer)
     reference = loss_and_grads(model, SFTObjective(chunked=False), collate_batch(batch_rows, tokenizer.pad_token_id))
+    applied = apply_speedups(model, TrainingConfig(), padding_free=True)
+    assert any("sdpa_varlen" in a for a in applied)
+    assert any("fused LoRA" in a for a in applied) == (method == "lora")  # 4-bit layers keep peft's forward
     fast = loss_and_grads(model, SFTObjective(chunked=True), collate_padding_free(batch_rows))
     assert fast[0] == pytest.approx(reference[0], abs=1e-5)
     assert reference[1].keys() == fast[1].keys() and reference[1]
@@ -55,8 +61,10 @@ def test_fast_path_equals_reference(tiny_model_dir, tokenizer, method):
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_packed_rows_have_the_losses_they_have_alone(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", VARLEN])
+def test_packed_rows_have_the_losses_they_have_alone(tiny_model_dir, tokenizer, attention):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.set_attn_implementation(attention)
     batch_rows = rows(tokenizer, 4)
     packed = collate_padding_free(batch_rows)
     with torch.no_grad():
@@ -76,3 +84,20 @@ def test_packed_rows_have_the_losses_they_have_alone(tiny_model_dir, tokenizer):
         leaked = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
     second = len(batch_rows[0]["input_ids"])
     assert not torch.allclose(leaked[second:second + 3], logits[second:second + 3], atol=1e-3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_autograd(bias):
+    """Gradients taken in the forward equal autograd's through full logits, for the hidden states,
+    the head's weight and bias, scaled by whatever multiplies the loss afterwards."""
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 40, bias=bias)
+    targets = torch.randint(0, 40, (13,))
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum") * 0.37
+    wanted = torch.autograd.grad(expected, [hidden, *head.parameters()])
+    got = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, 5) * 0.37  # 3 chunks
+    grads = torch.autograd.grad(got, [hidden, *head.parameters()])
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    for want, have in zip(wanted, grads):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)

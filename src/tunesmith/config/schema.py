@@ -201,10 +201,21 @@ class TrainingConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
+    offload_activations: bool = Field(False, description="keep the tensors saved for backward in (pinned) CPU "
+                                      "memory; with gradient_checkpointing these are only the layers' inputs")
     padding_free: bool = Field(True, description="fast path: each micro-batch is one sequence with no padding "
                                "(position ids restart per row; rows never attend to each other)")
-    chunked_loss: bool = Field(True, description="fast path: the LM head and loss run in checkpointed chunks at "
-                               "label positions only, never materialising the full logits")
+    varlen_attention: bool = Field(True, description="fast path: with padding_free and attn_implementation sdpa, "
+                                   "attention runs per packed row (sdpa_varlen) instead of over one block mask")
+    chunked_loss: bool = Field(True, description="fast path: the LM head and loss run in chunks at label positions "
+                               "only, gradients taken in the forward, never materialising the full logits")
+    fused_lora: Literal["blas", "triton", "off"] = Field(
+        "blas", description="fast path: each LoRA linear as one autograd node (blas: the low-rank term accumulated "
+        "into the base GEMM's output; triton: one Triton kernel, CUDA only); off: peft's own forward")
+    liger: bool = Field(True, description="fast path on CUDA where liger-kernel is installed: its RMSNorm, RoPE "
+                        "and SwiGLU kernels and its fused linear cross-entropy")
+    compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; the first "
+                          "steps are slow while it compiles)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, none on CPU"
     )
@@ -216,6 +227,11 @@ class TrainingConfig(StrictModel):
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     log_every: int = Field(1, ge=1)
     seed: int = 0
+
+    @field_validator("fused_lora", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainingConfig:

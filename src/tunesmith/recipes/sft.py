@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunesmith.config.schema import Config
-from tunesmith.data.collate import collate_batch
 from peft import PeftModel
 
+from tunesmith.config.schema import Config, TrainingConfig
+from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
+from tunesmith.kernels.lora import fuse_lora, triton_usable
+from tunesmith.models import varlen
 from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.load import load_tokenizer, resolve_model_source
@@ -95,6 +97,42 @@ def _collate_for(config: Config, model: nn.Module, pad_token_id: int):
     return functools.partial(collate_batch, pad_token_id=pad_token_id)
 
 
+def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: bool) -> list[str]:
+    """Switch on the fast path's kernels that apply to this model, method and device (each has its
+    switch in ``training``); returns what was switched on, for the log."""
+    applied = []
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if padding_free and training.varlen_attention and inner.config._attn_implementation == "sdpa":
+        inner.set_attn_implementation(varlen.NAME)
+        applied.append("per-row attention (sdpa_varlen)")
+    if training.fused_lora != "off":
+        kernel = training.fused_lora
+        if kernel == "triton" and not triton_usable(next(model.parameters())):
+            log.info("training.fused_lora: triton runs on CUDA only here; the blas kernel instead")
+            kernel = "blas"
+        layers = fuse_lora(model, kernel)
+        if layers:
+            applied.append(f"fused LoRA ({kernel}) in {layers} layers")
+    if training.liger and next(model.parameters()).is_cuda and fast_path_model(inner):
+        try:
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        except ImportError:
+            log.info("training.liger: liger-kernel is not installed (pip install liger-kernel); plain kernels")
+        else:  # the loss is ours (chunked_loss_sum uses Liger's fused linear cross-entropy on GPU)
+            _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                            fused_linear_cross_entropy=False)
+            applied.append("Liger RMSNorm, RoPE and SwiGLU")
+    if training.compile:
+        layers = getattr(getattr(inner, "model", None), "layers", None)
+        if layers is None:
+            log.info("training.compile: no decoder layer list on %s; not compiled", type(inner).__name__)
+        else:
+            for layer in layers:
+                layer.compile()
+            applied.append(f"torch.compile on {len(layers)} decoder layers")
+    return applied
+
+
 @dataclass
 class SFTRun:
     run_dir: Path
@@ -116,6 +154,9 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
                              base_reference(model) if config.regularization.kl_to_base else None,
                              config.training.chunked_loss)
     collate = _collate_for(config, model, tokenizer.pad_token_id)
+    applied = apply_speedups(model, config.training, collate is collate_padding_free)
+    if applied:
+        log.info("fast path: %s", ", ".join(applied))
     if config.training.chunked_loss and (config.regularization.kl_to_base or decoder_and_head(model) is None):
         log.info("training.chunked_loss: full logits instead (%s)", "kl_to_base compares full distributions"
                  if config.regularization.kl_to_base else "not available for this model or method")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tunesmith.config.schema import TrainingConfig
 from tunesmith.io import write_text_atomic
 from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,13 @@ def _tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+def _rows(batch: Batch) -> int:
+    """Rows in a batch: a padding-free batch counts its position-id restarts."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return batch["input_ids"].shape[0]
+
+
 def _no_loss(batch: Batch) -> Batch:
     """A batch whose labels are all ignored: a process with no data left still joins the step (DDP)."""
     return {**batch, "labels": torch.full_like(batch["labels"], -100)}
@@ -169,13 +177,15 @@ class Progress:
             return
         if not self.bar.disable:
             self.bar.update(1)
+            extra = {"mfu": f"{100 * record['mfu']:.1f}%"} if record.get("mfu") is not None else {}
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                                 tok_s=f"{record['tokens_per_s']:.0f}", **extra)
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start
             eta = (time.monotonic() - self.started) / max(done, 1) * (self.total - step)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %s", step, self.total, record["loss"],
-                     record["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+            mfu = f"  MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s  eta %s", step, self.total, record["loss"],
+                     record["lr"], record["tokens_per_s"], mfu, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def close(self) -> None:
         self.bar.close()
@@ -205,16 +215,18 @@ class MetricsLog:
 
 def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
                 optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-                held: list[nn.Parameter] = ()) -> tuple[float, float | None, int]:
-    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens).
-    ``held`` parameters (gradual unfreezing) lose their gradients before clipping: they do not move."""
+                held: list[nn.Parameter] = (), offload: bool = False) -> tuple[float, float | None, int, int]:
+    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens, rows).
+    ``held`` parameters (gradual unfreezing) lose their gradients before clipping: they do not move.
+    ``offload``: tensors saved for backward wait in pinned CPU memory (activation offloading)."""
     window = [{k: v.to(accelerator.device) for k, v in b.items()} for b in window]
     units = torch.tensor(float(sum(objective.units(b) for b in window)), device=accelerator.device)
     units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
     loss_total = 0.0
     for index, batch in enumerate(window):
         sync = accelerator.no_sync(model) if index < len(window) - 1 else nullcontext()
-        with sync, accelerator.autocast():
+        saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else nullcontext()
+        with sync, accelerator.autocast(), saved:
             loss = objective.loss_sum(model, batch) / units
             # DDP averages gradients over processes; the normaliser already counts all of them.
             accelerator.backward(loss * accelerator.num_processes)
@@ -228,8 +240,7 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
-    tokens = sum(_tokens(b) for b in window)
-    return loss_total, grad_norm, tokens
+    return loss_total, grad_norm, sum(_tokens(b) for b in window), sum(_rows(b) for b in window)
 
 
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
@@ -244,6 +255,11 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    mfu = MFUMeter(accelerator.unwrap_model(model), accelerator.device)
+    offload = config.offload_activations and accelerator.device.type == "cuda"
+    if config.offload_activations and not offload:
+        log.info("training.offload_activations: nothing to do on %s (activations are in host memory already)",
+                 accelerator.device.type)
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
@@ -259,8 +275,9 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         first = state.micro_batches_done + accelerator.process_index
         positions = [first + i * accelerator.num_processes for i in range(config.grad_accum)]
         window = [stream[p] for p in positions if end is None or p < end] or [_no_loss(stream[first])]
-        loss, grad_norm, tokens = _train_step(model, objective, window, accelerator, optimizer, config.max_grad_norm,
-                                              held(state.global_step) if held else ())
+        loss, grad_norm, tokens, rows = _train_step(model, objective, window, accelerator, optimizer,
+                                                    config.max_grad_norm, held(state.global_step) if held else (),
+                                                    offload)
         lr = config.lr * scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # the base rate
         scheduler.step()
         elapsed = time.monotonic() - started
@@ -271,6 +288,9 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         record = {"step": state.global_step, "epoch": round(state.micro_batches_done / stream.per_epoch, 4),
                   "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
+        utilisation = mfu(tokens, rows, elapsed)  # this process's tokens over one device's peak
+        if utilisation is not None:
+            record["mfu"] = round(utilisation, 4)
         result.final_train_loss = loss
         if accelerator.is_main_process:
             metrics.write(record)

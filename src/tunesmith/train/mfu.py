@@ -16,15 +16,36 @@ from torch import nn
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def flops_per_token(model: nn.Module, seq: float) -> tuple[float, str]:
-    """(training FLOPs per token at sequence length ``seq``, the formula with its numbers)."""
+def _dims(model: nn.Module) -> tuple[int, int, int, int]:
+    """(parameters, trainable parameters, layers, hidden size)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = getattr(model, "config", None) or model.get_base_model().config
-    attention = 6 * config.num_hidden_layers * seq * config.hidden_size
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    return total, trainable, config.num_hidden_layers, config.hidden_size
+
+
+def flops_per_token(model: nn.Module, seq: float) -> tuple[float, str]:
+    """(training FLOPs per token at sequence length ``seq``, the formula with its numbers)."""
+    total, trainable, layers, hidden = _dims(model)
     formula = (f"4N + 2T + 6·L·s·d with N={total / 1e9:.3f}B, T={trainable / 1e9:.4f}B, "
-               f"L={config.num_hidden_layers}, s={seq:.0f}, d={config.hidden_size}")
-    return 4 * total + 2 * trainable + attention, formula
+               f"L={layers}, s={seq:.0f}, d={hidden}")
+    return 4 * total + 2 * trainable + 6 * layers * seq * hidden, formula
+
+
+class MFUMeter:
+    """MFU of a training step from its token and row counts; None on devices with no known peak."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.total, self.trainable, self.layers, self.hidden = _dims(model)
+        self.peak = peak_flops(device)
+
+    def __call__(self, tokens: int, rows: int, seconds: float) -> float | None:
+        if self.peak is None or seconds <= 0 or rows <= 0:
+            return None
+        seq = tokens / rows  # the mean row length stands in for s
+        per_token = 4 * self.total + 2 * self.trainable + 6 * self.layers * seq * self.hidden
+        return tokens * per_token / seconds / self.peak
 
 
 def peak_flops(device: torch.device) -> float | None:

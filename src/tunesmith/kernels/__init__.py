@@ -1,0 +1,1 @@
+"""Kernels: fused layers with their plain-PyTorch equivalents."""
