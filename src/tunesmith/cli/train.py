@@ -19,9 +19,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunesmith.recipes.sft import run_sft  # heavy imports only when training
-
     config = load_config(args.config, args.overrides)
-    run_dir = run_sft(config, resume=args.resume, overwrite=args.overwrite).run_dir
+    if config.task == "dpo":  # heavy imports only when training
+        from tunesmith.recipes.dpo import run_dpo as run_task
+    else:
+        from tunesmith.recipes.sft import run_sft as run_task
+    run_dir = run_task(config, resume=args.resume, overwrite=args.overwrite).run_dir
     print(f"run folder: {run_dir}\nchat with it: tunesmith chat {run_dir}")
     return 0

@@ -250,19 +250,55 @@ class RegularizationConfig(StrictModel):
                               "base is the same model with adapters disabled (full/freeze: a frozen copy)")
 
 
+class PreferenceConfig(StrictModel):
+    """``task: dpo``: the loss on preference pairs, and its coefficients."""
+
+    loss: Literal["dpo", "cdpo", "robust", "ipo", "simpo", "orpo", "kto"] = Field(
+        "dpo", description="dpo; cdpo (label smoothing); robust (rDPO); ipo; simpo and orpo (no reference model); "
+        "kto (each pair gives a desirable and an undesirable row)")
+    beta: float = Field(0.1, gt=0.0, description="β of the implicit reward β·log(π/π_ref); IPO's τ; SimPO's β")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cdpo and robust: the assumed rate of "
+                                   "flipped labels ε")
+    gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin γ")
+    orpo_lambda: float = Field(0.1, gt=0.0, description="orpo: weight λ of the odds-ratio term")
+    kto_desirable_weight: float = Field(1.0, gt=0.0)
+    kto_undesirable_weight: float = Field(1.0, gt=0.0)
+    precompute_reference: bool = Field(False, description="compute the reference log-probabilities of every "
+                                       "pair once before training (one extra pass, then no reference forward)")
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> PreferenceConfig:
+        if self.loss in ("cdpo", "robust") and self.label_smoothing == 0.0:
+            raise ValueError(f"preference.loss {self.loss} needs preference.label_smoothing > 0 (with 0 it is "
+                             "plain dpo)")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in ("simpo", "orpo")
+
+
 class Config(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["sft", "pretrain"] = Field("sft", description="pretrain: continued pre-training: documents "
-                                             "packed end to end into data.max_seq_len blocks, loss on every token")
+    task: Literal["sft", "pretrain", "dpo"] = Field(
+        "sft", description="pretrain: continued pre-training: documents packed end to end into data.max_seq_len "
+        "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
+        if self.task == "dpo":
+            for wrong, why in ((self.data.replay is not None, "data.replay"),
+                               (self.regularization.kl_to_base > 0, "regularization.kl_to_base (DPO's own "
+                                                                    "β already holds the model to the reference)")):
+                if wrong:
+                    raise ValueError(f"task dpo does not take {why}")
         if self.training.early_stopping_patience and not self.training.eval_every:
             raise ValueError("training.early_stopping_patience needs training.eval_every")
         if self.data.replay is not None:

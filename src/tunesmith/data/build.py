@@ -303,6 +303,20 @@ def _as_dataset(items: list[TokenizedItem]) -> datasets.Dataset:
                                        "where": [i.where for i in items]})
 
 
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded random ``fraction`` of the items (at least one) for evaluation.
+
+    >>> hold_out(list(range(10)), 0.2, seed=0)[1]
+    [7, 8]
+    """
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(fraction * len(items)))])
+    return [item for i, item in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def build_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
                    ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
     """Train and eval datasets of token ids and labels; raises ``DataError`` listing every error."""
@@ -311,12 +325,8 @@ def build_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
     evaluation = [t for d in config.eval for t in load_rows(d, report, CHAT_FORMATS, tokenizer, config, False)[1]]
     if report.errors:
         raise DataError(report.errors, report.warnings)
-    if not evaluation and config.eval_fraction > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, round(config.eval_fraction * len(train)))])
-        evaluation = [train[i] for i in sorted(held)]
-        train = [item for i, item in enumerate(train) if i not in held]
+    if not evaluation:
+        train, evaluation = hold_out(train, config.eval_fraction, seed)
     if report.dropped_empty:
         log.warning("dropped %d row(s) with no trainable token (data.empty_labels: drop)", report.dropped_empty)
     for warning in report.warnings:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import datasets
@@ -72,26 +75,37 @@ def build_trainable_model(config: Config, source: tuple[str, str | None], device
 Reference = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # model inputs -> the base model's logits
 
 
-def base_reference(model: nn.Module) -> Reference:
-    """The frozen base's logits for a batch, for the KL-to-base regulariser. Adapter methods use the
-    same model with its adapters switched off (no second copy in memory); full and freeze fine-tuning
-    change the base itself, so they keep a frozen copy, taken before the first step."""
-    if isinstance(model, PeftModel):
-        def with_adapters_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with model.disable_adapter(), evaluating(model):  # no dropout in the reference
-                return model(**batch).logits
-        return with_adapters_off
-    if is_bottleneck(model):
-        def with_bottlenecks_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with bottlenecks_disabled(model), evaluating(model):
-                return model(**batch).logits
-        return with_bottlenecks_off
-    log.info("kl_to_base with a full/freeze method: keeping a frozen copy of the base model in memory")
+def reference_scope(model: nn.Module) -> Callable[[], AbstractContextManager[nn.Module]]:
+    """A context that yields the frozen base model, in eval mode with no grad: for adapter methods
+    the same model with its adapters switched off (no second copy in memory); full and freeze
+    fine-tuning change the base itself, so they keep a frozen copy, taken now (before the first step)."""
+    if isinstance(model, PeftModel) or is_bottleneck(model):
+        switch_off = model.disable_adapter if isinstance(model, PeftModel) else functools.partial(bottlenecks_disabled,
+                                                                                                   model)
+
+        @contextlib.contextmanager
+        def adapters_off() -> Iterator[nn.Module]:
+            with switch_off(), evaluating(model):  # no dropout in the reference
+                yield model
+        return adapters_off
+    log.info("a reference model with a full/freeze method: keeping a frozen copy of the base model in memory")
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def from_copy(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return frozen(**batch).logits
-    return from_copy
+    @contextlib.contextmanager
+    def the_copy() -> Iterator[nn.Module]:
+        with torch.no_grad():
+            yield frozen
+    return the_copy
+
+
+def base_reference(model: nn.Module) -> Reference:
+    """The frozen base's logits for a batch, for the KL-to-base regulariser."""
+    scope = reference_scope(model)
+
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with scope() as reference:
+            return reference(**batch).logits
+    return logits
 
 
 def build_training_data(config: Config, tokenizer: PreTrainedTokenizerBase
@@ -118,6 +132,14 @@ def build_training_data(config: Config, tokenizer: PreTrainedTokenizerBase
              f"blocks of {config.data.max_seq_len} tokens" if pretrain else "rows", report.trainable_tokens,
              len(eval_rows) if eval_rows else 0, len(replay_rows) if replay_rows else 0, report.truncated)
     return train_rows, eval_rows, replay_rows
+
+
+def eval_batches_of(rows: datasets.Dataset | None, batch_size: int, collate: Callable) -> list | None:
+    """The eval set as fixed micro-batches (collated once, in order), or None without eval rows."""
+    if rows is None:
+        return None
+    items = [rows[i] for i in range(len(rows))]
+    return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 def training_controls(config: Config, model: nn.Module
@@ -153,6 +175,7 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "train_seconds": round(result.state.elapsed_s, 2),
         "final_train_loss": result.final_train_loss,
         "final_eval_loss": result.final_eval_loss,
+        **{"final_" + key: value for key, value in result.final_eval_metrics.items()},
         "stopped_early": result.stopped_early,
         "trainable_parameters": trainable,
         "total_parameters": total,

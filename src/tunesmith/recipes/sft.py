@@ -21,7 +21,7 @@ from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.load import load_tokenizer, resolve_model_source
 from tunesmith.recipes.common import Reference, base_reference, build_accelerator, build_trainable_model, \
-    build_training_data, run_summary, seed_everything, training_controls
+    build_training_data, eval_batches_of, run_summary, seed_everything, training_controls
 from tunesmith.train.loop import MicroBatches, TrainResult, train
 from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 
@@ -162,11 +162,7 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
                  if config.regularization.kl_to_base else "not available for this model or method")
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate,
                           replay_rows, config.data.replay.share if config.data.replay else 0.0)
-    eval_batches = None
-    if eval_rows is not None:
-        rows = [eval_rows[i] for i in range(len(eval_rows))]
-        size = config.training.batch_size
-        eval_batches = [collate(rows[i:i + size]) for i in range(0, len(rows), size)]
+    eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
     lr_scale, held = training_controls(config, model)
     result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
                    lr_scale, held)

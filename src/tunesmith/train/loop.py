@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,12 +43,23 @@ class Objective(Protocol):
     def units(self, batch: Batch) -> int: ...
 
 
+def objective_metrics(objective: Objective, mode: str) -> dict[str, float]:
+    """What an objective tallied since it was last asked ("train" or "eval"): DPO's rewards and
+    accuracy, for example; empty for objectives that tally nothing."""
+    take = getattr(objective, "take_metrics", None)
+    if take is None:
+        return {}
+    prefix = "eval_" if mode == "eval" else ""
+    return {prefix + key: value for key, value in take(mode).items()}
+
+
 @dataclass
 class TrainResult:
     state: TrainState
     final_train_loss: float | None
     final_eval_loss: float | None
     stopped_early: bool
+    final_eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @contextmanager
@@ -137,7 +148,7 @@ def _tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def _rows(batch: Batch) -> int:
+def count_rows(batch: Batch) -> int:
     """Rows in a batch: a padding-free batch counts its position-id restarts."""
     if "position_ids" in batch and "attention_mask" not in batch:
         return int((batch["position_ids"] == 0).sum())
@@ -240,7 +251,7 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
-    return loss_total, grad_norm, sum(_tokens(b) for b in window), sum(_rows(b) for b in window)
+    return loss_total, grad_norm, sum(_tokens(b) for b in window), sum(count_rows(b) for b in window)
 
 
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
@@ -291,6 +302,7 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         utilisation = mfu(tokens, rows, elapsed)  # this process's tokens over one device's peak
         if utilisation is not None:
             record["mfu"] = round(utilisation, 4)
+        record.update(objective_metrics(objective, "train"))
         result.final_train_loss = loss
         if accelerator.is_main_process:
             metrics.write(record)
@@ -298,8 +310,10 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         last = state.global_step == steps
         if eval_batches and config.eval_every and (state.global_step % config.eval_every == 0 or last):
             result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
+            result.final_eval_metrics = objective_metrics(objective, "eval")
             if accelerator.is_main_process:
-                metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss})
+                metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss,
+                               **result.final_eval_metrics})
             log.info("step %d: eval loss %.4f", state.global_step, result.final_eval_loss)
             result.stopped_early = _early_stop(state, result.final_eval_loss, config.early_stopping_patience)
         if config.save_every and (state.global_step % config.save_every == 0) and not last:
@@ -312,8 +326,10 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     progress.close()
     if eval_batches and result.final_eval_loss is None:
         result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
+        result.final_eval_metrics = objective_metrics(objective, "eval")
         if accelerator.is_main_process:
-            metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss})
+            metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss,
+                           **result.final_eval_metrics})
     return result
 
 

@@ -1,0 +1,89 @@
+"""Preference pairs for ``task: dpo``: rows read and checked like every dataset (errors name file,
+line and field), each side tokenized through the chat template with the prompt masked, and
+micro-batches that put the chosen replies first and the rejected ones after them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunesmith.config.schema import DataConfig
+from tunesmith.data.build import DataReport, hold_out, read_canonical
+from tunesmith.data.collate import collate_batch
+from tunesmith.data.pack import collate_padding_free
+from tunesmith.data.preference import as_chat
+from tunesmith.data.tokenize import tokenize_rows_batched
+from tunesmith.errors import DataError
+
+PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
+SIDES = ("chosen", "rejected")
+
+log = logging.getLogger(__name__)
+
+
+def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
+                     report: DataReport) -> list[dict[str, Any]]:
+    chats = [as_chat(r.row, side) for r in rows for side in SIDES]
+    results = tokenize_rows_batched(tokenizer, chats, config.max_seq_len, False)
+    pairs = []
+    for index, row in enumerate(rows):
+        pair, ok = {"where": row.where}, True
+        for offset, side in enumerate(SIDES):
+            tokenized = results[2 * index + offset]
+            if isinstance(tokenized, ValueError):
+                report.add(row.file, row.line, side, str(tokenized))
+                ok = False
+                continue
+            if tokenized.length_before_truncation > config.max_seq_len:
+                report.truncated += 1
+                report.add(row.file, row.line, side, f"over-long, prompt + {side}, {tokenized.length_before_truncation}"
+                           f" tokens > data.max_seq_len {config.max_seq_len}; truncated", "warning")
+            if tokenized.problems:
+                for name, message in tokenized.problems:
+                    report.add(row.file, row.line, f"{side}.{name}", message)
+                ok = False
+                continue
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = tokenized.input_ids, tokenized.labels
+            report.trainable_tokens += tokenized.trainable_tokens
+        if ok:
+            report.rows += 1
+            pairs.append(pair)
+    return pairs
+
+
+def _as_dataset(pairs: list[dict[str, Any]]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({key: [p[key] for p in pairs] for key in pairs[0]})
+
+
+def build_pair_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+                        ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Train and eval datasets of tokenized pairs; raises ``DataError`` listing every error."""
+    report = DataReport()
+    train = [r for d in config.train for r in read_canonical(d, report, PREFERENCE_FORMATS)]
+    evaluation = [r for d in config.eval for r in read_canonical(d, report, PREFERENCE_FORMATS)]
+    train_pairs = _tokenized_pairs(train, tokenizer, config, report)
+    eval_pairs = _tokenized_pairs(evaluation, tokenizer, config, report)
+    if report.errors:
+        raise DataError(report.errors, report.warnings)
+    if not eval_pairs:
+        train_pairs, eval_pairs = hold_out(train_pairs, config.eval_fraction, seed)
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    if not train_pairs:
+        raise DataError(["no preference pairs to train on"])
+    return _as_dataset(train_pairs), _as_dataset(eval_pairs) if eval_pairs else None, report
+
+
+def collate_pairs(rows: list[dict[str, Any]], packed: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one batch of 2B sequences: the B chosen replies, then the B rejected ones (packed
+    padding-free, or padded). Precomputed reference log-probabilities come along as ``reference``."""
+    sequences = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in SIDES for r in rows]
+    batch = collate_padding_free(sequences) if packed else collate_batch(sequences, pad_token_id)
+    if "reference_chosen" in rows[0]:
+        batch["reference"] = torch.tensor([r[f"reference_{side}"] for side in SIDES for r in rows],
+                                          dtype=torch.float32)
+    return batch

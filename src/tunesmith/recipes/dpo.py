@@ -1,0 +1,170 @@
+"""Preference optimisation (``task: dpo``): DPO and its family on chosen/rejected pairs.
+
+Each micro-batch holds B pairs as 2B sequences (chosen first), packed padding-free on the fast
+path. The policy's log-probability of each reply is summed over the reply's tokens (the prompt is
+masked); the reference's comes from the same model with its adapters off (a frozen copy for full
+and freeze), or from a pass made once before training (``preference.precompute_reference``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from tunesmith.config.schema import Config, PreferenceConfig
+from tunesmith.data.pairs import build_pair_datasets, collate_pairs
+from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.losses import preference as losses
+from tunesmith.models.load import load_tokenizer, resolve_model_source
+from tunesmith.recipes.common import build_accelerator, build_trainable_model, eval_batches_of, reference_scope, \
+    run_summary, seed_everything
+from tunesmith.recipes.sft import SFTRun, apply_speedups, decoder_and_head, fast_path_model
+from tunesmith.train.loop import MicroBatches, count_rows, train
+from tunesmith.train.run import open_run_dir, save_final_model, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sequence's label tokens, their count), both (rows,). The head
+    runs at label positions only where the model allows (``decoder_and_head``)."""
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    targets = labels[:, 1:]  # (batch, seq-1)
+    mask = targets != IGNORE_INDEX
+    parts = decoder_and_head(model) if chunked else None
+    if parts is not None:
+        decoder, head = parts
+        logits = head(decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask])  # (tokens, vocab)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:][:, :-1][mask]
+    token_logps = logits.float().log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # (tokens,)
+    if "attention_mask" in batch or "position_ids" not in batch:  # padded: a row per batch row
+        row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
+    else:  # packed: rows start where the position ids restart
+        row = ((batch["position_ids"] == 0).cumsum(-1) - 1)[:, 1:].expand_as(targets)
+    rows = count_rows(batch)
+    index = row[mask]
+    sums = torch.zeros(rows, dtype=torch.float32, device=labels.device).index_add(0, index, token_logps)
+    counts = torch.zeros(rows, dtype=torch.float32, device=labels.device).index_add(
+        0, index, torch.ones_like(token_logps))
+    return sums, counts
+
+
+class PreferenceObjective:
+    """The loss of ``preference.loss`` summed over pairs (the unit is one pair), with rewards,
+    accuracy, margin and a KL estimate tallied per mode for the metrics."""
+
+    def __init__(self, config: PreferenceConfig, reference, chunked: bool = True):
+        self.config, self.reference, self.chunked = config, reference, chunked
+        self.tallies: dict[str, defaultdict] = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "reference" in batch:
+            return batch["reference"]
+        with self.reference() as frozen:
+            return sequence_logps(frozen, batch, self.chunked)[0]
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        config = self.config
+        sums, counts = sequence_logps(model, batch, self.chunked)
+        pairs = sums.shape[0] // 2
+        averages = sums / counts.clamp(min=1)
+        if config.needs_reference:
+            reference = self.reference_logps(batch).to(sums.device)
+            pc, pr, rc, rr = sums[:pairs], sums[pairs:], reference[:pairs], reference[pairs:]
+            rewards = config.beta * (sums - reference).detach()
+        else:
+            rewards = config.beta * averages.detach()  # SimPO's implicit reward, for the metrics
+        if config.loss in ("dpo", "cdpo"):
+            loss = losses.dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing)
+        elif config.loss == "robust":
+            loss = losses.robust_dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing)
+        elif config.loss == "ipo":
+            loss = losses.ipo_loss(pc, pr, rc, rr, config.beta)
+        elif config.loss == "simpo":
+            loss = losses.simpo_loss(averages[:pairs], averages[pairs:], config.beta, config.gamma)
+        elif config.loss == "orpo":
+            loss = losses.orpo_loss(averages[:pairs], averages[pairs:], config.orpo_lambda)
+        else:  # kto: the chosen replies are the desirable rows, the rejected ones the undesirable
+            desirable = torch.arange(2 * pairs, device=sums.device) < pairs
+            # z0: the batch's mean log-ratio, clamped at 0, as the paper's KL estimate (no gradient)
+            point = (sums - reference).detach().mean().clamp(min=0)
+            loss = 0.5 * losses.kto_loss(sums, reference, desirable, point, config.beta, config.kto_desirable_weight,
+                                         config.kto_undesirable_weight).view(2, pairs).sum(0)
+        self._tally(model, rewards, pairs, (sums - reference).detach() if config.needs_reference else None, counts)
+        return loss.sum()
+
+    def _tally(self, model: nn.Module, rewards: torch.Tensor, pairs: int, log_ratio: torch.Tensor | None,
+               counts: torch.Tensor) -> None:
+        tally = self.tallies["train" if model.training else "eval"]
+        chosen, rejected = rewards[:pairs], rewards[pairs:]
+        tally["pairs"] += pairs
+        tally["rewards/chosen"] += float(chosen.sum())
+        tally["rewards/rejected"] += float(rejected.sum())
+        tally["rewards/accuracy"] += float((chosen > rejected).float().sum())
+        tally["rewards/margin"] += float((chosen - rejected).sum())
+        if log_ratio is not None:  # per token, both replies: an estimate of KL(policy || reference)
+            tally["kl_per_token"] += float((log_ratio.sum() / counts.sum().clamp(min=1)) * pairs)
+
+    def take_metrics(self, mode: str) -> dict[str, float]:
+        tally, self.tallies[mode] = self.tallies[mode], defaultdict(float)
+        pairs = tally.pop("pairs", 0)
+        return {key: value / pairs for key, value in tally.items()} if pairs else {}
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_rows(batch) // 2
+
+
+def precompute_reference(rows, collate, objective: PreferenceObjective, device: torch.device, batch_size: int):
+    """The reference log-probabilities of every pair, as two new columns."""
+    chosen, rejected = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size,
+                                                                                         len(rows)))]).items()}
+        values = objective.reference_logps(batch).tolist()
+        half = len(values) // 2
+        chosen += values[:half]
+        rejected += values[half:]
+    return rows.add_column("reference_chosen", chosen).add_column("reference_rejected", rejected)
+
+
+def run_dpo(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+    """Validate the pairs, train, and write the run folder (as SFT does)."""
+    accelerator = build_accelerator(config)
+    seed_everything(config)
+    with accelerator.main_process_first():
+        source = resolve_model_source(config.model)
+    tokenizer = load_tokenizer(config.model, source)
+    train_rows, eval_rows, report = build_pair_datasets(config.data, tokenizer, config.training.seed)
+    log.info("data: %d training pairs, %d eval pairs", len(train_rows), len(eval_rows) if eval_rows else 0)
+    run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
+    model = build_trainable_model(config, source, accelerator.device, tokenizer)
+    packed = config.training.padding_free and fast_path_model(model) and config.method.type not in ("prefix", "prompt")
+    collate = functools.partial(collate_pairs, packed=packed, pad_token_id=tokenizer.pad_token_id)
+    applied = apply_speedups(model, config.training, packed)
+    if applied:
+        log.info("fast path: %s", ", ".join(applied))
+    reference = reference_scope(model) if config.preference.needs_reference else None
+    objective = PreferenceObjective(config.preference, reference, config.training.chunked_loss)
+    if reference is not None and config.preference.precompute_reference:
+        size = config.training.batch_size
+        train_rows = precompute_reference(train_rows, collate, objective, accelerator.device, size)
+        if eval_rows is not None:
+            eval_rows = precompute_reference(eval_rows, collate, objective, accelerator.device, size)
+        log.info("reference log-probabilities computed once for %d pairs", len(train_rows) + len(eval_rows or []))
+    stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate)
+    eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
+    result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint)
+    final = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_final_model(final, tokenizer, run_dir)
+        write_summary(run_dir, {**run_summary(config, final, result, run_dir), "task": "dpo",
+                                "loss": config.preference.loss})
+        log.info("saved %s (train loss %.4f)", run_dir / "model", result.final_train_loss or float("nan"))
+    return SFTRun(run_dir, final, result)
