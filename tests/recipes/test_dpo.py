@@ -102,3 +102,15 @@ def test_bad_pairs_are_named_before_any_run_folder(tiny_model_dir, tmp_path):
     assert f"{data}:3: rejected: chosen and rejected are identical" in text
     assert f"{data}:5: chosen: missing" in text
     assert not (tmp_path / "runs").exists()
+
+
+def test_tunesmith_train_runs_a_dpo_config(tiny_model_dir, pairs_file, tmp_path, capsys):
+    import yaml
+
+    from tunesmith.cli.main import main
+
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump(dpo_tree(tiny_model_dir, pairs_file, tmp_path / "runs", max_steps=2)))
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["task"] == "dpo" and summary["steps"] == 2 and "final_eval_rewards/accuracy" in summary
