@@ -9,7 +9,7 @@ import torch
 from tunesmith.config.load import build_config
 from tunesmith.data.pairs import collate_pairs
 from tunesmith.errors import DataError
-from tunesmith.recipes.dpo import run_dpo, sequence_logps
+from tunesmith.recipes.dpo import run_pairs, sequence_logps
 from helpers import read_metrics, tiny_tree, write_jsonl
 
 
@@ -28,8 +28,8 @@ def pairs_file(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", counting_pairs())
 
 
-def dpo_tree(tiny_model_dir, data, out, loss="dpo", **training):
-    tree = tiny_tree(tiny_model_dir, data, out, "lora", **{"max_steps": 12, "eval_every": 12, **training})
+def dpo_tree(tiny_model_dir, data, out, loss="dpo", method="lora", **training):
+    tree = tiny_tree(tiny_model_dir, data, out, method or "lora", **{"max_steps": 12, "eval_every": 12, **training})
     tree["task"] = "dpo"
     tree["data"]["eval_fraction"] = 0.25
     tree["preference"] = {"loss": loss, "beta": 0.5, **({"label_smoothing": 0.1} if loss in ("cdpo", "robust")
@@ -38,7 +38,7 @@ def dpo_tree(tiny_model_dir, data, out, loss="dpo", **training):
 
 
 def test_dpo_margin_grows_and_held_out_accuracy_rises(tiny_model_dir, pairs_file, tmp_path):
-    run = run_dpo(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / "runs", max_steps=20, eval_every=5)))
+    run = run_pairs(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / "runs", max_steps=20, eval_every=5)))
     records = read_metrics(run.run_dir)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -55,7 +55,7 @@ def test_dpo_margin_grows_and_held_out_accuracy_rises(tiny_model_dir, pairs_file
 def test_every_loss_of_the_family_learns_the_preference(tiny_model_dir, pairs_file, tmp_path, loss):
     """Trained 12 steps, each prefers the chosen replies of the held-out pairs: accuracy and margin
     of its implicit rewards (β·log-ratio; β·mean log-prob for the reference-free SimPO and ORPO)."""
-    run = run_dpo(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / "runs", loss)))
+    run = run_pairs(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / "runs", loss)))
     records = read_metrics(run.run_dir)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in records if "loss" in r])))
     final = [r for r in records if "eval_loss" in r][-1]
@@ -63,7 +63,7 @@ def test_every_loss_of_the_family_learns_the_preference(tiny_model_dir, pairs_fi
 
 
 def test_precomputed_reference_gives_the_same_run(tiny_model_dir, pairs_file, tmp_path):
-    runs = [run_dpo(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / f"runs-{flag}", max_steps=4,
+    runs = [run_pairs(build_config(dpo_tree(tiny_model_dir, pairs_file, tmp_path / f"runs-{flag}", max_steps=4,
                                           optimizer="sgd", lr=0.1) | {"name": f"r{flag}"}
                                  | {"preference": {"beta": 0.5, "precompute_reference": flag}}))
             for flag in (False, True)]
@@ -97,7 +97,7 @@ def test_bad_pairs_are_named_before_any_run_folder(tiny_model_dir, tmp_path):
     del rows[4]["chosen"]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as caught:
-        run_dpo(build_config(dpo_tree(tiny_model_dir, data, tmp_path / "runs")))
+        run_pairs(build_config(dpo_tree(tiny_model_dir, data, tmp_path / "runs")))
     text = "\n".join(caught.value.problems)
     assert f"{data}:3: rejected: chosen and rejected are identical" in text
     assert f"{data}:5: chosen: missing" in text
@@ -114,3 +114,52 @@ def test_tunesmith_train_runs_a_dpo_config(tiny_model_dir, pairs_file, tmp_path,
     assert main(["train", str(config)]) == 0
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["task"] == "dpo" and summary["steps"] == 2 and "final_eval_rewards/accuracy" in summary
+
+
+def reward_tree(tiny_model_dir, data, out, method="lora", **training):
+    tree = dpo_tree(tiny_model_dir, data, out, method=None, **{"max_steps": 30, "eval_every": 30, **training})
+    tree["task"] = "reward"
+    tree["method"]["type"] = method
+    del tree["preference"]
+    return tree
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reward_model_learns_the_pairs_and_scores_a_file(tiny_model_dir, pairs_file, tmp_path, capsys, method):
+    from tunesmith.cli.main import main
+
+    run = run_pairs(build_config(reward_tree(tiny_model_dir, pairs_file, tmp_path / "runs", method)))
+    records = read_metrics(run.run_dir)
+    final = [r for r in records if "eval_loss" in r][-1]
+    assert final["eval_rewards/accuracy"] == 1.0 and final["eval_loss"] < 0.3  # loss starts at log 2 = 0.69
+    assert (run.run_dir / "model" / ("adapter_config.json" if method == "lora" else "config.json")).is_file()
+    # Scoring from the saved folder gives what training saw: the eval pairs ranked the same way.
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "Count to 3."},
+                                                                 {"role": "assistant", "content": c}]}
+                                                   for c in ("1 2 3", "3 2 1")])
+    assert main(["reward", "score", str(run.run_dir), "--file", str(pairs_file), "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert "pairwise accuracy 1.000 (24/24)" in capsys.readouterr().out
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(scored) == 24 and all(s["chosen"] > s["rejected"] for s in scored)
+    assert main(["reward", "score", str(run.run_dir), "--file", str(chats)]) == 0
+    up, down = (json.loads(line)["score"] for line in capsys.readouterr().out.splitlines())
+    assert up > down
+
+
+def test_reward_scores_packed_equal_padded(tiny_model_dir, tokenizer):
+    from tunesmith.adapters.apply import apply_method
+    from tunesmith.config.schema import MethodConfig, ModelConfig
+    from tunesmith.models.load import load_model
+    from tunesmith.recipes.dpo import reward_scores
+
+    model = apply_method(load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), head="score"),
+                         MethodConfig(type="full")).eval()
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (3, 7, 4)]
+    from tunesmith.data.collate import collate_batch
+    from tunesmith.data.pack import collate_padding_free
+    with torch.no_grad():
+        packed = reward_scores(model, collate_padding_free(rows))
+        padded = reward_scores(model, collate_batch(rows, tokenizer.pad_token_id))
+        alone = torch.cat([reward_scores(model, collate_batch([r], 0)) for r in rows])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)

@@ -90,7 +90,8 @@ def _initialise_prompt(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tex
         embedding.weight.copy_(source.to(embedding.weight.dtype))
 
 
-def peft_config(method: MethodConfig, model: PreTrainedModel, new_token_ids: list[int] = ()) -> PeftConfig:
+def peft_config(method: MethodConfig, model: PreTrainedModel, new_token_ids: list[int] = (),
+                task_type: str = "CAUSAL_LM") -> PeftConfig:
     """The peft config of an adapter method (all but ``adapter``, which is ours). With LoRA, the rows of
     ``new_token_ids`` (added tokens) train too, through peft's trainable tokens: only those rows."""
     if method.type == "prefix":
@@ -106,15 +107,17 @@ def peft_config(method: MethodConfig, model: PreTrainedModel, new_token_ids: lis
     lora = method.lora
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.target_modules, use_rslora=lora.rslora,
-                          use_dora=method.type == "dora", bias=lora.bias, task_type="CAUSAL_LM",
+                          use_dora=method.type == "dora", bias=lora.bias, task_type=task_type,
                           trainable_token_indices=list(new_token_ids) or None)
 
 
 def apply_method(model: PreTrainedModel, method: MethodConfig, gradient_checkpointing: bool = False,
-                 tokenizer: PreTrainedTokenizerBase | None = None, new_token_ids: list[int] = ()) -> nn.Module:
+                 tokenizer: PreTrainedTokenizerBase | None = None, new_token_ids: list[int] = (),
+                 task_type: str = "CAUSAL_LM") -> nn.Module:
     """Return the model to train, with exactly the parameters of the method requiring grad.
     ``new_token_ids``: added tokens, whose embedding rows must train (the config validator has checked
-    that the method trains them)."""
+    that the method trains them). ``task_type="SEQ_CLS"`` (a reward model): peft trains the scoring
+    head in full beside the adapter and saves it with it."""
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -134,7 +137,7 @@ def apply_method(model: PreTrainedModel, method: MethodConfig, gradient_checkpoi
     if method.type == "prefix" and gradient_checkpointing:
         raise ConfigError(["training.gradient_checkpointing: not supported with method prefix (its virtual "
                            "tokens enter through the attention cache); set it to false"])
-    peft_model = get_peft_model(model, peft_config(method, model, new_token_ids))
+    peft_model = get_peft_model(model, peft_config(method, model, new_token_ids, task_type))
     if method.type == "prompt" and method.prompt.init_text:
         if tokenizer is None:
             raise ValueError("prompt tuning with init_text needs the tokenizer")

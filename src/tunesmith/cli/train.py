@@ -20,10 +20,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    if config.task == "dpo":  # heavy imports only when training
-        from tunesmith.recipes.dpo import run_dpo as run_task
+    if config.task in ("dpo", "reward"):  # heavy imports only when training
+        from tunesmith.recipes.dpo import run_pairs as run_task
     else:
         from tunesmith.recipes.sft import run_sft as run_task
     run_dir = run_task(config, resume=args.resume, overwrite=args.overwrite).run_dir
-    print(f"run folder: {run_dir}\nchat with it: tunesmith chat {run_dir}")
+    use = f"tunesmith reward score {run_dir} --file ROWS" if config.task == "reward" else f"tunesmith chat {run_dir}"
+    print(f"run folder: {run_dir}\nuse it: {use}")
     return 0

@@ -263,6 +263,7 @@ class PreferenceConfig(StrictModel):
     orpo_lambda: float = Field(0.1, gt=0.0, description="orpo: weight λ of the odds-ratio term")
     kto_desirable_weight: float = Field(1.0, gt=0.0)
     kto_undesirable_weight: float = Field(1.0, gt=0.0)
+    reward_margin: float = Field(0.0, description="task reward: the margin m of −log σ(r_c − r_r − m)")
     precompute_reference: bool = Field(False, description="compute the reference log-probabilities of every "
                                        "pair once before training (one extra pass, then no reference forward)")
 
@@ -280,9 +281,10 @@ class PreferenceConfig(StrictModel):
 
 class Config(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["sft", "pretrain", "dpo"] = Field(
+    task: Literal["sft", "pretrain", "dpo", "reward"] = Field(
         "sft", description="pretrain: continued pre-training: documents packed end to end into data.max_seq_len "
-        "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section")
+        "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section; reward: "
+        "a reward model (a scoring head on the LM) trained on preference pairs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -293,12 +295,13 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
-        if self.task == "dpo":
+        if self.task == "reward" and self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
+            raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
+        if self.task in ("dpo", "reward"):
             for wrong, why in ((self.data.replay is not None, "data.replay"),
-                               (self.regularization.kl_to_base > 0, "regularization.kl_to_base (DPO's own "
-                                                                    "β already holds the model to the reference)")):
+                               (self.regularization.kl_to_base > 0, "regularization.kl_to_base")):
                 if wrong:
-                    raise ValueError(f"task dpo does not take {why}")
+                    raise ValueError(f"task {self.task} does not take {why}")
         if self.training.early_stopping_patience and not self.training.eval_every:
             raise ValueError("training.early_stopping_patience needs training.eval_every")
         if self.data.replay is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, \
+    PreTrainedModel, PreTrainedTokenizerBase
 
 from tunesmith.config.schema import ModelConfig, QuantizationConfig
 from tunesmith.errors import ModelLoadError
@@ -195,9 +196,14 @@ def load_model(
     config: ModelConfig,
     quantization: QuantizationConfig | None = None,
     source: tuple[str, str | None] | None = None,
+    head: str = "lm",
 ) -> PreTrainedModel:
-    """Load a causal LM on the chosen device and dtype; 4-bit (bitsandbytes NF4/FP4) when asked."""
+    """Load a causal LM on the chosen device and dtype; 4-bit (bitsandbytes NF4/FP4) when asked.
+    ``head="score"``: the same network with a one-output scoring head (a reward model), as
+    transformers' sequence-classification class of the architecture."""
     folder, gguf = source or resolve_model_source(config)
+    if gguf and head != "lm":
+        raise ModelLoadError("a reward model from a GGUF file: convert it first (tunesmith models prepare)")
     device = select_device(config.device)
     dtype = select_dtype(config.dtype, device)
     if gguf:
@@ -221,9 +227,13 @@ def load_model(
         )
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a causal language model from {folder!r}: {err}") from None
+        what = "a reward model" if head == "score" else "a causal language model"
+        raise ModelLoadError(f"cannot load {what} from {folder!r}: {err}") from None
     return _with_attention_dropout(model if quantization is not None else model.to(device), config.attention_dropout)
 
 

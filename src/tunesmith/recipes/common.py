@@ -58,14 +58,17 @@ def build_trainable_model(config: Config, source: tuple[str, str | None], device
     """Load the base model onto ``device`` (this process's, under DDP), add the config's tokens, and apply
     the method; logs trainable vs total parameters."""
     quantization = config.method.quantization if config.method.type == "qlora" else None
-    model = load_model(config.model.model_copy(update={"device": str(device)}), quantization, source)
+    reward = config.task == "reward"
+    model = load_model(config.model.model_copy(update={"device": str(device)}), quantization, source,
+                       head="score" if reward else "lm")
     new_ids: list[int] = []
     if config.model.add_tokens:
         parts = _added_token_parts(config, source)
         new_ids = initialise_added_tokens(model, tokenizer, parts)
         log.info("added %d tokens to the vocabulary (%d already in it)", len(new_ids),
                  len(tokens_to_add(config.model)) - len(new_ids))
-    model = apply_method(model, config.method, config.training.gradient_checkpointing, tokenizer, new_ids)
+    model = apply_method(model, config.method, config.training.gradient_checkpointing, tokenizer, new_ids,
+                         task_type="SEQ_CLS" if reward else "CAUSAL_LM")
     trainable, total = count_parameters(model)
     log.info("method %s: %s trainable of %s parameters (%.4f%%)", config.method.type, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1))

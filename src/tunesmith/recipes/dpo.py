@@ -1,4 +1,5 @@
-"""Preference optimisation (``task: dpo``): DPO and its family on chosen/rejected pairs.
+"""Preference pairs: optimisation (``task: dpo``, DPO and its family) and reward models
+(``task: reward``, a scoring head trained with the pairwise loss).
 
 Each micro-batch holds B pairs as 2B sequences (chosen first), packed padding-free on the fast
 path. The policy's log-probability of each reply is summed over the reply's tokens (the prompt is
@@ -13,6 +14,7 @@ import logging
 from collections import defaultdict
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from tunesmith.config.schema import Config, PreferenceConfig
@@ -54,6 +56,25 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
     counts = torch.zeros(rows, dtype=torch.float32, device=labels.device).index_add(
         0, index, torch.ones_like(token_logps))
     return sums, counts
+
+
+def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A reward model's score of each sequence, (rows,): the scoring head on the hidden state of the
+    sequence's last token (its EOS), found from the attention mask (padded) or the position-id
+    restarts (packed). transformers' own pooling looks for the first pad token, which is ambiguous
+    where pad and EOS are one token and breaks on packed rows; this is used in training and scoring."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (batch, seq, hidden)
+    if "attention_mask" in batch:
+        last = batch["attention_mask"].sum(1) - 1  # right padding
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    else:
+        starts = torch.nonzero(batch["position_ids"][0] == 0).flatten()
+        ends = torch.cat([starts[1:], starts.new_tensor([hidden.shape[1]])]) - 1
+        pooled = hidden[0, ends]
+    return inner.score(pooled).squeeze(-1).float()
 
 
 class PreferenceObjective:
@@ -121,6 +142,21 @@ class PreferenceObjective:
         return count_rows(batch) // 2
 
 
+class RewardObjective(PreferenceObjective):
+    """The pairwise reward-model loss −log σ(r_c − r_r − m), summed over pairs; the tallies are the
+    scores themselves (accuracy: r_c > r_r)."""
+
+    def __init__(self, margin: float = 0.0):
+        super().__init__(PreferenceConfig(), None)
+        self.margin = margin
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = reward_scores(model, batch)
+        pairs = scores.shape[0] // 2
+        self._tally(model, scores.detach(), pairs, None, None)
+        return losses.pairwise_reward_loss(scores[:pairs], scores[pairs:], self.margin or None).sum()
+
+
 def precompute_reference(rows, collate, objective: PreferenceObjective, device: torch.device, batch_size: int):
     """The reference log-probabilities of every pair, as two new columns."""
     chosen, rejected = [], []
@@ -134,8 +170,8 @@ def precompute_reference(rows, collate, objective: PreferenceObjective, device: 
     return rows.add_column("reference_chosen", chosen).add_column("reference_rejected", rejected)
 
 
-def run_dpo(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
-    """Validate the pairs, train, and write the run folder (as SFT does)."""
+def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+    """``task: dpo`` or ``task: reward``: validate the pairs, train, and write the run folder (as SFT does)."""
     accelerator = build_accelerator(config)
     seed_everything(config)
     with accelerator.main_process_first():
@@ -150,8 +186,9 @@ def run_dpo(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     applied = apply_speedups(model, config.training, packed)
     if applied:
         log.info("fast path: %s", ", ".join(applied))
-    reference = reference_scope(model) if config.preference.needs_reference else None
-    objective = PreferenceObjective(config.preference, reference, config.training.chunked_loss)
+    reference = reference_scope(model) if config.preference.needs_reference and config.task == "dpo" else None
+    objective = RewardObjective(config.preference.reward_margin) if config.task == "reward" else \
+        PreferenceObjective(config.preference, reference, config.training.chunked_loss)
     if reference is not None and config.preference.precompute_reference:
         size = config.training.batch_size
         train_rows = precompute_reference(train_rows, collate, objective, accelerator.device, size)
@@ -164,7 +201,7 @@ def run_dpo(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         save_final_model(final, tokenizer, run_dir)
-        write_summary(run_dir, {**run_summary(config, final, result, run_dir), "task": "dpo",
-                                "loss": config.preference.loss})
+        write_summary(run_dir, {**run_summary(config, final, result, run_dir), "task": config.task,
+                                **({"loss": config.preference.loss} if config.task == "dpo" else {})})
         log.info("saved %s (train loss %.4f)", run_dir / "model", result.final_train_loss or float("nan"))
     return SFTRun(run_dir, final, result)
