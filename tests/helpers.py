@@ -37,3 +37,10 @@ def tiny_tree(model_dir: Path, data: Path, out: Path, method: str = "lora", **tr
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+
+def starts_with_the(prompts: list, completions: list[str], answers: list) -> list[float]:
+    """A programmatic reward for GRPO tests: 1.0 where the completion's first word is "The". The
+    embedded model opens about a third of its sampled replies so: a reward with variance to learn from."""
+    return [float(text.split(maxsplit=1)[:1] == ["The"]) for text in completions]

@@ -22,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.task in ("dpo", "reward"):  # heavy imports only when training
         from tunesmith.recipes.dpo import run_pairs as run_task
+    elif config.task == "grpo":
+        from tunesmith.recipes.grpo import run_grpo as run_task
     else:
         from tunesmith.recipes.sft import run_sft as run_task
     run_dir = run_task(config, resume=args.resume, overwrite=args.overwrite).run_dir

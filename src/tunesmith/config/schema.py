@@ -279,25 +279,48 @@ class PreferenceConfig(StrictModel):
         return self.loss not in ("simpo", "orpo")
 
 
+class GRPOConfig(StrictModel):
+    """``task: grpo``: group sampling, rewards and the clipped objective."""
+
+    rewards: list[str] = Field(["tunesmith.rewards:gsm8k_exact"], min_length=1, description="reward functions "
+                               "as module:function, each (prompts, completions, answers) -> list of floats")
+    reward_weights: list[float] | None = Field(None, description="one per reward (default: all 1)")
+    group_size: int = Field(4, ge=2, description="completions sampled per prompt (G)")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    beta: float = Field(0.04, ge=0.0, description="coefficient of the per-token KL to the reference (0: no reference)")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for "
+                             f"{len(self.rewards)} rewards")
+        return self
+
+
 class Config(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["sft", "pretrain", "dpo", "reward"] = Field(
+    task: Literal["sft", "pretrain", "dpo", "reward", "grpo"] = Field(
         "sft", description="pretrain: continued pre-training: documents packed end to end into data.max_seq_len "
         "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section; reward: "
-        "a reward model (a scoring head on the LM) trained on preference pairs")
+        "a reward model (a scoring head on the LM) trained on preference pairs; grpo: sampled completions of "
+        "the prompts scored by reward functions (the grpo section)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
         if self.task == "reward" and self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
             raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
-        if self.task in ("dpo", "reward"):
+        if self.task in ("dpo", "reward", "grpo"):
             for wrong, why in ((self.data.replay is not None, "data.replay"),
                                (self.regularization.kl_to_base > 0, "regularization.kl_to_base")):
                 if wrong:

@@ -91,6 +91,25 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     return Generation(new, text, reason)
 
 
+def sample_group(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, count: int,
+                 sampling: SamplingConfig) -> list[list[int]]:
+    """``count`` sampled completions of one prompt ``input_ids`` (1, seq), generated together with a
+    KV cache; each is cut after its first stop token, which it keeps (a policy learns to stop)."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    eos = stop_token_ids(model, tokenizer)
+    with evaluating(model):
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                                temperature=sampling.temperature, top_p=sampling.top_p, num_return_sequences=count,
+                                max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
+                                pad_token_id=tokenizer.pad_token_id)
+    completions = []
+    for row in output[:, input_ids.shape[1]:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        completions.append(row[:end])
+    return completions
+
+
 def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
                    sampling: SamplingConfig = SamplingConfig(), stream: bool = False, prefill: str = "") -> str:
     """The assistant's next reply to ``messages``; generation ends at EOS or ``max_new_tokens``.

@@ -31,9 +31,9 @@ from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's label tokens, their count), both (rows,). The head
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each label token, the index of its sequence), both (tokens,). The head
     runs at label positions only where the model allows (``decoder_and_head``)."""
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -45,16 +45,21 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
         logits = head(decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask])  # (tokens, vocab)
     else:
         logits = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:][:, :-1][mask]
-    token_logps = logits.float().log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # (tokens,)
+    values = logits.float().log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # (tokens,)
     if "attention_mask" in batch or "position_ids" not in batch:  # padded: a row per batch row
         row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
     else:  # packed: rows start where the position ids restart
         row = ((batch["position_ids"] == 0).cumsum(-1) - 1)[:, 1:].expand_as(targets)
+    return values, row[mask]
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sequence's label tokens, their count), both (rows,)."""
+    values, index = token_logps(model, batch, chunked)
     rows = count_rows(batch)
-    index = row[mask]
-    sums = torch.zeros(rows, dtype=torch.float32, device=labels.device).index_add(0, index, token_logps)
-    counts = torch.zeros(rows, dtype=torch.float32, device=labels.device).index_add(
-        0, index, torch.ones_like(token_logps))
+    sums = values.new_zeros(rows).index_add(0, index, values)
+    counts = values.new_zeros(rows).index_add(0, index, torch.ones_like(values))
     return sums, counts
 
 

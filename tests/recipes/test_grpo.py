@@ -1,0 +1,98 @@
+"""task: grpo: the group advantages and the clipped loss by hand; a tiny model's mean reward rises
+under a programmatic reward while the KL stays finite; bad reward names fail before training."""
+
+import math
+
+import pytest
+import torch
+
+from tunesmith.config.load import build_config
+from tunesmith.errors import ConfigError
+from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
+from tunesmith.recipes.grpo import run_grpo
+from tunesmith.rewards import gsm8k_exact
+from helpers import counting_rows, read_metrics, tiny_tree, write_jsonl
+
+
+def test_group_advantages_and_clipped_loss_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # mean 0.5, sample std sqrt(1/3)
+    advantages = group_advantages(rewards, eps=0.0)
+    assert advantages[0, 0].item() == pytest.approx(0.5 / math.sqrt(1 / 3))
+    logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+    old = torch.tensor([-1.5, -2.1])  # ratios e^0.5 = 1.65 (clipped to 1.2 for A > 0) and e^0.1 = 1.105 (inside)
+    reference = torch.tensor([-1.2, -2.0])
+    loss = grpo_token_loss(logps, old, reference, torch.tensor([2.0, -1.0]), epsilon=0.2, beta=0.1)
+    kl_first = math.exp(-0.2) + 0.2 - 1  # k3 with delta = ref - logp = -0.2
+    assert loss[0].item() == pytest.approx(-min(math.exp(0.5) * 2.0, 1.2 * 2.0) + 0.1 * kl_first)
+    assert loss[1].item() == pytest.approx(math.exp(0.1))  # -(1.105 * -1); no KL: reference = policy
+    assert k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
+    loss.sum().backward()
+    assert logps.grad[0].item() == pytest.approx(0.1 * (1 - math.exp(-0.2)))  # clipped: only the KL pulls
+    assert logps.grad[1].item() == pytest.approx(math.exp(0.1))  # A < 0, unclipped: descent lowers this token
+
+
+def test_gsm8k_reward_on_the_real_answers():
+    from pathlib import Path
+    import json
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k_train.jsonl"
+    if not data.is_file():
+        pytest.skip("../shared/data is absent")
+    rows = [json.loads(line) for line in data.open()][:20]
+    answers = [r["answer"] for r in rows]
+    assert gsm8k_exact([[]] * 20, answers, answers) == [1.0] * 20  # every reference grades itself right
+    wrong = [a.rsplit("####", 1)[0] + "#### 999999" for a in answers]
+    assert gsm8k_exact([[]] * 20, wrong, answers) == [0.0] * 20
+
+
+PROMPTS = ["Name a color.", "Name an animal.", "Pick a color for my new car.", "Name a fruit.", "Name a city.",
+           "Say something about the sea."]
+
+
+def grpo_tree(model_dir, data, out, **grpo):
+    tree = tiny_tree(model_dir, data, out, "lora", max_steps=12, batch_size=2, lr=3e-3)
+    tree["task"] = "grpo"
+    tree["grpo"] = {"rewards": ["helpers:starts_with_the"], "group_size": 6, "max_new_tokens": 6, "beta": 0.04,
+                    **grpo}
+    return tree
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_mean_reward(embedded_dir, tmp_path):
+    """The embedded model, LoRA, a reward for replies that open with "The": 12 steps of 2 prompts x 6."""
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]} for p in PROMPTS]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    run = run_grpo(build_config(grpo_tree(embedded_dir, data, tmp_path / "runs")))
+    records = [r for r in read_metrics(run.run_dir) if "reward" in r]
+    rewards = [r["reward"] for r in records]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"GRPO mean reward: first 3 steps {first:.3f}, last 3 steps {last:.3f}")
+    assert last > first + 0.2, rewards
+    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in records)
+    assert records[-1]["kl"] > 0  # the policy left the reference
+    assert (run.run_dir / "model" / "adapter_config.json").is_file()
+
+
+def test_unknown_reward_fails_before_training(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(4))
+    with pytest.raises(ConfigError, match="grpo.rewards: reward 'helpers:nope'"):
+        run_grpo(build_config(grpo_tree(tiny_model_dir, data, tmp_path / "runs", rewards=["helpers:nope"])))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_grpo_resumes_the_same_samples(tiny_model_dir, tmp_path):
+    """Sampling draws on the RNG the checkpoints keep: steps 3-4 redone from the step-2 checkpoint
+    sample the same completions and give the same losses as the first time."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(8))
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", max_new_tokens=8, group_size=3)
+    tree["training"].update(max_steps=4, save_every=2)
+    config = build_config(tree)
+    first = run_grpo(config)
+    before = [r for r in read_metrics(first.run_dir) if "loss" in r]
+    resumed = run_grpo(config, resume=True)
+    after = [r for r in read_metrics(resumed.run_dir) if "loss" in r]
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert after[:2] == before[:2]  # kept as written, timings too: the run went on from step 2, not from 0
+    for old, new in zip(before[2:], after[2:]):
+        assert new["completion_tokens"] == old["completion_tokens"]
+        assert new["loss"] == pytest.approx(old["loss"], abs=1e-6)
