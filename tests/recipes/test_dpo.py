@@ -163,3 +163,22 @@ def test_reward_scores_packed_equal_padded(tiny_model_dir, tokenizer):
         alone = torch.cat([reward_scores(model, collate_batch([r], 0)) for r in rows])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_long_pairs_lose_the_start_of_the_prompt_not_the_reply(tokenizer):
+    """Cut on the right, a long pair's two sides would become one sequence; the cut is on the left."""
+    from tunesmith.config.schema import DataConfig
+    from tunesmith.data.build import CanonicalRow, DataReport
+    from tunesmith.data.pairs import _tokenized_pairs
+    from tunesmith.data.preference import preference_to_canonical
+
+    row = {"prompt": "Tell me about bees. " * 40, "chosen": "Bees make honey.", "rejected": "Bees are fish."}
+    report = DataReport()
+    [pair] = _tokenized_pairs([CanonicalRow("f.jsonl", 1, preference_to_canonical(row, "preference")[0],
+                                            "preference")], tokenizer, DataConfig(train="x", max_seq_len=48), report)
+    for side, text in (("chosen", "Bees make honey."), ("rejected", "Bees are fish.")):
+        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
+        assert len(ids) == len(labels) == 48
+        assert text in tokenizer.decode([t for t in labels if t != -100])  # the whole reply still trains
+    assert pair["chosen_input_ids"] != pair["rejected_input_ids"]
+    assert report.truncated == 2 and "the start of the prompt was cut" in report.warnings[0]

@@ -16,7 +16,7 @@ from tunesmith.data.build import DataReport, hold_out, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.preference import as_chat
-from tunesmith.data.tokenize import tokenize_rows_batched
+from tunesmith.data.tokenize import UNLIMITED, tokenize_rows_batched
 from tunesmith.errors import DataError
 
 PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
                      report: DataReport) -> list[dict[str, Any]]:
     chats = [as_chat(r.row, side) for r in rows for side in SIDES]
-    results = tokenize_rows_batched(tokenizer, chats, config.max_seq_len, False)
+    # Tokenized whole, then cut from the left: the replies are the only difference between the two
+    # sides, and a cut on the right would drop them (making a long pair two identical sequences).
+    results = tokenize_rows_batched(tokenizer, chats, UNLIMITED, False)
     pairs = []
     for index, row in enumerate(rows):
         pair, ok = {"where": row.where}, True
@@ -38,10 +40,13 @@ def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: Dat
                 report.add(row.file, row.line, side, str(tokenized))
                 ok = False
                 continue
-            if tokenized.length_before_truncation > config.max_seq_len:
+            if len(tokenized.input_ids) > config.max_seq_len:
                 report.truncated += 1
-                report.add(row.file, row.line, side, f"over-long, prompt + {side}, {tokenized.length_before_truncation}"
-                           f" tokens > data.max_seq_len {config.max_seq_len}; truncated", "warning")
+                report.add(row.file, row.line, side, f"over-long, prompt + {side}, {len(tokenized.input_ids)} tokens "
+                           f"> data.max_seq_len {config.max_seq_len}; the start of the prompt was cut to keep "
+                           "the reply", "warning")
+                tokenized.input_ids = tokenized.input_ids[-config.max_seq_len:]
+                tokenized.labels = tokenized.labels[-config.max_seq_len:]
             if tokenized.problems:
                 for name, message in tokenized.problems:
                     report.add(row.file, row.line, f"{side}.{name}", message)

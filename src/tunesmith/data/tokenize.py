@@ -20,6 +20,9 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100
 
 
+UNLIMITED = 1 << 30  # a max_seq_len that cuts nothing
+
+
 @dataclass
 class TokenizedRow:
     input_ids: list[int]

@@ -29,12 +29,11 @@ from tunesmith.adapters.bottleneck import bottlenecks_disabled, is_bottleneck
 from tunesmith.config.schema import Config, DatasetConfig
 from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
+from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
 from tunesmith.models.device import select_device, select_mixed_precision
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, tokens_to_add
 from tunesmith.train.loop import TrainResult, evaluating
 from tunesmith.train.optim import lr_scale_for
-
-UNLIMITED = 1 << 30  # max_seq_len while tokenizing documents for packing: nothing is cut
 
 log = logging.getLogger(__name__)
 
