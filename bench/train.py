@@ -103,7 +103,7 @@ def fast_config(pairs: list[str]):
     return TrainingConfig.model_validate(apply_overrides({"lr": 1e-4}, pairs))
 
 
-class Path_:
+class PathRunner:
     """One path set up for training: the model, its optimizer and one step's code."""
 
     def __init__(self, path: str, args: argparse.Namespace, device: torch.device):
@@ -143,7 +143,7 @@ class Path_:
 
 
 def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
-    runner = Path_(path, args, device)
+    runner = PathRunner(path, args, device)
     tokens = measured = 0
     started = time.perf_counter()
     for step in range(args.warmup + args.steps):
@@ -174,7 +174,7 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
 def longest_context(path: str, args: argparse.Namespace, device: torch.device, vocab: int) -> dict:
     """The longest single row (batch 1, loss on every token) that trains a step without running out
     of memory: doubling from 8,192 tokens, then bisecting to 1,024."""
-    runner = Path_(path, args, device)
+    runner = PathRunner(path, args, device)
     generator = torch.Generator().manual_seed(0)
 
     def fits(length: int) -> bool:
