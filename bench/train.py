@@ -120,7 +120,7 @@ class PathRunner:
         else:
             self.applied = apply_speedups(self.model, self.training, padding_free=self.training.padding_free)
             self.optimizer = build_optimizer(self.model, self.training)
-        self.objective = SFTObjective(chunked=self.training.chunked_loss)
+        self.objective = SFTObjective(chunked=self.training.chunked_loss, liger=self.training.liger)
 
     def step(self, chunk: list[dict]) -> torch.Tensor:
         if self.path == "baseline":

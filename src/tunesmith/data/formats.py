@@ -13,7 +13,8 @@ from typing import Any
 CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text")
 # Two-field formats: (user field, assistant field).
 PAIR_FIELDS = {"qa": ("question", "answer"), "completion": ("prompt", "completion")}
-FORMATS = CHAT_FORMATS + ("preference", "openai_preference", "hh")
+PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
+FORMATS = CHAT_FORMATS + PREFERENCE_FORMATS
 ROLES = ("system", "user", "assistant")
 # Keys a turn may carry besides its role and text (metadata the formats define); others are warned about.
 TURN_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "from", "value"}

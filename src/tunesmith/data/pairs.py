@@ -15,11 +15,11 @@ from tunesmith.config.schema import DataConfig
 from tunesmith.data.build import DataReport, hold_out, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
+from tunesmith.data.formats import PREFERENCE_FORMATS
 from tunesmith.data.preference import as_chat
 from tunesmith.data.tokenize import UNLIMITED, tokenize_rows_batched
 from tunesmith.errors import DataError
 
-PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
 SIDES = ("chosen", "rejected")
 
 log = logging.getLogger(__name__)

@@ -77,10 +77,11 @@ def _liger():
 
 
 def chunked_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                     chunk_size: int = 1024) -> torch.Tensor:
+                     chunk_size: int = 1024, liger: bool = True) -> torch.Tensor:
     """Sum of next-token NLL over label positions, equal to ``sft_loss_sum(head(hidden), labels)``.
 
-    hidden: (batch, seq, hidden) final hidden states; labels: (batch, seq).
+    hidden: (batch, seq, hidden) final hidden states; labels: (batch, seq). ``liger``: Liger's
+    kernel on CUDA where it is installed (``training.liger``).
 
     >>> head = nn.Linear(4, 6, bias=False); hidden = torch.randn(2, 5, 4)
     >>> labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, 5, 0]])
@@ -96,9 +97,9 @@ def chunked_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor
     if wanted.shape[0] == 0:
         return anchor
     if type(head) is nn.Linear:  # exactly a linear layer: its weight and bias are all there is
-        liger = _liger() if hidden.is_cuda else None
-        if liger is not None:
-            return anchor + liger(selected, head.weight, wanted, bias=head.bias, reduction="sum").float()
+        fused = _liger() if liger and hidden.is_cuda else None
+        if fused is not None:
+            return anchor + fused(selected, head.weight, wanted, bias=head.bias, reduction="sum").float()
         return anchor + LinearCrossEntropy.apply(selected, head.weight, head.bias, wanted, chunk_size)
     total = anchor
     for start in range(0, wanted.shape[0], chunk_size):

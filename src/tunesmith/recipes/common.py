@@ -10,7 +10,9 @@ import platform
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -31,17 +33,48 @@ from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
 from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
 from tunesmith.models.device import select_device, select_mixed_precision
-from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, tokens_to_add
+from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
+    tokens_to_add
 from tunesmith.train.loop import TrainResult, evaluating
 from tunesmith.train.optim import lr_scale_for
+from tunesmith.train.run import save_final_model, write_summary
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module  # the trained model, unwrapped (a PeftModel for adapter methods)
+    result: TrainResult
 
 
 def build_accelerator(config: Config) -> Accelerator:
     device = select_device(config.model.device)
     return Accelerator(mixed_precision=select_mixed_precision(config.training.mixed_precision, device),
                        cpu=device.type == "cpu")
+
+
+def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreTrainedTokenizerBase]:
+    """What every task does first: the accelerator, the seed, the model's source (the main process
+    converts the embedded model once) and the tokenizer."""
+    accelerator = build_accelerator(config)
+    seed_everything(config)
+    with accelerator.main_process_first():
+        source = resolve_model_source(config.model)
+    return accelerator, source, load_tokenizer(config.model, source)
+
+
+def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+               result: TrainResult, run_dir: Path, **summary: Any) -> RunResult:
+    """What every task does last: the final model and summary.json (``summary`` adds task fields)."""
+    final = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_final_model(final, tokenizer, run_dir)
+        write_summary(run_dir, {**run_summary(config, final, result, run_dir), **summary})
+        log.info("saved %s (train loss %.4f%s)", run_dir / "model", result.final_train_loss or float("nan"),
+                 f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
+    return RunResult(run_dir, final, result)
 
 
 def _added_token_parts(config: Config, source: tuple[str, str | None]) -> dict[str, list[int]]:

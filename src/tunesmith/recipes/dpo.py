@@ -21,12 +21,11 @@ from tunesmith.config.schema import Config, PreferenceConfig
 from tunesmith.data.pairs import build_pair_datasets, collate_pairs
 from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.losses import preference as losses
-from tunesmith.models.load import load_tokenizer, resolve_model_source
-from tunesmith.recipes.common import build_accelerator, build_trainable_model, eval_batches_of, reference_scope, \
-    run_summary, seed_everything
-from tunesmith.recipes.sft import SFTRun, apply_speedups, decoder_and_head, fast_path_model
+from tunesmith.recipes.common import RunResult, build_trainable_model, eval_batches_of, finish_run, \
+    reference_scope, start_run
+from tunesmith.recipes.sft import apply_speedups, decoder_and_head, packs_padding_free
 from tunesmith.train.loop import MicroBatches, count_rows, train
-from tunesmith.train.run import open_run_dir, save_final_model, write_summary
+from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +174,16 @@ def precompute_reference(rows, collate, objective: PreferenceObjective, device: 
     return rows.add_column("reference_chosen", chosen).add_column("reference_rejected", rejected)
 
 
-def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """``task: dpo`` or ``task: reward``: validate the pairs, train, and write the run folder (as SFT does)."""
-    accelerator = build_accelerator(config)
-    seed_everything(config)
-    with accelerator.main_process_first():
-        source = resolve_model_source(config.model)
-    tokenizer = load_tokenizer(config.model, source)
+    accelerator, source, tokenizer = start_run(config)
     train_rows, eval_rows, report = build_pair_datasets(config.data, tokenizer, config.training.seed)
     log.info("data: %d training pairs, %d eval pairs", len(train_rows), len(eval_rows) if eval_rows else 0)
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
-    packed = config.training.padding_free and fast_path_model(model) and config.method.type not in ("prefix", "prompt")
+    packed = packs_padding_free(config, model)
     collate = functools.partial(collate_pairs, packed=packed, pad_token_id=tokenizer.pad_token_id)
-    applied = apply_speedups(model, config.training, packed)
-    if applied:
-        log.info("fast path: %s", ", ".join(applied))
+    apply_speedups(model, config.training, packed)
     reference = reference_scope(model) if config.preference.needs_reference and config.task == "dpo" else None
     objective = RewardObjective(config.preference.reward_margin) if config.task == "reward" else \
         PreferenceObjective(config.preference, reference, config.training.chunked_loss)
@@ -203,10 +196,5 @@ def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> 
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
     result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint)
-    final = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_final_model(final, tokenizer, run_dir)
-        write_summary(run_dir, {**run_summary(config, final, result, run_dir), "task": config.task,
-                                **({"loss": config.preference.loss} if config.task == "dpo" else {})})
-        log.info("saved %s (train loss %.4f)", run_dir / "model", result.final_train_loss or float("nan"))
-    return SFTRun(run_dir, final, result)
+    return finish_run(config, accelerator, model, tokenizer, result, run_dir, task=config.task,
+                      **({"loss": config.preference.loss} if config.task == "dpo" else {}))

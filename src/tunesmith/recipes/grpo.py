@@ -28,14 +28,12 @@ from tunesmith.data.pack import collate_padding_free
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.generate.sample import SamplingConfig, encode_prompt, sample_group
 from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
-from tunesmith.models.load import load_tokenizer, resolve_model_source
-from tunesmith.recipes.common import build_accelerator, build_trainable_model, reference_scope, run_summary, \
-    seed_everything
+from tunesmith.recipes.common import RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.recipes.dpo import token_logps
-from tunesmith.recipes.sft import SFTRun, apply_speedups, fast_path_model
-from tunesmith.rewards import load_reward
+from tunesmith.recipes.sft import apply_speedups, packs_padding_free
+from tunesmith.rewards import RewardFunction, load_reward
 from tunesmith.train.loop import MicroBatches, train
-from tunesmith.train.run import open_run_dir, save_final_model, write_summary
+from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +80,10 @@ class GRPOObjective:
     (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
-                 reference, packed: bool):
+                 rewards: list[RewardFunction], reference, packed: bool):
         self.config, self.tokenizer, self.prompts, self.reference, self.packed = config, tokenizer, prompts, \
             reference, packed
-        self.rewards = [load_reward(name) for name in config.rewards]
+        self.rewards = rewards
         self.weights = config.reward_weights or [1.0] * len(self.rewards)
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p)
@@ -146,33 +144,22 @@ class GRPOObjective:
         return batch["index"].shape[0] * self.config.group_size
 
 
-def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and reward functions, train, and write the run folder (as SFT does)."""
     try:
-        [load_reward(name) for name in config.grpo.rewards]
+        rewards = [load_reward(name) for name in config.grpo.rewards]
     except ValueError as err:
         raise ConfigError([f"grpo.rewards: {err}"]) from None
-    accelerator = build_accelerator(config)
-    seed_everything(config)
-    with accelerator.main_process_first():
-        source = resolve_model_source(config.model)
-    tokenizer = load_tokenizer(config.model, source)
+    accelerator, source, tokenizer = start_run(config)
     prompts = build_prompts(config.data, tokenizer, config.grpo.max_new_tokens)
     log.info("data: %d prompts, %d completions each", len(prompts), config.grpo.group_size)
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
-    packed = config.training.padding_free and fast_path_model(model) and config.method.type not in ("prefix", "prompt")
-    applied = apply_speedups(model, config.training, packed)
-    if applied:
-        log.info("fast path: %s", ", ".join(applied))
+    packed = packs_padding_free(config, model)
+    apply_speedups(model, config.training, packed)
     reference = reference_scope(model) if config.grpo.beta > 0 else None
-    objective = GRPOObjective(config.grpo, tokenizer, prompts, reference, packed)
+    objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
-    final = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_final_model(final, tokenizer, run_dir)
-        write_summary(run_dir, {**run_summary(config, final, result, run_dir), "task": "grpo"})
-        log.info("saved %s", run_dir / "model")
-    return SFTRun(run_dir, final, result)
+    return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,11 +17,10 @@ from tunesmith.kernels.lora import fuse_lora, triton_usable
 from tunesmith.models import varlen
 from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
-from tunesmith.models.load import load_tokenizer, resolve_model_source
-from tunesmith.recipes.common import Reference, base_reference, build_accelerator, build_trainable_model, \
-    build_training_data, eval_batches_of, run_summary, seed_everything, training_controls
-from tunesmith.train.loop import MicroBatches, TrainResult, train
-from tunesmith.train.run import open_run_dir, save_final_model, write_summary
+from tunesmith.recipes.common import Reference, RunResult, base_reference, build_trainable_model, \
+    build_training_data, eval_batches_of, finish_run, start_run, training_controls
+from tunesmith.train.loop import MicroBatches, train
+from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +59,9 @@ class SFTObjective:
     plus that coefficient times KL(model || base) at the same positions (``reference`` gives the base's
     logits for a batch)."""
 
-    def __init__(self, kl_to_base: float = 0.0, reference: Reference | None = None, chunked: bool = False):
-        self.kl_to_base, self.reference, self.chunked = kl_to_base, reference, chunked
+    def __init__(self, kl_to_base: float = 0.0, reference: Reference | None = None, chunked: bool = False,
+                 liger: bool = True):
+        self.kl_to_base, self.reference, self.chunked, self.liger = kl_to_base, reference, chunked, liger
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
@@ -72,7 +70,7 @@ class SFTObjective:
         parts = decoder_and_head(model) if self.chunked and not self.kl_to_base else None
         if parts is not None:  # the fast path: no full logits
             decoder, head = parts
-            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head, labels)
+            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head, labels, liger=self.liger)
         logits = model(**inputs).logits
         logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens first: (batch, seq, vocab)
         loss = sft_loss_sum(logits, labels)
@@ -86,20 +84,28 @@ class SFTObjective:
         return count_label_tokens(batch["labels"])
 
 
-def _collate_for(config: Config, model: nn.Module, pad_token_id: int):
-    """Padding-free micro-batches where they are exact, padded ones elsewhere (said once in the log)."""
-    if config.training.padding_free:
-        why = ("virtual tokens are prepended to every row" if config.method.type in ("prefix", "prompt")
-               else None if fast_path_model(model) else f"{model.config.model_type} is not in the fast-path families")
-        if why is None:
-            return collate_padding_free
+def packs_padding_free(config: Config, model: nn.Module) -> bool:
+    """Whether micro-batches are packed padding-free: asked for, and exact for this model and method
+    (where not, the log says why)."""
+    if not config.training.padding_free:
+        return False
+    why = ("virtual tokens are prepended to every row" if config.method.type in ("prefix", "prompt")
+           else None if fast_path_model(model) else f"{model.config.model_type} is not in the fast-path families")
+    if why is not None:
         log.info("training.padding_free: padded micro-batches instead (%s)", why)
+    return why is None
+
+
+def _collate_for(config: Config, model: nn.Module, pad_token_id: int):
+    """Padding-free micro-batches where they are exact, padded ones elsewhere."""
+    if packs_padding_free(config, model):
+        return collate_padding_free
     return functools.partial(collate_batch, pad_token_id=pad_token_id)
 
 
 def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: bool) -> list[str]:
     """Switch on the fast path's kernels that apply to this model, method and device (each has its
-    switch in ``training``); returns what was switched on, for the log."""
+    switch in ``training``); logs and returns what was switched on."""
     applied = []
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if padding_free and training.varlen_attention and inner.config._attn_implementation == "sdpa":
@@ -130,33 +136,22 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
             for layer in layers:
                 layer.compile()
             applied.append(f"torch.compile on {len(layers)} decoder layers")
+    if applied:
+        log.info("fast path: %s", ", ".join(applied))
     return applied
 
 
-@dataclass
-class SFTRun:
-    run_dir: Path
-    model: nn.Module  # the trained model, unwrapped (a PeftModel for adapter methods)
-    result: TrainResult
-
-
-def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SFTRun:
+def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Validate data, train, and write the run folder."""
-    accelerator = build_accelerator(config)
-    seed_everything(config)
-    with accelerator.main_process_first():  # the main process converts the embedded model once
-        source = resolve_model_source(config.model)
-    tokenizer = load_tokenizer(config.model, source)
+    accelerator, source, tokenizer = start_run(config)
     train_rows, eval_rows, replay_rows = build_training_data(config, tokenizer)
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)  # config and data are valid
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
     objective = SFTObjective(config.regularization.kl_to_base,
                              base_reference(model) if config.regularization.kl_to_base else None,
-                             config.training.chunked_loss)
+                             config.training.chunked_loss, config.training.liger)
     collate = _collate_for(config, model, tokenizer.pad_token_id)
-    applied = apply_speedups(model, config.training, collate is collate_padding_free)
-    if applied:
-        log.info("fast path: %s", ", ".join(applied))
+    apply_speedups(model, config.training, collate is collate_padding_free)
     if config.training.chunked_loss and (config.regularization.kl_to_base or decoder_and_head(model) is None):
         log.info("training.chunked_loss: full logits instead (%s)", "kl_to_base compares full distributions"
                  if config.regularization.kl_to_base else "not available for this model or method")
@@ -166,10 +161,4 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> SF
     lr_scale, held = training_controls(config, model)
     result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
                    lr_scale, held)
-    final = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_final_model(final, tokenizer, run_dir)
-        write_summary(run_dir, run_summary(config, final, result, run_dir))
-        log.info("saved %s (train loss %.4f%s)", run_dir / "model", result.final_train_loss or float("nan"),
-                 f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
-    return SFTRun(run_dir, final, result)
+    return finish_run(config, accelerator, model, tokenizer, result, run_dir)

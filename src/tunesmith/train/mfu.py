@@ -16,36 +16,40 @@ from torch import nn
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def _dims(model: nn.Module) -> tuple[int, int, int, int]:
-    """(parameters, trainable parameters, layers, hidden size)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = inner.config
-    return total, trainable, config.num_hidden_layers, config.hidden_size
+class FlopCount:
+    """The model's sizes, counted once; training FLOPs per token at any sequence length."""
+
+    def __init__(self, model: nn.Module):
+        self.total = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.layers, self.hidden = config.num_hidden_layers, config.hidden_size
+
+    def per_token(self, seq: float) -> float:
+        return 4 * self.total + 2 * self.trainable + 6 * self.layers * seq * self.hidden
+
+    def formula(self, seq: float) -> str:
+        return (f"4N + 2T + 6·L·s·d with N={self.total / 1e9:.3f}B, T={self.trainable / 1e9:.4f}B, "
+                f"L={self.layers}, s={seq:.0f}, d={self.hidden}")
 
 
 def flops_per_token(model: nn.Module, seq: float) -> tuple[float, str]:
     """(training FLOPs per token at sequence length ``seq``, the formula with its numbers)."""
-    total, trainable, layers, hidden = _dims(model)
-    formula = (f"4N + 2T + 6·L·s·d with N={total / 1e9:.3f}B, T={trainable / 1e9:.4f}B, "
-               f"L={layers}, s={seq:.0f}, d={hidden}")
-    return 4 * total + 2 * trainable + 6 * layers * seq * hidden, formula
+    count = FlopCount(model)
+    return count.per_token(seq), count.formula(seq)
 
 
 class MFUMeter:
     """MFU of a training step from its token and row counts; None on devices with no known peak."""
 
     def __init__(self, model: nn.Module, device: torch.device):
-        self.total, self.trainable, self.layers, self.hidden = _dims(model)
+        self.flops = FlopCount(model)
         self.peak = peak_flops(device)
 
     def __call__(self, tokens: int, rows: int, seconds: float) -> float | None:
         if self.peak is None or seconds <= 0 or rows <= 0:
             return None
-        seq = tokens / rows  # the mean row length stands in for s
-        per_token = 4 * self.total + 2 * self.trainable + 6 * self.layers * seq * self.hidden
-        return tokens * per_token / seconds / self.peak
+        return tokens * self.flops.per_token(tokens / rows) / seconds / self.peak  # mean row length for s
 
 
 def peak_flops(device: torch.device) -> float | None:
