@@ -21,6 +21,7 @@ adapter batches) keeps peft's forward, decided at each call.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 import types
 
 import torch
@@ -103,7 +104,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # the loop's backward runs under autocast
+            return LoRALinearFunction._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         dtype, scale = x.dtype, ctx.scale
         gb = grad @ (lora_b * scale).to(dtype)  # (M, R): s·g B
         grad_x = matmul_lowrank(grad, weight, gb, lora_a.to(dtype), ctx.use_triton) if ctx.needs_input_grad[0] \
@@ -129,8 +136,15 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     flat = x.reshape(-1, x.shape[-1])
     use_triton = self._fused_lora_kernel == "triton" and triton_usable(flat)
-    out = LoRALinearFunction.apply(flat, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                   float(self.scaling[name]), use_triton)
+    weight, bias, device = base.weight, base.bias, flat.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:  # do as autocast does for nn.Linear, once, outside: inside, mixed dtypes would meet in addmm_
+        dtype = torch.get_autocast_dtype(device)
+        flat, weight = flat.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+        out = LoRALinearFunction.apply(flat, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                       float(self.scaling[name]), use_triton)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
