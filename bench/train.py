@@ -57,7 +57,11 @@ def _random_folder(shape: str, dtype: torch.dtype) -> Path:
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                              max_position_embeddings=131072, tie_word_embeddings=False)
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
+        # initialised on the GPU where there is one: an 8B model's random init takes minutes on CPU
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(folder)
+        del model
     return folder
 
 
@@ -76,13 +80,13 @@ def build_model(shape: str, method: str, device: torch.device, checkpointing: bo
     return apply_method(model, method_config, gradient_checkpointing=checkpointing)
 
 
-def load_rows(data: Path, seq: int, count: int) -> list[dict]:
-    """Alpaca rows through the embedded chat template, truncated to ``seq`` tokens."""
+def load_rows(data: Path, seq: int, count: int, tokenizer_path: str = "embedded") -> list[dict]:
+    """Alpaca rows through the chat template of the embedded (or another) tokenizer, truncated to ``seq`` tokens."""
     from tunesmith.config.schema import ModelConfig
     from tunesmith.data.formats import to_canonical
     from tunesmith.models.load import load_tokenizer
 
-    tokenizer = load_tokenizer(ModelConfig())
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=tokenizer_path))
     raw = json.loads(data.read_text()) if data.suffix == ".json" else [json.loads(x) for x in data.open()]
     rows = [to_canonical(r, "alpaca")[0] for r in raw]
     tokenized = tokenize_rows_batched(tokenizer, [r for r in rows if r is not None], seq)
@@ -262,6 +266,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--data", type=Path, default=SHARED / "alpaca_cleaned_sample.json")
+    parser.add_argument("--tokenizer", default="embedded",
+                        help="a tokenizer folder for the random-weight shapes (default: the embedded model's)")
     parser.add_argument("--out", type=Path, default=Path("bench/train-results.jsonl"))
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both paths")
     parser.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
@@ -278,7 +284,7 @@ def main() -> None:
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found: pass --data with an Alpaca-style JSON/JSONL file")
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = load_rows(args.data, args.seq, args.batch * (args.warmup + args.steps))
+    rows = load_rows(args.data, args.seq, args.batch * (args.warmup + args.steps), args.tokenizer)
     padded = sum(max(len(r["input_ids"]) for r in rows[i:i + args.batch]) * len(rows[i:i + args.batch])
                  for i in range(0, len(rows), args.batch))
     real = sum(len(r["input_ids"]) for r in rows)

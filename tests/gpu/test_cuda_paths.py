@@ -153,3 +153,27 @@ def test_bf16_autocast_step_stays_near_fp32():
     for name, grad in full[1].items():
         cosine = torch.nn.functional.cosine_similarity(half[1][name].float().flatten(), grad.flatten(), dim=0)
         assert cosine > 0.98, name
+
+
+def test_packed_rows_in_bf16_take_flash_varlen_and_match_each_row_alone(monkeypatch):
+    from tunesmith.models import varlen
+
+    if varlen.varlen_attn is None:
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10")
+    calls, original = [], varlen._flash_varlen
+    monkeypatch.setattr(varlen, "_flash_varlen", lambda *a: calls.append(1) or original(*a))
+    model, rows = tiny_llama(lora=False).to(torch.bfloat16).eval(), batch_rows()
+    model.set_attn_implementation(varlen.NAME)
+    packed = collate_padding_free(rows)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"].to(CUDA), position_ids=packed["position_ids"].to(CUDA),
+                       use_cache=False).logits[0].float()
+        model.set_attn_implementation("sdpa")
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]], device=CUDA)).logits[0].float()
+            mine = logits[start:start + len(row["input_ids"])]
+            assert (mine - alone).abs().max() <= 0.05 * alone.abs().max()
+            start += len(row["input_ids"])
+    assert len(calls) == 2  # one call per layer for all rows
+
