@@ -40,6 +40,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 
+def text_length(prompts: list, completions: list[str], answers: list) -> list[float]:
+    """A reward with variance on any model, random ones included: the completion's length / 40."""
+    return [len(text) / 40 for text in completions]
+
+
 def starts_with_the(prompts: list, completions: list[str], answers: list) -> list[float]:
     """A programmatic reward for GRPO tests: 1.0 where the completion's first word is "The". The
     embedded model opens about a third of its sampled replies so: a reward with variance to learn from."""

@@ -69,3 +69,22 @@ def load_reward(name: str) -> RewardFunction:
     if not callable(function):
         raise ValueError(f"reward {name!r} is not callable")
     return function
+
+
+class WeightedRewards:
+    """The configured reward functions, loaded once: ``names`` as module:function, summed with
+    ``weights`` (all 1 by default) into one float per completion."""
+
+    def __init__(self, names: list[str], weights: list[float] | None = None):
+        self.functions = [load_reward(name) for name in names]
+        self.weights = weights or [1.0] * len(self.functions)
+
+    def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str | None]) -> list[float]:
+        total = [0.0] * len(completions)
+        for function, weight in zip(self.functions, self.weights):
+            values = function(prompts, completions, answers)
+            if len(values) != len(completions):
+                raise ValueError(f"reward {function.__name__} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
+            total = [t + weight * float(v) for t, v in zip(total, values)]
+        return total

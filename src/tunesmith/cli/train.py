@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         from tunesmith.recipes.dpo import run_pairs as run_task
     elif config.task == "grpo":
         from tunesmith.recipes.grpo import run_grpo as run_task
+    elif config.task == "ppo":
+        from tunesmith.recipes.ppo import run_ppo as run_task
     else:
         from tunesmith.recipes.sft import run_sft as run_task
     run_dir = run_task(config, resume=args.resume, overwrite=args.overwrite).run_dir

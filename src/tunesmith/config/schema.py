@@ -279,34 +279,73 @@ class PreferenceConfig(StrictModel):
         return self.loss not in ("simpo", "orpo")
 
 
-class GRPOConfig(StrictModel):
+class SampledRewards(StrictModel):
+    """What online tasks (grpo, ppo) share: how completions are sampled and which functions score them."""
+
+    rewards: list[str] = Field([], description="reward functions as module:function, each (prompts, completions, "
+                               "answers) -> list of floats")
+    reward_weights: list[float] | None = Field(None, description="one per reward (default: all 1)")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> SampledRewards:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
+        return self
+
+
+class GRPOConfig(SampledRewards):
     """``task: grpo``: group sampling, rewards and the clipped objective."""
 
     rewards: list[str] = Field(["tunesmith.rewards:gsm8k_exact"], min_length=1, description="reward functions "
                                "as module:function, each (prompts, completions, answers) -> list of floats")
-    reward_weights: list[float] | None = Field(None, description="one per reward (default: all 1)")
     group_size: int = Field(4, ge=2, description="completions sampled per prompt (G)")
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     beta: float = Field(0.04, ge=0.0, description="coefficient of the per-token KL to the reference (0: no reference)")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio")
 
+
+class PPOConfig(SampledRewards):
+    """``task: ppo``: one completion per prompt, scored by reward functions or a reward model; a value
+    head on the policy; several clipped updates per batch of rollouts."""
+
+    reward_model: str | None = Field(None, description="a task: reward run folder whose model scores each "
+                                     "prompt + completion (instead of rewards)")
+    max_new_tokens: int = Field(64, ge=1)
+    ppo_epochs: int = Field(4, ge=1, description="passes over each batch of rollouts")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass; the batch's rollouts split evenly")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio")
+    value_clip: float = Field(0.2, gt=0.0, description="clip range of a value's change from the rollout's")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss")
+    gamma: float = Field(1.0, gt=0.0, le=1.0, description="discount")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda")
+    kl_coef: float = Field(0.05, ge=0.0, description="(initial) coefficient of the per-token KL penalty in the reward")
+    target_kl: float | None = Field(6.0, gt=0.0, description="adaptive KL controller (Ziegler et al. 2019): the "
+                                    "KL per completion it steers to; null keeps kl_coef fixed")
+    kl_horizon: int = Field(10000, ge=1, description="the adaptive controller's horizon, in rollouts")
+    whiten_advantages: bool = True
+
     @model_validator(mode="after")
-    def _weights_match(self) -> GRPOConfig:
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for "
-                             f"{len(self.rewards)} rewards")
+    def _one_reward_source(self) -> PPOConfig:
+        if bool(self.rewards) == bool(self.reward_model):
+            raise ValueError("ppo needs exactly one reward source: ppo.rewards (module:function names) or "
+                             "ppo.reward_model (a task: reward run folder)")
         return self
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.ppo_epochs * self.minibatches
 
 
 class Config(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["sft", "pretrain", "dpo", "reward", "grpo"] = Field(
+    task: Literal["sft", "pretrain", "dpo", "reward", "grpo", "ppo"] = Field(
         "sft", description="pretrain: continued pre-training: documents packed end to end into data.max_seq_len "
         "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section; reward: "
         "a reward model (a scoring head on the LM) trained on preference pairs; grpo: sampled completions of "
-        "the prompts scored by reward functions (the grpo section)")
+        "the prompts scored by reward functions (the grpo section); ppo: one completion per prompt scored by reward "
+        "functions or a reward model, with a value head, GAE and several clipped updates per batch (the ppo section)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -314,13 +353,26 @@ class Config(StrictModel):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    ppo: PPOConfig = Field(default_factory=lambda: PPOConfig(rewards=["tunesmith.rewards:gsm8k_exact"]))
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
         if self.task == "reward" and self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
             raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
-        if self.task in ("dpo", "reward", "grpo"):
+        if self.task == "ppo":
+            per_batch = self.ppo.steps_per_batch
+            if self.training.grad_accum != 1:
+                raise ValueError("task ppo: training.grad_accum must be 1 (each optimizer step is one minibatch of "
+                                 "rollouts; raise training.batch_size for more rollouts per batch)")
+            if self.training.save_every and self.training.save_every % per_batch:
+                raise ValueError(f"task ppo: training.save_every ({self.training.save_every}) must be a multiple of "
+                                 f"ppo.ppo_epochs x ppo.minibatches ({per_batch}), so that checkpoints fall between "
+                                 f"batches of rollouts and a resumed run samples what the first would have")
+            if self.training.batch_size < self.ppo.minibatches:
+                raise ValueError(f"task ppo: training.batch_size ({self.training.batch_size} prompts per batch) is "
+                                 f"smaller than ppo.minibatches ({self.ppo.minibatches})")
+        if self.task in ("dpo", "reward", "grpo", "ppo"):
             for wrong, why in ((self.data.replay is not None, "data.replay"),
                                (self.regularization.kl_to_base > 0, "regularization.kl_to_base")):
                 if wrong:

@@ -91,6 +91,11 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     return Generation(new, text, reason)
 
 
+def _cut_at_stop(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
+    """Each row cut after its first stop token, which it keeps (a policy learns to stop)."""
+    return [row[:next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in rows]
+
+
 def sample_group(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, count: int,
                  sampling: SamplingConfig) -> list[list[int]]:
     """``count`` sampled completions of one prompt ``input_ids`` (1, seq), generated together with a
@@ -103,11 +108,25 @@ def sample_group(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
                                 temperature=sampling.temperature, top_p=sampling.top_p, num_return_sequences=count,
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
                                 pad_token_id=tokenizer.pad_token_id)
-    completions = []
-    for row in output[:, input_ids.shape[1]:].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        completions.append(row[:end])
-    return completions
+    return _cut_at_stop(output[:, input_ids.shape[1]:].tolist(), eos)
+
+
+def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                 sampling: SamplingConfig) -> list[list[int]]:
+    """One sampled completion of each prompt (token ids), all generated in one left-padded batch
+    with a KV cache; each is cut after its first stop token, which it keeps."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    eos = stop_token_ids(model, tokenizer)
+    with evaluating(model):
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
+                                pad_token_id=pad)
+    return _cut_at_stop(output[:, width:].tolist(), eos)
 
 
 def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],

@@ -72,7 +72,8 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
     if accelerator.is_main_process:
         save_final_model(final, tokenizer, run_dir)
         write_summary(run_dir, {**run_summary(config, final, result, run_dir), **summary})
-        log.info("saved %s (train loss %.4f%s)", run_dir / "model", result.final_train_loss or float("nan"),
+        log.info("saved %s (train loss %.4f%s)", run_dir / "model",
+                 float("nan") if result.final_train_loss is None else result.final_train_loss,
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
     return RunResult(run_dir, final, result)
 

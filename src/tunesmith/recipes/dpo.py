@@ -30,10 +30,11 @@ from tunesmith.train.run import open_run_dir
 log = logging.getLogger(__name__)
 
 
-def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each label token, the index of its sequence), both (tokens,). The head
-    runs at label positions only where the model allows (``decoder_and_head``)."""
+def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At each position that predicts a label token: (the final hidden state (tokens, hidden), the
+    logits (tokens, vocab), the label (tokens,), the index of its sequence (tokens,)). The head runs
+    at those positions only where the model allows (``decoder_and_head``)."""
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     targets = labels[:, 1:]  # (batch, seq-1)
@@ -41,15 +42,24 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool 
     parts = decoder_and_head(model) if chunked else None
     if parts is not None:
         decoder, head = parts
-        logits = head(decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask])  # (tokens, vocab)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+        logits = head(hidden)
     else:
-        logits = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:][:, :-1][mask]
-    values = logits.float().log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # (tokens,)
+        out = model(**inputs, use_cache=False, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -labels.shape[1]:][:, :-1][mask]
+        logits = out.logits[:, -labels.shape[1]:][:, :-1][mask]
     if "attention_mask" in batch or "position_ids" not in batch:  # padded: a row per batch row
         row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
     else:  # packed: rows start where the position ids restart
         row = ((batch["position_ids"] == 0).cumsum(-1) - 1)[:, 1:].expand_as(targets)
-    return values, row[mask]
+    return hidden, logits, targets[mask], row[mask]
+
+
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each label token, the index of its sequence), both (tokens,)."""
+    _, logits, targets, row = label_outputs(model, batch, chunked)
+    return logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1), row
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True

@@ -31,14 +31,15 @@ from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
 from tunesmith.recipes.common import RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.recipes.dpo import token_logps
 from tunesmith.recipes.sft import apply_speedups, packs_padding_free
-from tunesmith.rewards import RewardFunction, load_reward
+from tunesmith.rewards import WeightedRewards
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
 
 
-def build_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> datasets.Dataset:
+def build_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                  task: str = "grpo") -> datasets.Dataset:
     """Prompts from chat rows: every turn but the last assistant reply, which becomes the reference
     answer handed to the reward functions (GSM8K's ``#### n`` lives there)."""
     report = DataReport()
@@ -47,14 +48,14 @@ def build_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_ne
     for row in rows:
         messages = row.row.get("messages")
         if not messages:
-            report.add(row.file, row.line, "row", "task grpo needs chat rows (a prompt and a reference reply), "
+            report.add(row.file, row.line, "row", f"task {task} needs chat rows (a prompt and a reference reply), "
                        "not raw text")
             continue
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         encoded = encode_prompt(tokenizer, prompt)[0].tolist()
         if len(encoded) + max_new_tokens > config.max_seq_len:
             report.add(row.file, row.line, "messages", f"the prompt is {len(encoded)} tokens; with "
-                       f"grpo.max_new_tokens {max_new_tokens} it passes data.max_seq_len {config.max_seq_len}")
+                       f"{task}.max_new_tokens {max_new_tokens} it passes data.max_seq_len {config.max_seq_len}")
             continue
         prompts.append(json.dumps(prompt))
         answers.append(messages[-1]["content"] if messages[-1]["role"] == "assistant" else "")
@@ -80,24 +81,13 @@ class GRPOObjective:
     (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
-                 rewards: list[RewardFunction], reference, packed: bool):
+                 rewards: WeightedRewards, reference, packed: bool):
         self.config, self.tokenizer, self.prompts, self.reference, self.packed = config, tokenizer, prompts, \
             reference, packed
         self.rewards = rewards
-        self.weights = config.reward_weights or [1.0] * len(self.rewards)
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p)
         self.tally: defaultdict = defaultdict(float)
-
-    def score(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> torch.Tensor:
-        total = torch.zeros(len(completions))
-        for function, weight in zip(self.rewards, self.weights):
-            values = function(prompts, completions, answers)
-            if len(values) != len(completions):
-                raise ValueError(f"reward {function.__name__} returned {len(values)} values for "
-                                 f"{len(completions)} completions")
-            total += weight * torch.tensor(values, dtype=torch.float32)
-        return total
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         group = self.config.group_size
@@ -111,7 +101,7 @@ class GRPOObjective:
                 prompts.append(json.loads(row["prompt"]))
                 texts.append(self.tokenizer.decode(completion, skip_special_tokens=True))
                 answers.append(row["answer"])
-        rewards = self.score(prompts, texts, answers)  # (prompts * group,)
+        rewards = torch.tensor(self.rewards(prompts, texts, answers))  # (prompts * group,)
         advantages = group_advantages(rewards.view(len(rows), group)).flatten()
         device = batch["input_ids"].device
         packed = collate_padding_free(sequences) if self.packed else collate_batch(sequences,
@@ -147,7 +137,7 @@ class GRPOObjective:
 def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and reward functions, train, and write the run folder (as SFT does)."""
     try:
-        rewards = [load_reward(name) for name in config.grpo.rewards]
+        rewards = WeightedRewards(config.grpo.rewards, config.grpo.reward_weights)
     except ValueError as err:
         raise ConfigError([f"grpo.rewards: {err}"]) from None
     accelerator, source, tokenizer = start_run(config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ class TrainState:
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
+    objective: dict = field(default_factory=dict)  # what a stateful objective needs to resume (PPO's KL coefficient)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

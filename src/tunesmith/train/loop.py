@@ -36,7 +36,9 @@ Batch = dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
-    """What a recipe trains: a loss summed over units, and the unit count used to normalise it."""
+    """What a recipe trains: a loss summed over units, and the unit count used to normalise it.
+    Optional: ``take_metrics(mode)`` (what it tallied), and ``state_dict()``/``load_state_dict(d)``
+    (JSON-able state that checkpoints keep, such as PPO's adaptive KL coefficient)."""
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
@@ -274,6 +276,8 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        if state.objective:
+            objective.load_state_dict(state.objective)
         log.info("resumed from %s at step %d", resume_from, state.global_step)
     metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step, accelerator.is_main_process)
     progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
@@ -318,6 +322,7 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
             result.stopped_early = _early_stop(state, result.final_eval_loss, config.early_stopping_patience)
         if config.save_every and (state.global_step % config.save_every == 0) and not last:
             accelerator.wait_for_everyone()
+            state.objective = objective.state_dict() if hasattr(objective, "state_dict") else {}
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, config.keep_last)
         if result.stopped_early:
