@@ -30,11 +30,12 @@ from tunesmith.train.run import open_run_dir
 log = logging.getLogger(__name__)
 
 
-def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True, hidden_states: bool = False
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """At each position that predicts a label token: (the final hidden state (tokens, hidden), the
     logits (tokens, vocab), the label (tokens,), the index of its sequence (tokens,)). The head runs
-    at those positions only where the model allows (``decoder_and_head``)."""
+    at those positions only where the model allows (``decoder_and_head``). Off that path the hidden
+    states are asked for only with ``hidden_states`` (else None): every layer's would stay alive."""
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     targets = labels[:, 1:]  # (batch, seq-1)
@@ -45,8 +46,8 @@ def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], chunked: boo
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
         logits = head(hidden)
     else:
-        out = model(**inputs, use_cache=False, output_hidden_states=True)
-        hidden = out.hidden_states[-1][:, -labels.shape[1]:][:, :-1][mask]
+        out = model(**inputs, use_cache=False, output_hidden_states=hidden_states)
+        hidden = out.hidden_states[-1][:, -labels.shape[1]:][:, :-1][mask] if hidden_states else None
         logits = out.logits[:, -labels.shape[1]:][:, :-1][mask]
     if "attention_mask" in batch or "position_ids" not in batch:  # padded: a row per batch row
         row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)

@@ -89,7 +89,7 @@ def policy_outputs(model: nn.Module, value_head: nn.Module, batch: dict[str, tor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per completion token: (log π, the value estimate of the state before it, the policy's
     entropy there, the token's sequence index), all (tokens,)."""
-    hidden, logits, targets, index = label_outputs(model, batch)
+    hidden, logits, targets, index = label_outputs(model, batch, hidden_states=True)
     log_probs = logits.float().log_softmax(-1)  # (tokens, vocab)
     logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).detach()
