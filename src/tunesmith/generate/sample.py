@@ -100,15 +100,7 @@ def sample_group(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
                  sampling: SamplingConfig) -> list[list[int]]:
     """``count`` sampled completions of one prompt ``input_ids`` (1, seq), generated together with a
     KV cache; each is cut after its first stop token, which it keeps (a policy learns to stop)."""
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    eos = stop_token_ids(model, tokenizer)
-    with evaluating(model):
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                                temperature=sampling.temperature, top_p=sampling.top_p, num_return_sequences=count,
-                                max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id)
-    return _cut_at_stop(output[:, input_ids.shape[1]:].tolist(), eos)
+    return sample_batch(model, tokenizer, [input_ids[0].tolist()] * count, sampling)
 
 
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
