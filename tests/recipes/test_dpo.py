@@ -182,3 +182,73 @@ def test_long_pairs_lose_the_start_of_the_prompt_not_the_reply(tokenizer):
         assert text in tokenizer.decode([t for t in labels if t != -100])  # the whole reply still trains
     assert pair["chosen_input_ids"] != pair["rejected_input_ids"]
     assert report.truncated == 2 and "the start of the prompt was cut" in report.warnings[0]
+
+
+def unpaired_rows(count=36):
+    """KTO's unpaired rows on the counting task: twice as many undesirable replies (counting down)
+    as desirable ones (counting up), each a row of its own, the prompts not lined up in pairs."""
+    rows = []
+    for index in range(count):
+        n = 2 + index % 9
+        desirable = index % 3 == 0
+        numbers = range(1, n + 1) if desirable else range(n, 0, -1)
+        rows.append({"prompt": f"Count to {n}.", "completion": " ".join(str(i) for i in numbers), "label": desirable})
+    return rows
+
+
+def test_kto_learns_from_unpaired_rows(tiny_model_dir, pairs_file, tmp_path):
+    """Unpaired rows with a desirable flag train KTO; held-out *pairs* measure what it learnt."""
+    data = write_jsonl(tmp_path / "unpaired.jsonl", unpaired_rows())
+    tree = dpo_tree(tiny_model_dir, data, tmp_path / "runs", "kto", max_steps=16, eval_every=8)
+    tree["data"]["eval"] = str(pairs_file)
+    run = run_pairs(build_config(tree))
+    records = read_metrics(run.run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert {"rewards/desirable", "rewards/undesirable", "kl_reference_point"} <= set(train[0])
+    assert train[-1]["rewards/margin"] > train[0]["rewards/margin"] + 0.3
+    assert train[-1]["rewards/desirable"] > 0 > train[-1]["rewards/undesirable"]
+    assert evals[-1]["eval_rewards/accuracy"] >= 0.8 and evals[-1]["eval_rewards/margin"] > 0.1
+
+
+def test_kto_splits_pairs_and_precomputes_unpaired_references(tiny_model_dir, tokenizer, tmp_path):
+    """A KTO run's training rows are unpaired (a pair gives a desirable and an undesirable row);
+    reference log-probabilities computed once give the run the on-the-fly reference gives."""
+    from tunesmith.config.schema import DataConfig
+    from tunesmith.data.pairs import build_pair_datasets
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", unpaired_rows(6))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", counting_pairs(4))
+    train, held, _ = build_pair_datasets(DataConfig(train=[str(mixed), str(pairs)], eval=str(pairs)), tokenizer,
+                                         unpaired=True)
+    assert len(train) == 6 + 2 * 4 and sorted(set(train.column_names)) == ["desirable", "input_ids", "labels",
+                                                                          "where"]
+    assert sum(train["desirable"]) == 2 + 4 and "chosen_input_ids" in held.column_names  # eval pairs stay pairs
+    batch = collate_pairs([train[i] for i in range(3)], True, tokenizer.pad_token_id)
+    assert batch["desirable"].tolist() == [True, False, False] and int((batch["position_ids"] == 0).sum()) == 3
+
+    losses = []
+    for flag in (False, True):
+        tree = dpo_tree(tiny_model_dir, mixed, tmp_path / f"runs-{flag}", "kto", max_steps=3, optimizer="sgd", lr=0.1)
+        tree["preference"]["precompute_reference"] = flag
+        run = run_pairs(build_config(tree))
+        losses.append([r["loss"] for r in read_metrics(run.run_dir) if "loss" in r])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_unpaired_rows_are_checked_and_need_kto(tiny_model_dir, tmp_path):
+    rows = unpaired_rows(6)
+    rows[1]["label"] = "yes"
+    rows[3]["completion"] = " "
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as caught:
+        run_pairs(build_config(dpo_tree(tiny_model_dir, bad, tmp_path / "runs", "kto")))
+    text = "\n".join(caught.value.problems)
+    assert f"{bad}:2: label: must be true (a desirable reply) or false (an undesirable one), not 'yes'" in text
+    assert f"{bad}:4: completion: the reply is empty" in text
+    good = write_jsonl(tmp_path / "good.jsonl", unpaired_rows(6))
+    with pytest.raises(DataError) as caught:
+        run_pairs(build_config(dpo_tree(tiny_model_dir, good, tmp_path / "runs", "dpo")))
+    assert f"{good}:1: row: unpaired rows (prompt, completion, label) train only with preference.loss kto" in \
+        "\n".join(caught.value.problems)
+    assert not (tmp_path / "runs").exists()

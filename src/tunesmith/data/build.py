@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config.schema import DataConfig, DatasetConfig
 from tunesmith.data.formats import CHAT_FORMATS, detect_format, to_canonical
-from tunesmith.data.preference import as_chat
+from tunesmith.data.preference import as_chat, sides
 from tunesmith.data.readers import jsonl_lines, parse_json_line, read_rows
 from tunesmith.data.tokenize import tokenize_rows_batched
 from tunesmith.errors import DataError
@@ -166,7 +166,7 @@ def _check_tokenized(rows: list[CanonicalRow], tokenizer: PreTrainedTokenizerBas
                      report: DataReport) -> list[TokenizedItem]:
     """Tokenize; over-long rows are warned about, empty-label rows follow ``config.empty_labels``."""
     # A preference pair is checked twice: prompt + chosen, prompt + rejected.
-    jobs = [(r, side) for r in rows for side in (("chosen", "rejected") if "prompt" in r.row else ("row",))]
+    jobs = [(r, side) for r in rows for side in (sides(r.row) or ("row",))]
     chat_rows = [as_chat(r.row, side) for r, side in jobs]
     kept = []
     for (item, side), tokenized in zip(jobs, tokenize_rows_batched(

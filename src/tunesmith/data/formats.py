@@ -13,7 +13,8 @@ from typing import Any
 CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text")
 # Two-field formats: (user field, assistant field).
 PAIR_FIELDS = {"qa": ("question", "answer"), "completion": ("prompt", "completion")}
-PREFERENCE_FORMATS = ("preference", "openai_preference", "hh")
+# "unpaired": one reply with a desirable flag (TRL's prompt/completion/label rows), for KTO.
+PREFERENCE_FORMATS = ("preference", "openai_preference", "hh", "unpaired")
 FORMATS = CHAT_FORMATS + PREFERENCE_FORMATS
 ROLES = ("system", "user", "assistant")
 # Keys a turn may carry besides its role and text (metadata the formats define); others are warned about.
@@ -38,6 +39,8 @@ def detect_format(row: Any) -> str | None:
     ('sharegpt', 'text', None)
     >>> detect_format({"chosen": "", "rejected": ""}), detect_format({"prompt": "", "chosen": "", "rejected": ""})
     ('hh', 'preference')
+    >>> detect_format({"prompt": "", "completion": "", "label": True}), detect_format({"prompt": "", "completion": ""})
+    ('unpaired', 'completion')
     """
     if not isinstance(row, dict):
         return None
@@ -49,6 +52,8 @@ def detect_format(row: Any) -> str | None:
         return "openai_preference"
     if "chosen" in row or "rejected" in row:
         return "preference" if "prompt" in row else "hh"
+    if "completion" in row and ("label" in row or "desirable" in row):
+        return "unpaired"
     if "instances" in row and "instruction" in row:
         return "seed_tasks"
     if "question" in row and "answer" in row:
@@ -229,7 +234,7 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
             return None, problems
         messages = [{"role": "user", "content": row[user_key]}, {"role": "assistant", "content": row[reply_key]}]
         problems = _check_replies(messages, reply_key, own_field=reply_key)
-    elif fmt in ("preference", "openai_preference", "hh"):
+    elif fmt in PREFERENCE_FORMATS:
         from tunesmith.data.preference import preference_to_canonical  # it builds on this module
 
         return preference_to_canonical(row, fmt)

@@ -1,6 +1,7 @@
 """Preference pairs for ``task: dpo``: rows read and checked like every dataset (errors name file,
 line and field), each side tokenized through the chat template with the prompt masked, and
-micro-batches that put the chosen replies first and the rejected ones after them."""
+micro-batches that put the chosen replies first and the rejected ones after them. KTO's unpaired
+rows (one reply and a desirable flag) go through the same steps as one-sided rows."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tunesmith.data.build import DataReport, hold_out, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.formats import PREFERENCE_FORMATS
-from tunesmith.data.preference import as_chat
+from tunesmith.data.preference import as_chat, sides
 from tunesmith.data.tokenize import UNLIMITED, tokenize_rows_batched
 from tunesmith.errors import DataError
 
@@ -27,15 +28,18 @@ log = logging.getLogger(__name__)
 
 def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
                      report: DataReport) -> list[dict[str, Any]]:
-    chats = [as_chat(r.row, side) for r in rows for side in SIDES]
+    """Pairs as ``{chosen,rejected}_{input_ids,labels}``; unpaired rows as ``input_ids``, ``labels``
+    and ``desirable``."""
+    jobs = [(index, side) for index, r in enumerate(rows) for side in sides(r.row)]
     # Tokenized whole, then cut from the left: the replies are the only difference between the two
     # sides, and a cut on the right would drop them (making a long pair two identical sequences).
-    results = tokenize_rows_batched(tokenizer, chats, UNLIMITED, False)
-    pairs = []
+    results = dict(zip(jobs, tokenize_rows_batched(tokenizer, [as_chat(rows[i].row, side) for i, side in jobs],
+                                                   UNLIMITED, False)))
+    items = []
     for index, row in enumerate(rows):
-        pair, ok = {"where": row.where}, True
-        for offset, side in enumerate(SIDES):
-            tokenized = results[2 * index + offset]
+        item, ok = {"where": row.where}, True
+        for side in sides(row.row):
+            tokenized = results[index, side]
             if isinstance(tokenized, ValueError):
                 report.add(row.file, row.line, side, str(tokenized))
                 ok = False
@@ -52,30 +56,61 @@ def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: Dat
                     report.add(row.file, row.line, f"{side}.{name}", message)
                 ok = False
                 continue
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = tokenized.input_ids, tokenized.labels
+            prefix = "" if side == "completion" else f"{side}_"
+            item[f"{prefix}input_ids"], item[f"{prefix}labels"] = tokenized.input_ids, tokenized.labels
             report.trainable_tokens += tokenized.trainable_tokens
+        if "desirable" in row.row:
+            item["desirable"] = row.row["desirable"]
         if ok:
             report.rows += 1
-            pairs.append(pair)
-    return pairs
+            items.append(item)
+    return items
+
+
+def split_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair as two unpaired rows (chosen: desirable, rejected: undesirable); unpaired rows as they are."""
+    out = []
+    for item in items:
+        if "desirable" in item:
+            out.append(item)
+            continue
+        for side in SIDES:
+            out.append({"where": item["where"], "input_ids": item[f"{side}_input_ids"],
+                        "labels": item[f"{side}_labels"], "desirable": side == "chosen"})
+    return out
 
 
 def _as_dataset(pairs: list[dict[str, Any]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({key: [p[key] for p in pairs] for key in pairs[0]})
 
 
-def build_pair_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
-                        ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
-    """Train and eval datasets of tokenized pairs; raises ``DataError`` listing every error."""
+def build_pair_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                        unpaired: bool = False) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Train and eval datasets of tokenized pairs; raises ``DataError`` listing every error.
+
+    With ``unpaired`` (KTO) the training rows are unpaired: pairs are split into a desirable and an
+    undesirable row. Eval rows stay pairs where all of them are (so the implicit rewards' pairwise
+    accuracy is measured). Without it, a file of unpaired rows is an error that names it."""
     report = DataReport()
     train = [r for d in config.train for r in read_canonical(d, report, PREFERENCE_FORMATS)]
     evaluation = [r for d in config.eval for r in read_canonical(d, report, PREFERENCE_FORMATS)]
+    if not unpaired:
+        named = set()
+        for row in train + evaluation:
+            if "desirable" in row.row and row.file not in named:
+                named.add(row.file)
+                report.add(row.file, row.line, "row", "unpaired rows (prompt, completion, label) train only with "
+                           "preference.loss kto; the other losses need chosen/rejected pairs")
     train_pairs = _tokenized_pairs(train, tokenizer, config, report)
     eval_pairs = _tokenized_pairs(evaluation, tokenizer, config, report)
     if report.errors:
         raise DataError(report.errors, report.warnings)
     if not eval_pairs:
         train_pairs, eval_pairs = hold_out(train_pairs, config.eval_fraction, seed)
+    if unpaired:
+        train_pairs = split_pairs(train_pairs)
+        if any("desirable" in item for item in eval_pairs):
+            eval_pairs = split_pairs(eval_pairs)
     for warning in report.warnings:
         log.warning("%s", warning)
     if not train_pairs:
@@ -85,10 +120,19 @@ def build_pair_datasets(config: DataConfig, tokenizer: PreTrainedTokenizerBase, 
 
 def collate_pairs(rows: list[dict[str, Any]], packed: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B sequences: the B chosen replies, then the B rejected ones (packed
-    padding-free, or padded). Precomputed reference log-probabilities come along as ``reference``."""
-    sequences = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in SIDES for r in rows]
+    padding-free, or padded). B unpaired rows -> B sequences and their ``desirable`` flags.
+    Precomputed reference log-probabilities come along as ``reference``."""
+    if "desirable" in rows[0]:
+        sequences = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    else:
+        sequences = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]} for side in SIDES
+                     for r in rows]
     batch = collate_padding_free(sequences) if packed else collate_batch(sequences, pad_token_id)
-    if "reference_chosen" in rows[0]:
+    if "desirable" in rows[0]:
+        batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
+        if "reference" in rows[0]:
+            batch["reference"] = torch.tensor([r["reference"] for r in rows], dtype=torch.float32)
+    elif "reference_chosen" in rows[0]:
         batch["reference"] = torch.tensor([r[f"reference_{side}"] for side in SIDES for r in rows],
                                           dtype=torch.float32)
     return batch

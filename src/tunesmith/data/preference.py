@@ -1,9 +1,11 @@
-"""Preference data -> canonical preference rows ``{"prompt": [messages], "chosen": str, "rejected": str}``.
+"""Preference data -> canonical preference rows ``{"prompt": [messages], "chosen": str, "rejected": str}``,
+or unpaired rows ``{"prompt": [messages], "completion": str, "desirable": bool}`` (for KTO).
 
-Three source formats: explicit ``prompt``/``chosen``/``rejected`` (strings or chat messages),
+Three pair formats: explicit ``prompt``/``chosen``/``rejected`` (strings or chat messages),
 OpenAI's preference format (``input.messages``, ``preferred_output``, ``non_preferred_output``)
 and Anthropic HH transcripts (``chosen``/``rejected`` strings of ``\\n\\nHuman:`` /
-``\\n\\nAssistant:`` turns that share every turn but the last).
+``\\n\\nAssistant:`` turns that share every turn but the last). Unpaired rows are TRL's
+``prompt``/``completion``/``label`` (``desirable`` is taken for ``label``).
 """
 
 from __future__ import annotations
@@ -50,16 +52,42 @@ def _prompt_messages(value: Any, field: str, problems: list[Problem]) -> list[di
     return None
 
 
+def _check_prompt(prompt: list[dict[str, str]], field: str) -> list[Problem]:
+    if not prompt:
+        return [Problem(field, "the prompt is empty")]
+    if prompt[-1]["role"] != "user":
+        return [Problem(field, f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")]
+    order = check_turn_order(prompt + [{"role": "assistant", "content": "x"}], field)
+    return [p for p in order if p.severity == "error"]
+
+
+def _unpaired(row: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
+    problems: list[Problem] = []
+    flag = "label" if "label" in row else "desirable"
+    if "label" in row and "desirable" in row:
+        problems.append(Problem("desirable", "give the flag once: label or desirable, not both"))
+    elif not isinstance(row.get(flag), bool):
+        problems.append(Problem(flag, f"must be true (a desirable reply) or false (an undesirable one), not "
+                                      f"{row.get(flag)!r}"))
+    if "prompt" not in row:
+        return None, problems + [Problem("prompt", "missing")]
+    prompt = _prompt_messages(row["prompt"], "prompt", problems)
+    completion = _reply_text(row.get("completion"), "completion", problems)
+    if prompt is not None:
+        problems += _check_prompt(prompt, "prompt")
+    elif not any(p.field == "prompt" for p in problems):
+        problems.append(Problem("prompt", "missing or empty"))
+    if completion is not None and not completion.strip():
+        problems.append(Problem("completion", "the reply is empty or whitespace only"))
+    if problems:
+        return None, problems
+    return {"prompt": prompt, "completion": completion, "desirable": row[flag]}, problems
+
+
 def _finish(prompt: list[dict[str, str]] | None, chosen: str | None, rejected: str | None, prompt_field: str,
             problems: list[Problem]) -> tuple[dict[str, Any] | None, list[Problem]]:
     if prompt is not None:
-        if not prompt:
-            problems.append(Problem(prompt_field, "the prompt is empty"))
-        elif prompt[-1]["role"] != "user":
-            problems.append(Problem(prompt_field, f"the prompt must end with a user turn, not {prompt[-1]['role']!r}"))
-        else:
-            order = check_turn_order(prompt + [{"role": "assistant", "content": "x"}], prompt_field)
-            problems += [p for p in order if p.severity == "error"]
+        problems += _check_prompt(prompt, prompt_field)
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if text is not None and not text.strip():
             problems.append(Problem(name, "the reply is empty or whitespace only"))
@@ -79,6 +107,8 @@ def preference_to_canonical(row: dict[str, Any], fmt: str) -> tuple[dict[str, An
     'chosen and rejected are identical: the pair teaches nothing; drop it'
     """
     problems: list[Problem] = []
+    if fmt == "unpaired":
+        return _unpaired(row)
     if fmt == "preference":
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
@@ -119,12 +149,18 @@ def preference_to_canonical(row: dict[str, Any], fmt: str) -> tuple[dict[str, An
     raise ValueError(f"unknown preference format {fmt!r}")
 
 
-def as_chat(row: dict[str, Any], side: str = "chosen") -> dict[str, Any]:
-    """A canonical row as a chat row: a preference pair becomes its prompt + the ``side`` reply.
+def sides(row: dict[str, Any]) -> tuple[str, ...]:
+    """The replies a canonical row holds: a pair's two, an unpaired row's one, a chat row's none."""
+    return ("chosen", "rejected") if "chosen" in row else ("completion",) if "completion" in row else ()
+
+
+def as_chat(row: dict[str, Any], side: str | None = None) -> dict[str, Any]:
+    """A canonical row as a chat row: a preference pair becomes its prompt + the ``side`` reply
+    (default: the chosen one), an unpaired row its prompt + its completion.
 
     >>> as_chat({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}, "rejected")
     {'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'b'}]}
     """
     if "prompt" not in row:
         return row
-    return {"messages": row["prompt"] + [{"role": "assistant", "content": row[side]}]}
+    return {"messages": row["prompt"] + [{"role": "assistant", "content": row[side or sides(row)[0]]}]}

@@ -94,11 +94,14 @@ def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 class PreferenceObjective:
     """The loss of ``preference.loss`` summed over pairs (the unit is one pair), with rewards,
-    accuracy, margin and a KL estimate tallied per mode for the metrics."""
+    accuracy, margin and a KL estimate tallied per mode for the metrics. KTO's batches of unpaired
+    rows (a ``desirable`` flag each) are summed over rows."""
 
     def __init__(self, config: PreferenceConfig, reference, chunked: bool = True):
         self.config, self.reference, self.chunked = config, reference, chunked
-        self.tallies: dict[str, defaultdict] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        # metric -> [sum, count]; each metric is reported as sum / count
+        self.tallies: dict[str, defaultdict] = {"train": defaultdict(lambda: [0.0, 0]),
+                                                "eval": defaultdict(lambda: [0.0, 0])}
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reference" in batch:
@@ -109,6 +112,8 @@ class PreferenceObjective:
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         config = self.config
         sums, counts = sequence_logps(model, batch, self.chunked)
+        if "desirable" in batch:
+            return self._unpaired_loss(model, batch, sums, counts)
         pairs = sums.shape[0] // 2
         averages = sums / counts.clamp(min=1)
         if config.needs_reference:
@@ -127,34 +132,60 @@ class PreferenceObjective:
             loss = losses.simpo_loss(averages[:pairs], averages[pairs:], config.beta, config.gamma)
         elif config.loss == "orpo":
             loss = losses.orpo_loss(averages[:pairs], averages[pairs:], config.orpo_lambda)
-        else:  # kto: the chosen replies are the desirable rows, the rejected ones the undesirable
+        else:  # kto on pairs (held-out pairs of a KTO run): the chosen replies desirable, the rejected not
             desirable = torch.arange(2 * pairs, device=sums.device) < pairs
-            # z0: the batch's mean log-ratio, clamped at 0, as the paper's KL estimate (no gradient)
-            point = (sums - reference).detach().mean().clamp(min=0)
-            loss = 0.5 * losses.kto_loss(sums, reference, desirable, point, config.beta, config.kto_desirable_weight,
-                                         config.kto_undesirable_weight).view(2, pairs).sum(0)
+            loss = 0.5 * self._kto(model, sums, reference, desirable).view(2, pairs).sum(0)
         self._tally(model, rewards, pairs, (sums - reference).detach() if config.needs_reference else None, counts)
         return loss.sum()
 
+    def _kto(self, model: nn.Module, sums: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+        # z0: the batch's mean log-ratio, clamped at 0, as the estimate of KL(π ‖ π_ref) (no gradient).
+        # The paper estimates it on mismatched prompt/reply pairs, which costs a third forward pass
+        # of the policy and the reference per batch; the matched rows' mean stands in for it here.
+        point = (sums - reference).detach().mean().clamp(min=0)
+        self._tally_value("kl_reference_point", float(point), 1, model)
+        return losses.kto_loss(sums, reference, desirable, point, self.config.beta,
+                               self.config.kto_desirable_weight, self.config.kto_undesirable_weight)
+
+    def _unpaired_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], sums: torch.Tensor,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """KTO on unpaired rows, summed over rows; metrics: the mean implicit reward β·log(π/π_ref)
+        of desirable and of undesirable rows, their difference, and the KL estimates."""
+        reference = self.reference_logps(batch).to(sums.device)
+        desirable = batch["desirable"].to(sums.device)
+        loss = self._kto(model, sums, reference, desirable)
+        log_ratio = (sums - reference).detach()
+        rewards = self.config.beta * log_ratio
+        good, bad = rewards[desirable], rewards[~desirable]
+        self._tally_value("rewards/desirable", float(good.sum()), len(good), model)
+        self._tally_value("rewards/undesirable", float(bad.sum()), len(bad), model)
+        self._tally_value("kl_per_token", float(log_ratio.sum()), int(counts.sum()), model)
+        return loss.sum()
+
+    def _tally_value(self, key: str, total: float, count: int, model: nn.Module) -> None:
+        entry = self.tallies["train" if model.training else "eval"][key]
+        entry[0] += total
+        entry[1] += count
+
     def _tally(self, model: nn.Module, rewards: torch.Tensor, pairs: int, log_ratio: torch.Tensor | None,
                counts: torch.Tensor) -> None:
-        tally = self.tallies["train" if model.training else "eval"]
         chosen, rejected = rewards[:pairs], rewards[pairs:]
-        tally["pairs"] += pairs
-        tally["rewards/chosen"] += float(chosen.sum())
-        tally["rewards/rejected"] += float(rejected.sum())
-        tally["rewards/accuracy"] += float((chosen > rejected).float().sum())
-        tally["rewards/margin"] += float((chosen - rejected).sum())
+        self._tally_value("rewards/chosen", float(chosen.sum()), pairs, model)
+        self._tally_value("rewards/rejected", float(rejected.sum()), pairs, model)
+        self._tally_value("rewards/accuracy", float((chosen > rejected).float().sum()), pairs, model)
+        self._tally_value("rewards/margin", float((chosen - rejected).sum()), pairs, model)
         if log_ratio is not None:  # per token, both replies: an estimate of KL(policy || reference)
-            tally["kl_per_token"] += float((log_ratio.sum() / counts.sum().clamp(min=1)) * pairs)
+            self._tally_value("kl_per_token", float(log_ratio.sum()), int(counts.sum()), model)
 
     def take_metrics(self, mode: str) -> dict[str, float]:
-        tally, self.tallies[mode] = self.tallies[mode], defaultdict(float)
-        pairs = tally.pop("pairs", 0)
-        return {key: value / pairs for key, value in tally.items()} if pairs else {}
+        tally, self.tallies[mode] = self.tallies[mode], defaultdict(lambda: [0.0, 0])
+        out = {key: total / count for key, (total, count) in tally.items() if count}
+        if "rewards/desirable" in out and "rewards/undesirable" in out:
+            out["rewards/margin"] = out["rewards/desirable"] - out["rewards/undesirable"]
+        return out
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return count_rows(batch) // 2
+        return count_rows(batch) if "desirable" in batch else count_rows(batch) // 2
 
 
 class RewardObjective(PreferenceObjective):
@@ -173,23 +204,31 @@ class RewardObjective(PreferenceObjective):
 
 
 def precompute_reference(rows, collate, objective: PreferenceObjective, device: torch.device, batch_size: int):
-    """The reference log-probabilities of every pair, as two new columns."""
-    chosen, rejected = [], []
+    """The reference log-probabilities of every pair, as two new columns (of unpaired rows: one)."""
+    chosen, rejected, single = [], [], []
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size,
                                                                                          len(rows)))]).items()}
         values = objective.reference_logps(batch).tolist()
+        if "desirable" in batch:
+            single += values
+            continue
         half = len(values) // 2
         chosen += values[:half]
         rejected += values[half:]
+    if single:
+        return rows.add_column("reference", single)
     return rows.add_column("reference_chosen", chosen).add_column("reference_rejected", rejected)
 
 
 def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """``task: dpo`` or ``task: reward``: validate the pairs, train, and write the run folder (as SFT does)."""
     accelerator, source, tokenizer = start_run(config)
-    train_rows, eval_rows, report = build_pair_datasets(config.data, tokenizer, config.training.seed)
-    log.info("data: %d training pairs, %d eval pairs", len(train_rows), len(eval_rows) if eval_rows else 0)
+    kto = config.task == "dpo" and config.preference.loss == "kto"
+    train_rows, eval_rows, report = build_pair_datasets(config.data, tokenizer, config.training.seed, unpaired=kto)
+    log.info("data: %d training %s, %d eval %s", len(train_rows), "rows" if kto else "pairs",
+             len(eval_rows) if eval_rows else 0, "rows" if eval_rows and "desirable" in eval_rows.column_names
+             else "pairs")
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
     packed = packs_padding_free(config, model)

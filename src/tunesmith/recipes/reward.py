@@ -49,13 +49,13 @@ class Scored:
 
 def score_file(model: nn.Module, tokenizer: PreTrainedTokenizerBase, file: str, max_seq_len: int,
                batch_size: int = 8) -> list[Scored]:
-    """Every row of ``file`` scored: chat rows once, preference pairs on both sides."""
+    """Every row of ``file`` scored: chat rows and unpaired replies once, preference pairs on both sides."""
     report = DataReport()
     rows = read_canonical(DatasetConfig(path=file), report)
     if report.errors:
         raise DataError(report.errors, report.warnings, consequence="nothing was scored")
-    jobs = [(r, side) for r in rows for side in (("chosen", "rejected") if "prompt" in r.row else ("score",))]
-    tokenized = tokenize_rows_batched(tokenizer, [as_chat(r.row, side) if side != "score" else r.row
+    jobs = [(r, side) for r in rows for side in (("chosen", "rejected") if "chosen" in r.row else ("score",))]
+    tokenized = tokenize_rows_batched(tokenizer, [as_chat(r.row, None if side == "score" else side)
                                                   for r, side in jobs], max_seq_len)
     values: list[float] = []
     device = next(model.parameters()).device
