@@ -37,6 +37,8 @@ from tunesmith.data.pack import collate_padding_free  # noqa: E402
 from tunesmith.data.tokenize import tokenize_rows_batched  # noqa: E402
 from tunesmith.train.mfu import flops_per_token, peak_flops  # noqa: E402
 
+from forked import run_forked  # noqa: E402  (bench/ is on sys.path when a script there runs)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (64, 128, 2, 4, 2, 49152),
@@ -206,27 +208,13 @@ def longest_context(path: str, args: argparse.Namespace, device: torch.device, v
 
 
 def run_isolated(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
-    """On CPU, run the path in a forked child so its peak RSS is its own (os.wait4 reports it)."""
+    """On CPU, run the path in a forked child so its peak RSS is its own."""
     if device.type == "cuda":
         return run_path(path, args, rows, device)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: train, send the result, leave without cleanup
-        os.close(read)
-        try:
-            payload = json.dumps(run_path(path, args, rows, device)).encode()
-        except BaseException as err:  # noqa: BLE001 - any failure must reach the parent
-            payload = json.dumps({"error": repr(err)}).encode()
-        with os.fdopen(write, "wb") as pipe:
-            pipe.write(payload)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        result = json.loads(pipe.read() or b'{"error": "no result"}')
-    _, _, usage = os.wait4(pid, 0)
+    result = run_forked(lambda: run_path(path, args, rows, device))
     if "error" in result:
         raise SystemExit(f"{path} failed: {result['error']}")
-    result["peak_memory_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    result["peak_memory_mb"] = result.pop("peak_rss_mb")
     return result
 
 
