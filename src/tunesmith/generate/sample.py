@@ -60,6 +60,13 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
 
 
+def _decoding(sampling: SamplingConfig) -> dict:
+    """generate()'s decoding arguments: greedy at temperature 0, else sampling."""
+    if sampling.temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+
+
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
                  sampling: SamplingConfig = SamplingConfig(), streamer: object | None = None,
                  stop: list[str] | None = None, cancel: threading.Event | None = None) -> Generation:
@@ -69,8 +76,7 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     input_ids = input_ids.to(device)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    kwargs: dict = {"do_sample": False} if sampling.temperature <= 0 else {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    kwargs = _decoding(sampling)
     if stop:
         kwargs.update(stop_strings=stop, tokenizer=tokenizer)
     if cancel is not None:
@@ -96,17 +102,10 @@ def _cut_at_stop(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
     return [row[:next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in rows]
 
 
-def sample_group(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, count: int,
-                 sampling: SamplingConfig) -> list[list[int]]:
-    """``count`` sampled completions of one prompt ``input_ids`` (1, seq), generated together with a
-    KV cache; each is cut after its first stop token, which it keeps (a policy learns to stop)."""
-    return sample_batch(model, tokenizer, [input_ids[0].tolist()] * count, sampling)
-
-
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
                  sampling: SamplingConfig) -> list[list[int]]:
-    """One sampled completion of each prompt (token ids), all generated in one left-padded batch
-    with a KV cache; each is cut after its first stop token, which it keeps."""
+    """One sampled completion of each prompt (token ids; greedy at temperature 0), all generated in
+    one left-padded batch with a KV cache; each is cut after its first stop token, which it keeps."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -114,8 +113,7 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     eos = stop_token_ids(model, tokenizer)
     with evaluating(model):
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                temperature=sampling.temperature, top_p=sampling.top_p,
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **_decoding(sampling),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
                                 pad_token_id=pad)
     return _cut_at_stop(output[:, width:].tolist(), eos)

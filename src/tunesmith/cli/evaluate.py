@@ -1,0 +1,126 @@
+"""`tunesmith eval TARGET --data FILE`: metrics with confidence intervals, A/B against the base or
+another model, drift against a baseline eval.json; eval.json and report.html."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+DEFAULT_METRICS = "loss,perplexity,rouge,bleu,chrf,exact_match"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="evaluate a run or model on chat rows (A/B, drift, HTML report)")
+    parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, 'embedded' or hub id")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="chat rows in any format tunesmith reads; each row's last assistant turn is the reference")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS,
+                        help="comma-separated: loss, perplexity, rouge (rouge1, rouge2, rougeL), bleu, chrf, "
+                             f"exact_match, json_valid, regex_match (default: {DEFAULT_METRICS})")
+    against = parser.add_mutually_exclusive_group()
+    against.add_argument("--compare-base", action="store_true",
+                         help="also evaluate the run's (or adapter's) base model on the same rows")
+    against.add_argument("--compare", metavar="OTHER", help="also evaluate OTHER (any target) on the same rows")
+    parser.add_argument("--judge-url", help="an OpenAI-compatible endpoint (…/v1) whose model judges the A/B "
+                                            "replies pairwise, each row in both orders")
+    parser.add_argument("--judge-model", help="the judge's model name at --judge-url")
+    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the judge's key")
+    parser.add_argument("--baseline", type=Path, help="an earlier eval.json: flag metrics that moved (drift)")
+    parser.add_argument("--threshold", type=float, default=0.05,
+                        help="relative change that counts as drift (default 0.05: 5%%)")
+    parser.add_argument("--fail-on-drift", action="store_true", help="exit with status 3 when a metric drifted")
+    parser.add_argument("--extract", default="none",
+                        help="what exact_match compares: none (the whole reply), number (GSM8K's '#### n', else the "
+                             "last number), or a regex (its first group)")
+    parser.add_argument("--normalize", default="case,punct,articles,whitespace",
+                        help="exact_match normalisation steps, comma-separated, or none")
+    parser.add_argument("--pattern", help="the regex of regex_match (searched in the reply; anchor with ^...$)")
+    parser.add_argument("--limit", type=int, help="the first N rows only")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row for loss and perplexity")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="folder for eval.json and report.html (default: RUN/eval-DATA "
+                                                 "for a run folder, else ./eval/TARGET-DATA)")
+    parser.set_defaults(handler=run)
+
+
+def base_of(target: str) -> str:
+    """The base model of a run folder or an adapter folder."""
+    import json
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.models.inference import run_config_of
+
+    config = run_config_of(target)
+    if config is not None:
+        return config.model.name_or_path
+    adapter = Path(target).expanduser() / "adapter_config.json"
+    if adapter.is_file():
+        return json.loads(adapter.read_text())["base_model_name_or_path"]
+    raise TunesmithError(f"--compare-base: {target} is neither a run folder nor an adapter folder, so it has no "
+                         "base model; name the other model with --compare OTHER")
+
+
+def default_out(target: str, data: Path) -> Path:
+    path = Path(target).expanduser()
+    if (path / "config.yaml").is_file():
+        return path / f"eval-{data.stem}"
+    name = re.sub(r"[^\w.-]+", "_", path.name or target).strip("_") or "model"
+    return Path("eval") / f"{name}-{data.stem}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunesmith.errors import ConfigError
+    from tunesmith.evaluation import metrics as m
+    from tunesmith.evaluation.judge import JudgeSettings
+    from tunesmith.evaluation.run import EvalOptions, evaluate, summary_lines, write_outputs
+
+    problems = []
+    try:
+        names = m.parse_metrics(args.metrics)
+    except ValueError as err:
+        problems.append(f"--metrics: {err}")
+        names = []
+    steps = tuple(s.strip() for s in args.normalize.split(",") if s.strip() and s.strip() != "none")
+    unknown = [s for s in steps if s not in m.NORMALISATIONS]
+    if unknown:
+        problems.append(f"--normalize: unknown step(s) {', '.join(unknown)}; known: {', '.join(m.NORMALISATIONS)}")
+    for flag, value in (("--extract", args.extract if args.extract not in ("none", "number") else None),
+                        ("--pattern", args.pattern)):
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                problems.append(f"{flag}: not a valid regex ({err})")
+    if bool(args.judge_url) != bool(args.judge_model):
+        problems.append("--judge-url and --judge-model go together")
+    if args.judge_url and not (args.compare or args.compare_base):
+        problems.append("the LLM judge compares two models: add --compare OTHER or --compare-base")
+    if "regex_match" in names and not args.pattern:
+        problems.append("--metrics regex_match needs --pattern")
+    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0)):
+        if value is not None and value < low:
+            problems.append(f"{flag} must be at least {low}")
+    if problems:
+        raise ConfigError(problems, source="tunesmith eval")
+    options = EvalOptions(metrics=names, max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
+                          batch_size=args.batch_size, extract=args.extract, normalise=steps, pattern=args.pattern,
+                          bootstrap=args.bootstrap, seed=args.seed, device=args.device,
+                          judge=JudgeSettings(args.judge_url, args.judge_model, args.judge_key_env)
+                          if args.judge_url else None)
+    other = base_of(args.target) if args.compare_base else args.compare
+    document = evaluate(args.target, args.data, options, other=other, baseline=args.baseline,
+                        threshold=args.threshold, limit=args.limit)
+    json_path, html_path = write_outputs(document, args.out or default_out(args.target, args.data))
+    print("\n".join(summary_lines(document)))
+    print(f"wrote {json_path} and {html_path}")
+    drifted = [k for k, v in document.get("drift", {}).get("metrics", {}).items() if v["flagged"]]
+    if drifted:
+        print(f"drift beyond {args.threshold:.0%}: {', '.join(drifted)}")
+        return 3 if args.fail_on_drift else 0
+    return 0
