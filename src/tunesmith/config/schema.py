@@ -240,6 +240,14 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class EvalConfig(StrictModel):
+    """What training shows at each eval besides the loss."""
+
+    samples: int = Field(0, ge=0, description="greedy replies to this many fixed prompts (the first eval rows, else "
+                         "the first training rows) at every eval, logged to metrics.jsonl as {step, samples}")
+    max_new_tokens: int = Field(64, ge=1, description="tokens per sample reply")
+
+
 class OutputConfig(StrictModel):
     dir: str = Field("runs", description="parent folder of run folders")
     name: str | None = Field(None, description="run folder name; defaults to the config's name")
@@ -354,10 +362,15 @@ class Config(StrictModel):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     ppo: PPOConfig = Field(default_factory=lambda: PPOConfig(rewards=["tunesmith.rewards:gsm8k_exact"]))
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
+        if self.eval.samples and not self.training.eval_every:
+            raise ValueError("eval.samples needs training.eval_every (samples are generated at each eval)")
+        if self.eval.samples and self.task not in ("sft", "pretrain"):
+            raise ValueError(f"eval.samples is for task sft and pretrain; task {self.task} logs its own metrics")
         if self.task == "reward" and self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
             raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
         if self.task == "ppo":

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
+import datasets
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from peft import PeftModel
 
 from tunesmith.config.schema import Config, TrainingConfig
 from tunesmith.data.collate import collate_batch
+from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.kernels.lora import fuse_lora, triton_usable
 from tunesmith.models import varlen
@@ -141,6 +146,23 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
     return applied
 
 
+def sample_replies(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, count: int, max_new_tokens: int
+                   ) -> Callable[[nn.Module], list[dict[str, str]]]:
+    """The ``eval.samples`` callback: greedy replies to the prompts of the first ``count`` rows (each
+    row's tokens before its first trained token: the first turns and the assistant header)."""
+    prompts = []
+    for row in rows.with_format(None).select(range(min(len(rows), count))):
+        first = next((i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX), 0)
+        prompts.append(row["input_ids"][:first] or row["input_ids"][:1])  # raw text: its first token
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    def generate(model: nn.Module) -> list[dict[str, str]]:
+        replies = sample_batch(model, tokenizer, prompts, sampling)
+        return [{"prompt": tokenizer.decode(p), "reply": tokenizer.decode(r, skip_special_tokens=True)}
+                for p, r in zip(prompts, replies)]
+    return generate
+
+
 def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Validate data, train, and write the run folder."""
     accelerator, source, tokenizer = start_run(config)
@@ -159,6 +181,8 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
                           replay_rows, config.data.replay.share if config.data.replay else 0.0)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
     lr_scale, held = training_controls(config, model)
+    samples = sample_replies(eval_rows if eval_rows is not None else train_rows, tokenizer, config.eval.samples,
+                             config.eval.max_new_tokens) if config.eval.samples else None
     result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
-                   lr_scale, held)
+                   lr_scale, held, samples)
     return finish_run(config, accelerator, model, tokenizer, result, run_dir)

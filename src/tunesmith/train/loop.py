@@ -259,11 +259,13 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
           config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
           resume_from: Path | None = None, lr_scale: Callable[[str], float] | None = None,
-          held: Callable[[int], list[nn.Parameter]] | None = None) -> TrainResult:
+          held: Callable[[int], list[nn.Parameter]] | None = None,
+          samples: Callable[[nn.Module], list[dict[str, str]]] | None = None) -> TrainResult:
     """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``.
 
     ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
-    parameters to keep still at a given step (gradual unfreezing)."""
+    parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
+    prompts, logged at each eval."""
     optimizer = build_optimizer(model, config, lr_scale)
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config, steps)
@@ -312,7 +314,10 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
             metrics.write(record)
         progress.update(record)
         last = state.global_step == steps
-        if eval_batches and config.eval_every and (state.global_step % config.eval_every == 0 or last):
+        at_eval = bool(config.eval_every) and (state.global_step % config.eval_every == 0 or last)
+        if samples is not None and at_eval and accelerator.is_main_process:
+            metrics.write({"step": state.global_step, "samples": samples(accelerator.unwrap_model(model))})
+        if eval_batches and at_eval:
             result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
             result.final_eval_metrics = objective_metrics(objective, "eval")
             if accelerator.is_main_process:
