@@ -19,13 +19,16 @@ default; ``--gradient-checkpointing`` turns it on for both) and the same rows:
 
 Each side runs in its own forked child: steps/s is timed from the end of step ``--warmup`` to the
 end of the last step, and the peak memory is the child's peak RSS (CUDA: max allocated), which
-includes loading the model and preparing the data.
+includes loading the model and preparing the data, and what the parent held when it forked (torch,
+transformers and tunesmith imported: printed as "parent at fork"; the same for both sides).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -195,6 +198,8 @@ def compare(args: argparse.Namespace, task: str) -> list[dict]:
 
 
 def report(results: list[dict]) -> None:
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nparent at fork: {parent:.0f} MB of RSS, counted in each child's peak")
     print(f"\n{'task':5} {'side':16} {'steps/s':>8} {'s/step':>7} {'peak MB':>8}  completion tokens, reward")
     for r in results:
         memory = r.get("cuda_peak_mb", r["peak_rss_mb"])
@@ -224,10 +229,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
+    if importlib.util.find_spec("trl") is None:  # not imported here: the forked children would inherit it
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]'")
     results = []
     for task in (["dpo", "grpo"] if args.task == "both" else [args.task]):
         results += compare(args, task)

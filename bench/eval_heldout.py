@@ -30,6 +30,9 @@ def main() -> None:
     config = run_config_of(args.run)
     if config is None or config.data.eval or not config.data.eval_fraction:
         raise SystemExit(f"{args.run}: not a run that held out a fraction of its training data")
+    if config.data.empty_labels == "drop":  # dropped rows would shift the split made here
+        raise SystemExit(f"{args.run}: data.empty_labels: drop may have dropped rows before the split; the split "
+                         "cannot be made again here")
     report = DataReport()
     rows = [r.row for d in config.data.train for r in read_canonical(d, report)]
     if report.errors:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 def run_forked(work: Callable[[], dict]) -> dict:
     """Call ``work`` in a forked child and return its result with ``peak_rss_mb``, the child's peak
-    resident memory (os.wait4 reports it; the parent's own memory does not count).
+    resident memory (os.wait4 reports it). The child starts with the parent's pages, so what the
+    parent held at the fork counts too: keep the parent light, and say how much it held.
 
     The parent must not have run torch ops before forking: its OpenMP pool does not survive a fork.
     """

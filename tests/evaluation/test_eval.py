@@ -14,7 +14,8 @@ from tunesmith.cli.main import main
 from tunesmith.config.load import build_config
 from tunesmith.data.tokenize import tokenize_messages
 from tunesmith.evaluation import metrics as m
-from tunesmith.evaluation.run import EvalOptions, EvalRow, likelihoods, read_eval_rows
+from tunesmith.data.tokenize import TokenizedRow
+from tunesmith.evaluation.run import EvalOptions, EvalRow, drift, likelihoods, read_eval_rows, reference_only
 from tunesmith.models.inference import load_for_inference
 from tunesmith.recipes.sft import run_sft
 from helpers import counting_rows, tiny_tree, write_jsonl
@@ -147,3 +148,24 @@ def test_gsm8k_rows_read_as_references_with_their_final_number(shared_data):
     assert len(rows) == 5 and rows[0].prompt[0]["role"] == "user" and "####" in rows[0].reference
     assert m.extract(rows[0].reference, "number") == "72"  # Natalia's clips
     assert m.exact_match("48 + 24 = 72 clips in all.", rows[0].reference, "number") == 1.0
+
+
+def test_review_cases_numbers_json_drift_and_reference_only():
+    assert m.exact_match("#### -5", "#### 5", "number") == 0.0  # signs and decimal points count
+    assert m.exact_match("the answer is 3.5", "#### 35", "number") == 0.0
+    assert m.exact_match("so 3.50", "#### 3.5", "number") == 1.0
+    assert m.extract("1" * 400, "number") is None  # beyond float range: no number, no crash
+    assert m.json_valid("NaN") == 0.0 and m.json_valid("[" * 5000) == 0.0
+    moved = drift({"json_valid": {"value": 1.0, "ci95": [1.0, 1.0]}},
+                  {"metrics": {"json_valid": {"value": 0.0, "ci95": [0.0, 0.0]}}}, 0.05)
+    assert moved["json_valid"]["flagged"] and moved["json_valid"]["relative_change"] is None
+    row = TokenizedRow([1, 2, 3, 4, 5, 6, 7, 8], [-100, 2, 3, -100, -100, 6, 7, -100], 8)
+    kept = reference_only(row, 6)  # the last reply only, cut from the left
+    assert kept.input_ids == [3, 4, 5, 6, 7, 8] and kept.labels == [-100, -100, -100, 6, 7, -100]
+
+
+def test_a_string_label_is_not_kto_s_flag():
+    from tunesmith.data.formats import detect_format
+
+    assert detect_format({"prompt": "great film", "completion": "positive", "label": "positive"}) == "completion"
+    assert detect_format({"prompt": "p", "completion": "c", "label": True}) == "unpaired"

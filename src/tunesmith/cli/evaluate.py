@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 DEFAULT_METRICS = "loss,perplexity,rouge,bleu,chrf,exact_match"
@@ -100,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
         problems.append("--judge-url and --judge-model go together")
     if args.judge_url and not (args.compare or args.compare_base):
         problems.append("the LLM judge compares two models: add --compare OTHER or --compare-base")
+    if args.judge_url:
+        import importlib.util
+
+        if importlib.util.find_spec("openai") is None:
+            problems.append("the LLM judge talks to its endpoint with the openai package: pip install openai")
+    if args.fail_on_drift and not args.baseline:
+        problems.append("--fail-on-drift needs --baseline")
     if "regex_match" in names and not args.pattern:
         problems.append("--metrics regex_match needs --pattern")
     for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
@@ -119,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     json_path, html_path = write_outputs(document, args.out or default_out(args.target, args.data))
     print("\n".join(summary_lines(document)))
     print(f"wrote {json_path} and {html_path}")
+    if "judge_error" in document.get("compare", {}):
+        print(f"the judge failed: {document['compare']['judge_error']}", file=sys.stderr)
+        return 1
     drifted = [k for k, v in document.get("drift", {}).get("metrics", {}).items() if v["flagged"]]
     if drifted:
         print(f"drift beyond {args.threshold:.0%}: {', '.join(drifted)}")

@@ -52,7 +52,8 @@ def detect_format(row: Any) -> str | None:
         return "openai_preference"
     if "chosen" in row or "rejected" in row:
         return "preference" if "prompt" in row else "hh"
-    if "completion" in row and ("label" in row or "desirable" in row):
+    # A string label (a classification dataset's) is not KTO's flag: such rows stay prompt/completion.
+    if "completion" in row and ("desirable" in row or isinstance(row.get("label"), bool)):
         return "unpaired"
     if "instances" in row and "instruction" in row:
         return "seed_tasks"

@@ -77,7 +77,9 @@ def extract(text: str, how: str) -> str | None:
         return text
     if how == "number":
         value = final_answer(text)
-        return None if value is None else (str(int(value)) if value == int(value) else repr(value))
+        if value is None or not math.isfinite(value):
+            return None
+        return str(int(value)) if value == int(value) else repr(value)
     match = re.search(how, text)
     if not match:
         return None
@@ -92,6 +94,10 @@ def exact_match(prediction: str, reference: str, how: str = "none", steps: Seque
     >>> exact_match("The answer is 12.", "#### 12", "number"), exact_match("Paris.", "paris"), exact_match("", "x")
     (1.0, 1.0, 0.0)
     """
+    if how == "number":  # compared as numbers: normalisation would drop a minus sign or a decimal point
+        got_number, want_number = final_answer(prediction), final_answer(reference)
+        return float(got_number is not None and want_number is not None and math.isfinite(got_number)
+                     and abs(got_number - want_number) < 1e-6)
     got, want = extract(prediction, how), extract(reference, how)
     if got is None:
         return 0.0
@@ -107,11 +113,15 @@ def json_valid(prediction: str) -> float:
     """
     text = prediction.strip()
     fenced = _FENCE.match(text)
-    try:
-        json.loads(fenced.group(1) if fenced else text)
-    except ValueError:
+    try:  # NaN and Infinity are Python's extension, not JSON; deep nesting is a degenerate reply
+        json.loads(fenced.group(1) if fenced else text, parse_constant=_not_json)
+    except (ValueError, RecursionError):
         return 0.0
     return 1.0
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def regex_match(prediction: str, pattern: str) -> float:

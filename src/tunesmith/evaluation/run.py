@@ -30,7 +30,7 @@ from tunesmith.config.schema import DatasetConfig
 from tunesmith.data.build import DataReport, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.formats import CHAT_FORMATS
-from tunesmith.data.tokenize import tokenize_conversations
+from tunesmith.data.tokenize import IGNORE_INDEX, UNLIMITED, TokenizedRow, tokenize_conversations
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.evaluation import metrics as m
 from tunesmith.evaluation.judge import JudgeSettings, judge_rows
@@ -127,19 +127,29 @@ def _progress(what: str, done: int, total: int, started: float) -> None:
              f"{eta:.0f} s" if math.isfinite(eta) else "?")
 
 
+def reference_only(row: TokenizedRow, max_seq_len: int) -> TokenizedRow:
+    """Labels on the last assistant reply only (earlier replies are context, not the reference), and
+    the row cut from the left to ``max_seq_len`` so that the reference is kept."""
+    labels = list(row.labels)
+    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    labels = [IGNORE_INDEX] * start + labels[start:]
+    return TokenizedRow(row.input_ids[-max_seq_len:], labels[-max_seq_len:], len(row.input_ids))
+
+
 def likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[EvalRow],
                 options: EvalOptions) -> tuple[np.ndarray, np.ndarray]:
-    """(summed NLL of each reference reply, its token count), prompt tokens masked as in training."""
+    """(summed NLL of each reference reply, its token count): the last assistant turn's tokens only."""
     from tunesmith.recipes.dpo import sequence_logps
     from tunesmith.train.loop import evaluating
 
-    tokenized = tokenize_conversations(tokenizer, [r.messages for r in rows], options.max_seq_len)
+    tokenized = tokenize_conversations(tokenizer, [r.messages for r in rows], UNLIMITED)
     problems = [f"{row.where}: messages: {item}" for row, item in zip(rows, tokenized) if isinstance(item, ValueError)]
-    problems += [f"{row.where}: messages: the reference reply has no token left within --max-seq-len "
-                 f"{options.max_seq_len}" for row, item in zip(rows, tokenized)
-                 if not isinstance(item, ValueError) and item.trainable_tokens == 0]
     if problems:
         raise DataError(problems, consequence="nothing was evaluated")
+    tokenized = [reference_only(t, options.max_seq_len) for t in tokenized]
     device = next(model.parameters()).device
     nll, tokens = np.zeros(len(rows)), np.zeros(len(rows))
     started = time.monotonic()
@@ -257,12 +267,13 @@ def drift(current: dict[str, dict[str, Any]], baseline: dict[str, Any], threshol
         if before is None:
             continue
         change = entry["value"] - before["value"]
-        relative = change / abs(before["value"]) if before["value"] else (math.inf if change else 0.0)
+        # From a baseline of 0 any change is flagged; its relative size is undefined (null in JSON).
+        relative = change / abs(before["value"]) if before["value"] else (None if change else 0.0)
         low, high = entry["ci95"]
         outside = low is not None and not low <= before["value"] <= high
         moved[name] = {"baseline": before["value"], "baseline_ci95": before.get("ci95"), "value": entry["value"],
                        "ci95": entry["ci95"], "change": change, "relative_change": relative,
-                       "flagged": abs(relative) > threshold, "baseline_outside_ci": outside}
+                       "flagged": relative is None or abs(relative) > threshold, "baseline_outside_ci": outside}
     return moved
 
 
@@ -299,8 +310,13 @@ def evaluate(target: str, data: Path, options: EvalOptions, other: str | None = 
                                "metrics": summarise(second, len(rows), options),
                                "delta": paired_deltas(side, second, len(rows), options)}
         if options.judge is not None:
-            judged = judge_rows(options.judge, [r.prompt for r in rows], [r.reference for r in rows],
-                                side.predictions or [], second.predictions or [])
+            try:
+                judged = judge_rows(options.judge, [r.prompt for r in rows], [r.reference for r in rows],
+                                    side.predictions or [], second.predictions or [])
+            except Exception as err:  # noqa: BLE001 - the endpoint's failure must not lose the evaluation
+                log.error("the judge failed (%s); the rest of the evaluation is written without it", err)
+                document["compare"]["judge_error"] = f"{type(err).__name__}: {err}"
+        if judged is not None:
             win = m.mean_of(judged["scores"])
             document["compare"]["judge"] = {
                 "model": options.judge.model, "url": options.judge.url,
@@ -333,6 +349,10 @@ def _number(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
+def _relative(value: float | None) -> str:
+    return "changed from 0" if value is None else f"{value:+.1%}"
+
+
 def _ci(entry: dict[str, Any]) -> str:
     low, high = entry["ci95"]
     return f"{_number(entry['value'])} [{_number(low)}, {_number(high)}]"
@@ -351,7 +371,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             delta = compare["delta"][name]
             line += f" {_ci(compare['metrics'][name]):>34} {_ci(delta):>32}{' *' if delta['significant'] else '  '}"
         if name in moved and moved[name]["flagged"]:
-            line += f"  DRIFT {moved[name]['relative_change']:+.1%} from {_number(moved[name]['baseline'])}"
+            line += f"  DRIFT {_relative(moved[name]['relative_change'])} from {_number(moved[name]['baseline'])}"
         lines.append(line)
     if compare:
         lines.append("* the paired interval of the difference excludes 0")
@@ -391,7 +411,7 @@ def report_html(document: dict[str, Any]) -> str:
             drift_entry = moved.get(name)
             cells += ([e(_number(drift_entry["baseline"])),
                        f"<span class='{'sig' if drift_entry['flagged'] else ''}'>"
-                       f"{drift_entry['relative_change']:+.1%}</span>"] if drift_entry else ["–", "–"])
+                       f"{_relative(drift_entry['relative_change'])}</span>"] if drift_entry else ["–", "–"])
         table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     samples = []
     for row in document["rows"]:
@@ -420,8 +440,20 @@ Settings: <code>{settings}</code></p>
 """
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: json.dumps would write NaN/Infinity, which strict parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_outputs(document: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "eval.json", json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    document = _finite(document)
+    write_text_atomic(out / "eval.json", json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     write_text_atomic(out / "report.html", report_html(document))
     return out / "eval.json", out / "report.html"
