@@ -150,7 +150,10 @@ def _canonical(chunk: _Chunk, report: DataReport) -> list[CanonicalRow]:
         if line < chunk.first_line and detected is None:
             report.add(chunk.file, line, "row", UNKNOWN_FORMAT)
             continue
-        if chunk.auto and detected not in (None, chunk.fmt):
+        # In a file of unpaired rows, a row with a non-boolean label reads as prompt/completion; it is
+        # an unpaired row with a bad flag, which the unpaired reader names.
+        flag_fault = chunk.fmt == "unpaired" and detected == "completion" and "label" in value
+        if chunk.auto and detected not in (None, chunk.fmt) and not flag_fault:
             report.add(chunk.file, line, "row", f"is in {detected} format but the file is in {chunk.fmt} format "
                        f"(from line {chunk.first_line}); one format per file")
             continue
