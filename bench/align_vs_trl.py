@@ -20,7 +20,7 @@ default; ``--gradient-checkpointing`` turns it on for both) and the same rows:
 Each side runs in its own forked child: steps/s is timed from the end of step ``--warmup`` to the
 end of the last step, and the peak memory is the child's peak RSS (CUDA: max allocated), which
 includes loading the model and preparing the data, and what the parent held when it forked (torch,
-transformers and tunesmith imported: printed as "parent at fork"; the same for both sides).
+transformers and tunesmith imported: the parent's peak is printed; the same for both sides).
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def compare(args: argparse.Namespace, task: str) -> list[dict]:
 
 
 def report(results: list[dict]) -> None:
-    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nparent at fork: {parent:.0f} MB of RSS, counted in each child's peak")
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # it forks each side, then only waits
+    print(f"\nparent process: peak {parent:.0f} MB of RSS, inherited by each side and counted in its peak")
     print(f"\n{'task':5} {'side':16} {'steps/s':>8} {'s/step':>7} {'peak MB':>8}  completion tokens, reward")
     for r in results:
         memory = r.get("cuda_peak_mb", r["peak_rss_mb"])
