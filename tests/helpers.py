@@ -32,6 +32,8 @@ def tiny_tree(model_dir: Path, data: Path, out: Path, method: str = "lora", **tr
         "training": {"lr": 5e-3, "max_steps": 30, "batch_size": 4, "warmup_steps": 0, "scheduler": "constant",
                      "log_every": 10, "seed": 0, **training},
         "output": {"dir": str(out)},
+        # Tracking has its own tests (tests/train/test_tracking.py); the rest skip MLflow's store setup.
+        "tracking": {"backends": []},
     }
 
 

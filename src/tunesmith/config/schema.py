@@ -248,6 +248,28 @@ class EvalConfig(StrictModel):
     max_new_tokens: int = Field(64, ge=1, description="tokens per sample reply")
 
 
+TrackerName = Literal["mlflow", "tensorboard", "wandb", "trackio"]
+
+
+class TrackingConfig(StrictModel):
+    """Where a run's config, metrics, samples and final eval go besides metrics.jsonl (always written)."""
+
+    backends: list[TrackerName] = Field(
+        default_factory=lambda: ["mlflow"], description="any of mlflow, tensorboard, wandb, trackio (accelerate's "
+        "trackers); [] for metrics.jsonl only. MLflow's default store is a SQLite file, output.dir/mlflow.db; "
+        "TensorBoard writes RUN/tensorboard/; W&B runs offline (RUN/wandb/) when no API key is set")
+    project: str = Field("tunesmith", min_length=1, description="the MLflow experiment, W&B and trackio project")
+    mlflow_uri: str | None = Field(None, description="an MLflow tracking URI (a server, or sqlite:///PATH); "
+                                   "default: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/mlflow.db")
+
+    @field_validator("backends")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a backend is named twice: {value}")
+        return value
+
+
 class OutputConfig(StrictModel):
     dir: str = Field("runs", description="parent folder of run folders")
     name: str | None = Field(None, description="run folder name; defaults to the config's name")
@@ -363,6 +385,7 @@ class Config(StrictModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     ppo: PPOConfig = Field(default_factory=lambda: PPOConfig(rewards=["tunesmith.rewards:gsm8k_exact"]))
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

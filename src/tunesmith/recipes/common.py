@@ -35,6 +35,7 @@ from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing do
 from tunesmith.models.device import select_device, select_mixed_precision
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
     tokens_to_add
+from tunesmith.tracking import check_backends, fail_tracking, finish_tracking
 from tunesmith.train.loop import TrainResult, evaluating
 from tunesmith.train.optim import lr_scale_for
 from tunesmith.train.run import save_final_model, write_summary
@@ -58,6 +59,7 @@ def build_accelerator(config: Config) -> Accelerator:
 def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreTrainedTokenizerBase]:
     """What every task does first: the accelerator, the seed, the model's source (the main process
     converts the embedded model once) and the tokenizer."""
+    check_backends(config)  # a tracker that is not installed: refused before anything loads
     accelerator = build_accelerator(config)
     seed_everything(config)
     with accelerator.main_process_first():
@@ -70,8 +72,14 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
     """What every task does last: the final model and summary.json (``summary`` adds task fields)."""
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_final_model(final, tokenizer, run_dir)
-        write_summary(run_dir, {**run_summary(config, final, result, run_dir), **summary})
+        try:
+            save_final_model(final, tokenizer, run_dir)
+            summary = {**run_summary(config, final, result, run_dir), **summary}
+            write_summary(run_dir, summary)
+        except BaseException as err:
+            fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
+            raise
+        finish_tracking(accelerator, run_dir, summary)
         log.info("saved %s (train loss %.4f%s)", run_dir / "model",
                  float("nan") if result.final_train_loss is None else result.final_train_loss,
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")

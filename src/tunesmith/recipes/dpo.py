@@ -245,6 +245,7 @@ def run_pairs(config: Config, resume: bool = False, overwrite: bool = False) -> 
         log.info("reference log-probabilities computed once for %d pairs", len(train_rows) + len(eval_rows or []))
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
-    result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint)
+    result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
+                   tracking=config)
     return finish_run(config, accelerator, model, tokenizer, result, run_dir, task=config.task,
                       **({"loss": config.preference.loss} if config.task == "dpo" else {}))

@@ -153,5 +153,6 @@ def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> R
     objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
-    result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
+    result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint,
+                   tracking=config)
     return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

@@ -277,7 +277,7 @@ def run_ppo(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch), None, config.training,
-                   run_dir, accelerator, checkpoint)
+                   run_dir, accelerator, checkpoint, tracking=config)
     value_head = accelerator.unwrap_model(model).value_head
     del accelerator.unwrap_model(model).value_head  # the saved model is the policy alone, as chat loads it
     if accelerator.is_main_process:

@@ -184,5 +184,5 @@ def run_sft(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
     samples = sample_replies(eval_rows if eval_rows is not None else train_rows, tokenizer, config.eval.samples,
                              config.eval.max_new_tokens) if config.eval.samples else None
     result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
-                   lr_scale, held, samples)
+                   lr_scale, held, samples, tracking=config)
     return finish_run(config, accelerator, model, tokenizer, result, run_dir)

@@ -24,8 +24,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from tunesmith.config.schema import TrainingConfig
+from tunesmith.config.schema import Config, TrainingConfig
 from tunesmith.io import write_text_atomic
+from tunesmith.tracking import fail_tracking, log_record, start_tracking
 from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -134,7 +135,7 @@ def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1
     """Optimizer steps: ``max_steps`` if set, else enough for ``epochs`` passes (the last step may
     take fewer micro-batches, as the data runs out, rather than wrap into another epoch).
 
-    >>> from tunesmith.config.schema import TrainingConfig
+    >>> from tunesmith.config.schema import Config, TrainingConfig
     >>> total_steps(TrainingConfig(epochs=2, grad_accum=4), micro_per_epoch=10)
     5
     >>> total_steps(TrainingConfig(epochs=1, grad_accum=8), micro_per_epoch=5)
@@ -205,10 +206,11 @@ class Progress:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run folder: one JSON object per line, appended and flushed."""
+    """metrics.jsonl in the run folder: one JSON object per line, appended and flushed; each record
+    also goes to the accelerator's trackers (MLflow, TensorBoard...)."""
 
-    def __init__(self, path: Path, start_step: int, main_process: bool = True):
-        self.path = path
+    def __init__(self, path: Path, start_step: int, main_process: bool = True, accelerator: Accelerator | None = None):
+        self.path, self.accelerator = path, accelerator
         if main_process and path.exists():
             # Steps after the starting point are trained again: drop their old records (and a line
             # cut short by a kill).
@@ -224,6 +226,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.accelerator is not None:
+            log_record(self.accelerator, record)
 
 
 def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
@@ -260,12 +264,28 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
           config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
           resume_from: Path | None = None, lr_scale: Callable[[str], float] | None = None,
           held: Callable[[int], list[nn.Parameter]] | None = None,
-          samples: Callable[[nn.Module], list[dict[str, str]]] | None = None) -> TrainResult:
+          samples: Callable[[nn.Module], list[dict[str, str]]] | None = None, tracking: Config | None = None
+          ) -> TrainResult:
     """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``.
 
     ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
-    prompts, logged at each eval."""
+    prompts, logged at each eval; ``tracking``: the run's whole config, whose trackers (MLflow...)
+    start here and get every metrics record (None: metrics.jsonl only)."""
+    if tracking is not None and accelerator.is_main_process:
+        start_tracking(tracking, run_dir, accelerator, resumed=resume_from is not None)
+    try:
+        return _train(model, objective, stream, eval_batches, config, run_dir, accelerator, resume_from, lr_scale,
+                      held, samples)
+    except BaseException as err:  # the trackers' runs end as failed (or killed); the error goes on up
+        fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
+        raise
+
+
+def _train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
+           config: TrainingConfig, run_dir: Path, accelerator: Accelerator, resume_from: Path | None,
+           lr_scale: Callable[[str], float] | None, held: Callable[[int], list[nn.Parameter]] | None,
+           samples: Callable[[nn.Module], list[dict[str, str]]] | None) -> TrainResult:
     optimizer = build_optimizer(model, config, lr_scale)
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config, steps)
@@ -281,7 +301,7 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
         if state.objective:
             objective.load_state_dict(state.objective)
         log.info("resumed from %s at step %d", resume_from, state.global_step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step, accelerator.is_main_process)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step, accelerator.is_main_process, accelerator)
     progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
     per_step = config.grad_accum * accelerator.num_processes
     end = total_micro_batches(config, stream.per_epoch)  # the data's end, when epochs set the length

@@ -1,0 +1,315 @@
+"""Experiment tracking: metrics.jsonl always; MLflow (the default), TensorBoard, W&B and trackio
+through accelerate's tracker classes.
+
+MLflow's default store is a SQLite database beside the run folders (``output.dir/mlflow.db``, with
+artifacts in ``output.dir/mlartifacts/``): a real tracking store that needs no server and that
+``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`` shows. Each run logs its config (as
+parameters and as config.yaml), system information, metrics per step, sample generations, its
+final eval and summary. The ids of the tracked runs go to RUN/tracking.json, so that a resumed run
+logs into the same MLflow run and ``tunesmith eval RUN`` and ``tunesmith registry add RUN`` find it.
+
+Only the main process logs. Tracking never loses the training: a backend that fails while logging
+is reported and switched off, and the run goes on (metrics.jsonl holds everything).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+
+from tunesmith.config.schema import Config
+from tunesmith.errors import ConfigError
+from tunesmith.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+TRACKING_FILE = "tracking.json"
+PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_backends(config: Config) -> None:
+    """Refuse, before anything loads, a backend whose package is not installed."""
+    missing = [name for name in config.tracking.backends if importlib.util.find_spec(PACKAGES[name]) is None]
+    if missing:
+        raise ConfigError([f"tracking.backends: {name} is not installed: pip install {PACKAGES[name]}, or take it "
+                           f"out of tracking.backends ([] logs to metrics.jsonl only)" for name in missing])
+
+
+def local_store_uri(folder: Path | str) -> str:
+    """The SQLite MLflow store of a folder of runs.
+
+    >>> local_store_uri("/tmp/runs")
+    'sqlite:////tmp/runs/mlflow.db'
+    """
+    return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"
+
+
+def mlflow_uri(config: Config) -> str:
+    """tracking.mlflow_uri, else $MLFLOW_TRACKING_URI, else the SQLite store in output.dir."""
+    return config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(config.output.dir)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database (MLflow's own default is ./mlruns in
+    whatever folder the command ran from); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+    """A nested config as dotted keys with values every tracker accepts (lists as JSON, None as "null").
+
+    >>> flat_params({"training": {"lr": 0.1, "betas": [0.9, 0.99]}, "name": None})
+    {'training.lr': 0.1, 'training.betas': '[0.9, 0.99]', 'name': 'null'}
+    """
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        elif value is None or isinstance(value, list):
+            flat[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def system_info(device: torch.device) -> dict[str, str]:
+    """Versions and the device: what a result depends on besides the config."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "device": device.type,
+            "cpu_count": str(os.cpu_count())}
+    for package in ("tunesmith", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = "not installed"
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def read_tracking(run_dir: Path) -> dict[str, Any]:
+    """RUN/tracking.json: each backend's ids for this run ({} when the run was not tracked)."""
+    path = Path(run_dir) / TRACKING_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("%s is unreadable (%s): the run's tracker ids are lost", path, err)
+        return {}
+
+
+def _mlflow_tracker(config: Config, run_dir: Path, previous: dict[str, Any]) -> GeneralTracker:
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    uri = mlflow_uri(config)
+    mlflow.set_tracking_uri(uri)
+    run_id = previous.get("run_id") if previous.get("uri") == uri else None
+    if run_id is not None:
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            log.warning("MLflow run %s is not in %s any more: logging to a new run", run_id, uri)
+            run_id = None
+    tags = {"tunesmith.run_dir": str(run_dir.resolve()), "tunesmith.task": config.task,
+            "tunesmith.method": config.method.type, "tunesmith.model": config.model.name_or_path}
+    return MLflowTracker(experiment_name=config.tracking.project, logging_dir=artifact_location(uri), run_id=run_id,
+                         tags=tags, run_name=config.run_name, nested_run=mlflow.active_run() is not None)
+
+
+def _make_tracker(name: str, config: Config, run_dir: Path, previous: dict[str, Any]) -> GeneralTracker:
+    from accelerate import tracking
+
+    if name == "mlflow":
+        return _mlflow_tracker(config, run_dir, previous)
+    if name == "tensorboard":  # RUN/tensorboard/: `tensorboard --logdir runs` shows every run
+        return tracking.TensorBoardTracker("tensorboard", run_dir)
+    if name == "wandb":
+        offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
+        if offline:
+            log.info("wandb: no WANDB_API_KEY, so the run is logged offline to %s (wandb sync uploads it)",
+                     run_dir / "wandb")
+        return tracking.WandBTracker(config.tracking.project, name=config.run_name, dir=str(run_dir),
+                                     id=previous.get("id"), resume="allow", **({"mode": "offline"} if offline else {}))
+    return tracking.TrackioTracker(config.tracking.project, name=config.run_name)
+
+
+def start_tracking(config: Config, run_dir: Path, accelerator: Accelerator, resumed: bool) -> None:
+    """Start the configured trackers (main process) as ``accelerator.trackers`` and log the config,
+    system information and config.yaml. A resumed run logs into the run it started."""
+    if not config.tracking.backends or not accelerator.is_main_process:
+        return
+    previous = read_tracking(run_dir) if resumed else {}
+    accelerator.log_with = [_make_tracker(name, config, run_dir, previous.get(name, {}))
+                            for name in config.tracking.backends]
+    accelerator.trackers = []
+    accelerator.init_trackers(config.tracking.project)  # starts each tracker
+    ids: dict[str, Any] = {}
+    for tracker in accelerator.trackers:
+        first = not previous.get(tracker.name)  # parameters once: MLflow refuses to change them on resume
+        if first:
+            tracker.store_init_configuration({**flat_params(config.model_dump(mode="json")),
+                                              **{f"system.{k}": v for k, v in system_info(accelerator.device).items()}})
+        if tracker.name == "mlflow":
+            import mlflow
+
+            run = tracker.tracker
+            ids["mlflow"] = {"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id,
+                             "experiment_id": run.info.experiment_id}
+            mlflow.log_artifact(str(run_dir / "config.yaml"))
+            log.info("mlflow: run %s in %s (mlflow ui --backend-store-uri %s)", run.info.run_id,
+                     ids["mlflow"]["uri"], ids["mlflow"]["uri"])
+        elif tracker.name == "wandb":
+            ids["wandb"] = {"id": tracker.run.id, "dir": str(run_dir / "wandb")}
+        elif tracker.name == "tensorboard":
+            ids["tensorboard"] = {"dir": str(run_dir / "tensorboard")}
+        else:
+            ids[tracker.name] = {"project": config.tracking.project, "name": config.run_name}
+    write_text_atomic(run_dir / TRACKING_FILE, json.dumps(ids, indent=2) + "\n")
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, action: Any) -> None:
+    """Run one tracker's logging call; a failure switches that tracker off, never the training."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - any backend error: metrics.jsonl still has the record
+        log.warning("tracking: %s failed to log %s (%s: %s); it is switched off for this run, metrics.jsonl "
+                    "has everything", tracker.name, what, type(err).__name__, err)
+        accelerator.trackers = [t for t in accelerator.trackers if t is not tracker]
+
+
+def samples_markdown(samples: list[dict[str, str]]) -> str:
+    """Sample generations as Markdown (TensorBoard's text panel renders it)."""
+    return "\n\n---\n\n".join(f"**prompt**\n\n```\n{s['prompt']}\n```\n\n**reply**\n\n```\n{s['reply']}\n```"
+                              for s in samples)
+
+
+def log_record(accelerator: Accelerator, record: dict[str, Any]) -> None:
+    """One metrics.jsonl record to every tracker: its numbers at its step, or its sample generations."""
+    step, values = record.get("step"), _numbers(record)
+    for tracker in list(accelerator.trackers):
+        if "samples" in record:
+            _guarded(accelerator, tracker, "samples", lambda t=tracker: _log_samples(t, step, record["samples"]))
+        elif values:
+            _guarded(accelerator, tracker, "metrics", lambda t=tracker: t.log(values, step=step))
+
+
+def _log_samples(tracker: GeneralTracker, step: int, samples: list[dict[str, str]]) -> None:
+    if tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.log_text(json.dumps(samples, indent=1, ensure_ascii=False), f"samples/step-{step:06d}.json")
+    elif tracker.name == "tensorboard":
+        tracker.writer.add_text("samples", samples_markdown(samples), step)
+    elif tracker.name == "wandb":
+        tracker.log_table("samples", columns=["prompt", "reply"], data=[[s["prompt"], s["reply"]] for s in samples],
+                          step=step)
+    else:  # trackio: text as a one-column table is not worth a dataframe dependency; metrics.jsonl has them
+        return
+
+
+def loss_curve_svg(records: list[dict[str, Any]]) -> str:
+    """The train and eval loss of a run's metrics records as an SVG line chart."""
+    from tunesmith.plots import line_chart
+
+    series = {name: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+              for name, key in (("train loss", "loss"), ("eval loss", "eval_loss"))}
+    return line_chart("loss", {k: v for k, v in series.items() if v})
+
+
+def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, Any]) -> None:
+    """The final numbers (final train/eval loss and eval metrics, tokens, seconds, memory) and the
+    run's files as artifacts; then each tracker ends its run."""
+    if not accelerator.trackers:
+        return
+    final = {("final/" + key[len("final_"):] if key.startswith("final_") else key): value
+             for key, value in summary.items()
+             if key.startswith("final_") or key in ("tokens_seen", "train_seconds", "peak_memory_mb")}
+    step, values = summary.get("steps"), _numbers(final)
+    for tracker in list(accelerator.trackers):
+        _guarded(accelerator, tracker, "the final numbers", lambda t=tracker: t.log(values, step=step))
+        if tracker.name == "mlflow":
+            _guarded(accelerator, tracker, "the run's files", lambda: _mlflow_files(run_dir))
+    for tracker in accelerator.trackers:
+        try:
+            tracker.finish()
+        except Exception as err:  # noqa: BLE001 - the run folder is complete; only the tracker's end is lost
+            log.warning("tracking: %s failed to finish (%s)", tracker.name, err)
+    accelerator.trackers = []
+
+
+def _mlflow_files(run_dir: Path) -> None:
+    import mlflow
+
+    for name in ("summary.json", "metrics.jsonl"):
+        if (run_dir / name).is_file():
+            mlflow.log_artifact(str(run_dir / name))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    mlflow.log_text(loss_curve_svg(records), "loss.svg")
+
+
+def fail_tracking(accelerator: Accelerator, interrupted: bool) -> None:
+    """End the trackers' runs of a training that raised: MLflow marks its run FAILED (KILLED when
+    interrupted), W&B exits with code 1."""
+    for tracker in accelerator.trackers:
+        try:
+            if tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+            elif tracker.name == "wandb":
+                tracker.run.finish(exit_code=1)
+            else:
+                tracker.finish()
+        except Exception as err:  # noqa: BLE001 - the training's own error is the one to report
+            log.warning("tracking: %s failed to end its run (%s)", tracker.name, err)
+    accelerator.trackers = []
+
+
+def log_evaluation(run_dir: Path, document: dict[str, Any], out: Path) -> bool:
+    """Add a ``tunesmith eval`` of a tracked run to its MLflow run: each metric (and each delta
+    against the compared model) as ``eval/DATA/NAME``, and eval.json and report.html as artifacts.
+    Returns whether it was logged."""
+    ids = read_tracking(run_dir).get("mlflow")
+    if not ids or importlib.util.find_spec("mlflow") is None:
+        return False
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    stem = Path(document["data"]["path"]).stem
+    now = int(time.time() * 1000)
+    values = {f"eval/{stem}/{name}": entry["value"] for name, entry in document["metrics"].items()}
+    for name, entry in document.get("compare", {}).get("delta", {}).items():
+        values[f"eval/{stem}/delta/{name}"] = entry["value"]
+    metrics = [Metric(key, float(value), now, 0) for key, value in values.items() if isinstance(value, (int, float))]
+    try:
+        client = MlflowClient(ids["uri"])
+        client.log_batch(ids["run_id"], metrics=metrics)
+        for name in ("eval.json", "report.html"):
+            if (out / name).is_file():
+                client.log_artifact(ids["run_id"], str(out / name), f"eval/{stem}")
+    except Exception as err:  # noqa: BLE001 - eval.json is written; only the copy in MLflow is missing
+        log.warning("mlflow: the evaluation was not logged to run %s (%s: %s)", ids["run_id"], type(err).__name__,
+                    err)
+        return False
+    log.info("mlflow: logged the evaluation to run %s", ids["run_id"])
+    return True
