@@ -283,10 +283,35 @@ def fail_tracking(accelerator: Accelerator, interrupted: bool) -> None:
     accelerator.trackers = []
 
 
-def log_evaluation(run_dir: Path, document: dict[str, Any], out: Path) -> bool:
-    """Add a ``tunesmith eval`` of a tracked run to its MLflow run: each metric (and each delta
-    against the compared model) as ``eval/DATA/NAME``, and eval.json and report.html as artifacts.
-    Returns whether it was logged."""
+def eval_values(document: dict[str, Any]) -> dict[str, float]:
+    """A ``tunesmith eval`` document's numbers as metric names: ``eval/DATA/NAME`` for each metric and
+    ``eval/DATA/delta/NAME`` for each difference against the compared model.
+
+    >>> eval_values({"data": {"path": "a/gsm.jsonl"}, "metrics": {"loss": {"value": 1.5}},
+    ...              "compare": {"delta": {"loss": {"value": -0.5}}}})
+    {'eval/gsm/loss': 1.5, 'eval/gsm/delta/loss': -0.5}
+    """
+    stem = Path(document["data"]["path"]).stem
+    values = {f"eval/{stem}/{name}": entry["value"] for name, entry in document["metrics"].items()}
+    for name, entry in document.get("compare", {}).get("delta", {}).items():
+        values[f"eval/{stem}/delta/{name}"] = entry["value"]
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def harness_values(document: dict[str, Any]) -> dict[str, float]:
+    """lm-eval results as ``harness/TASK/METRIC`` (the filter appended unless it is ``none``)."""
+    values = {}
+    for task, entries in document["results"].items():
+        for key, value in entries.items():
+            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metric, flt = key.split(",", 1)
+                values[f"harness/{task}/{metric}" + ("" if flt == "none" else f"/{flt}")] = float(value)
+    return values
+
+
+def log_evaluation(run_dir: Path, values: dict[str, float], files: list[Path], artifact_dir: str) -> bool:
+    """Add an evaluation of a tracked run to its MLflow run: ``values`` as metrics (at step 0) and
+    ``files`` as artifacts under ``artifact_dir``. Returns whether it was logged."""
     ids = read_tracking(run_dir).get("mlflow")
     if not ids or importlib.util.find_spec("mlflow") is None:
         return False
@@ -295,19 +320,14 @@ def log_evaluation(run_dir: Path, document: dict[str, Any], out: Path) -> bool:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    stem = Path(document["data"]["path"]).stem
     now = int(time.time() * 1000)
-    values = {f"eval/{stem}/{name}": entry["value"] for name, entry in document["metrics"].items()}
-    for name, entry in document.get("compare", {}).get("delta", {}).items():
-        values[f"eval/{stem}/delta/{name}"] = entry["value"]
-    metrics = [Metric(key, float(value), now, 0) for key, value in values.items() if isinstance(value, (int, float))]
     try:
         client = MlflowClient(ids["uri"])
-        client.log_batch(ids["run_id"], metrics=metrics)
-        for name in ("eval.json", "report.html"):
-            if (out / name).is_file():
-                client.log_artifact(ids["run_id"], str(out / name), f"eval/{stem}")
-    except Exception as err:  # noqa: BLE001 - eval.json is written; only the copy in MLflow is missing
+        client.log_batch(ids["run_id"], metrics=[Metric(key, value, now, 0) for key, value in values.items()])
+        for path in files:
+            if path.is_file():
+                client.log_artifact(ids["run_id"], str(path), artifact_dir)
+    except Exception as err:  # noqa: BLE001 - the files are written; only their copy in MLflow is missing
         log.warning("mlflow: the evaluation was not logged to run %s (%s: %s)", ids["run_id"], type(err).__name__,
                     err)
         return False

@@ -1,5 +1,7 @@
 """`tunesmith eval TARGET --data FILE`: metrics with confidence intervals, A/B against the base or
-another model, drift against a baseline eval.json; eval.json and report.html."""
+another model, drift against a baseline eval.json; eval.json and report.html. `--harness TASKS`:
+EleutherAI's lm-evaluation-harness; harness.json. An evaluation of a tracked run also goes to its
+MLflow run."""
 
 from __future__ import annotations
 
@@ -14,8 +16,14 @@ DEFAULT_METRICS = "loss,perplexity,rouge,bleu,chrf,exact_match"
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="evaluate a run or model on chat rows (A/B, drift, HTML report)")
     parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, 'embedded' or hub id")
-    parser.add_argument("--data", required=True, type=Path,
+    parser.add_argument("--data", type=Path,
                         help="chat rows in any format tunesmith reads; each row's last assistant turn is the reference")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="comma-separated lm-eval tasks/groups, task .yaml files, or .jsonl files of chat rows "
+                             "(each a local task scored by exact match; offline); needs lm-eval installed")
+    parser.add_argument("--num-fewshot", type=int, help="--harness: few-shot examples per task (its default else)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="--harness: wrap prompts in the tokenizer's chat template (instruct models)")
     parser.add_argument("--metrics", default=DEFAULT_METRICS,
                         help="comma-separated: loss, perplexity, rouge (rouge1, rouge2, rougeL), bleu, chrf, "
                              f"exact_match, json_valid, regex_match (default: {DEFAULT_METRICS})")
@@ -44,8 +52,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, help="folder for eval.json and report.html (default: RUN/eval-DATA "
-                                                 "for a run folder, else ./eval/TARGET-DATA)")
+    parser.add_argument("--out", type=Path, help="folder for eval.json and report.html, or harness.json (default: "
+                                                 "RUN/eval-DATA or RUN/harness for a run folder, else "
+                                                 "./eval/TARGET-DATA or ./eval/TARGET-harness)")
     parser.set_defaults(handler=run)
 
 
@@ -66,12 +75,13 @@ def base_of(target: str) -> str:
                          "base model; name the other model with --compare OTHER")
 
 
-def default_out(target: str, data: Path) -> Path:
+def default_out(target: str, data: Path | None) -> Path:
+    """RUN/eval-DATA (RUN/harness without data) for a run folder, else ./eval/TARGET-DATA."""
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file():
-        return path / f"eval-{data.stem}"
+        return path / (f"eval-{data.stem}" if data else "harness")
     name = re.sub(r"[^\w.-]+", "_", path.name or target).strip("_") or "model"
-    return Path("eval") / f"{name}-{data.stem}"
+    return Path("eval") / f"{name}-{data.stem if data else 'harness'}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.evaluation.run import EvalOptions, evaluate, summary_lines, write_outputs
 
     problems = []
+    if args.data is None and not args.harness:
+        problems.append("name what to evaluate on: --data FILE (chat rows) and/or --harness TASKS (lm-eval)")
+    if args.harness and (args.compare or args.compare_base or args.baseline or args.judge_url):
+        problems.append("--harness scores one model; --compare, --compare-base, --baseline and the judge are for "
+                        "--data alone (run --harness on each model)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        problems.append("--num-fewshot must be at least 0")
     try:
         names = m.parse_metrics(args.metrics)
     except ValueError as err:
@@ -121,12 +138,22 @@ def run(args: argparse.Namespace) -> int:
                           bootstrap=args.bootstrap, seed=args.seed, device=args.device,
                           judge=JudgeSettings(args.judge_url, args.judge_model, args.judge_key_env)
                           if args.judge_url else None)
+    is_run = (Path(args.target).expanduser() / "config.yaml").is_file()
+    if args.harness:
+        status = _harness(args, is_run)
+        if args.data is None:
+            return status
     other = base_of(args.target) if args.compare_base else args.compare
     document = evaluate(args.target, args.data, options, other=other, baseline=args.baseline,
                         threshold=args.threshold, limit=args.limit)
     json_path, html_path = write_outputs(document, args.out or default_out(args.target, args.data))
     print("\n".join(summary_lines(document)))
     print(f"wrote {json_path} and {html_path}")
+    if is_run:
+        from tunesmith.tracking import eval_values, log_evaluation
+
+        log_evaluation(Path(args.target), eval_values(document), [json_path, html_path],
+                       f"eval/{Path(document['data']['path']).stem}")
     if "judge_error" in document.get("compare", {}):
         print(f"the judge failed: {document['compare']['judge_error']}", file=sys.stderr)
         return 1
@@ -134,4 +161,22 @@ def run(args: argparse.Namespace) -> int:
     if drifted:
         print(f"drift beyond {args.threshold:.0%}: {', '.join(drifted)}")
         return 3 if args.fail_on_drift else 0
+    return 0
+
+
+def _harness(args: argparse.Namespace, is_run: bool) -> int:
+    from tunesmith.evaluation.harness import HarnessOptions, harness_lines, run_harness
+
+    options = HarnessOptions(tasks=[t.strip() for t in args.harness.split(",") if t.strip()],
+                             num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
+                             extract=args.extract, device=args.device)
+    out = args.out if args.out and args.data is None else default_out(args.target, None)
+    document = run_harness(args.target, options, out)
+    print("\n".join(harness_lines(document)))
+    print(f"wrote {out / 'harness.json'}")
+    if is_run:
+        from tunesmith.tracking import harness_values, log_evaluation
+
+        log_evaluation(Path(args.target), harness_values(document), [out / "harness.json"], "harness")
     return 0
