@@ -29,6 +29,7 @@ from accelerate.tracking import GeneralTracker
 from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
 from tunesmith.io import write_text_atomic
+from tunesmith.runs import flat_params
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,6 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return None
-
-
-def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
-    """A nested config as dotted keys with values every tracker accepts (lists as JSON, None as "null").
-
-    >>> flat_params({"training": {"lr": 0.1, "betas": [0.9, 0.99]}, "name": None})
-    {'training.lr': 0.1, 'training.betas': '[0.9, 0.99]', 'name': 'null'}
-    """
-    flat: dict[str, str | int | float | bool] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        elif value is None or isinstance(value, list):
-            flat[f"{prefix}{key}"] = json.dumps(value)
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def system_info(device: torch.device) -> dict[str, str]:
