@@ -172,7 +172,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
     """A loss curve in one line of block characters (the last ``width`` buckets' means).
 
     >>> sparkline([4.0, 3.0, 2.0, 1.0])
-    '█▅▃▁'
+    '█▆▃▁'
     """
     if not values:
         return ""
