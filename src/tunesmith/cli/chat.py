@@ -9,7 +9,8 @@ import sys
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("chat", help="chat with a run, a model folder, an adapter, a GGUF file or "
                                              "'embedded'")
-    parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, 'embedded' or hub id")
+    parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, registry:NAME@ALIAS, "
+                                           "'embedded' or hub id")
     parser.add_argument("--prompt", help="one message; print the reply and exit")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-new-tokens", type=int, default=256)

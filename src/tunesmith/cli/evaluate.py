@@ -15,7 +15,8 @@ DEFAULT_METRICS = "loss,perplexity,rouge,bleu,chrf,exact_match"
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="evaluate a run or model on chat rows (A/B, drift, HTML report)")
-    parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, 'embedded' or hub id")
+    parser.add_argument("target", help="run folder, model or adapter folder, .gguf file, registry:NAME@ALIAS, "
+                                           "'embedded' or hub id")
     parser.add_argument("--data", type=Path,
                         help="chat rows in any format tunesmith reads; each row's last assistant turn is the reference")
     parser.add_argument("--harness", metavar="TASKS",

@@ -9,10 +9,11 @@ import sys
 import warnings
 
 from tunesmith import __version__
-from tunesmith.cli import chat, config, data, evaluate, export, methods, models, reward, runs, serve, train
+from tunesmith.cli import chat, config, data, evaluate, export, methods, models, registry, reward, runs, serve, \
+    train
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 
-COMMANDS = (train, chat, evaluate, runs, data, export, serve, methods, config, models, reward)
+COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods, config, models, reward)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ for both models (paired intervals of the difference).
 from __future__ import annotations
 
 import gc
-import hashlib
 import html
 import json
 import logging
@@ -34,7 +33,7 @@ from tunesmith.data.tokenize import IGNORE_INDEX, UNLIMITED, TokenizedRow, token
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.evaluation import metrics as m
 from tunesmith.evaluation.judge import JudgeSettings, judge_rows
-from tunesmith.io import write_text_atomic
+from tunesmith.io import sha256_of, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,6 @@ class Side:
     per_row: dict[str, np.ndarray] = field(default_factory=dict)
     statistics: dict[str, m.Statistic] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_eval_rows(path: Path, limit: int | None = None) -> list[EvalRow]:

@@ -40,12 +40,22 @@ def _adapter_base(path: Path) -> str:
     return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def resolve_target(target: str) -> str:
+    """``registry:NAME@ALIAS`` (or ``/VERSION``) -> the registered version's local folder; anything else as is."""
+    if target.startswith("registry:"):
+        from tunesmith.registry import resolve
+
+        return str(resolve(target))
+    return target
+
+
 def load_for_inference(target: str, device: str = "auto", dequantize: bool = False
                        ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``target``; a run folder uses the tokenizer and template it trained with.
 
     A QLoRA run loads its base in 4 bits, as trained, unless ``dequantize`` (for merging).
     """
+    target = resolve_target(target)
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "model").is_dir():  # a run folder
         run_config = Config.model_validate(read_yaml(path / "config.yaml"))
@@ -65,15 +75,15 @@ def load_for_inference(target: str, device: str = "auto", dequantize: bool = Fal
 
 def tokenizer_for(target: str) -> PreTrainedTokenizerBase:
     """The tokenizer (with chat template) of a run folder, model or adapter folder, GGUF file or 'embedded'."""
-    path = Path(target).expanduser()
+    path = Path(resolve_target(target)).expanduser()
     if (path / "config.yaml").is_file() and (path / "model").is_dir():
         path = path / "model"
     return load_tokenizer(ModelConfig(name_or_path=str(path) if path.exists() else target))
 
 
 def run_config_of(target: str) -> Config | None:
-    """The resolved config of a run folder, or None for anything else."""
-    path = Path(target).expanduser()
+    """The resolved config of a run folder (a registered version too), or None for anything else."""
+    path = Path(resolve_target(target)).expanduser()
     if (path / "config.yaml").is_file():
         return Config.model_validate(read_yaml(path / "config.yaml"))
     return None
