@@ -13,7 +13,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("export", help="merge a run and write it as a transformers folder, GGUF (with an "
                                                 "Ollama Modelfile) or bitsandbytes folder, checked against the "
                                                 "trained model")
-    parser.add_argument("target", help="a run folder, an adapter folder or a model folder")
+    parser.add_argument("target", help="a run folder, an adapter folder, a model folder or registry:NAME@ALIAS")
     parser.add_argument("--to", choices=TARGETS, default="hf")
     parser.add_argument("--out", required=True, help="the folder to write (replaced atomically, only if parity holds)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="--to hf: the weights' dtype")
@@ -31,6 +31,9 @@ def _print_parity(kind: str, report, enforced: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tunesmith.models.inference import resolve_target
+
+    args.target = resolve_target(args.target)  # registry:NAME@ALIAS -> the version's folder
     out, parity = Path(args.out), not args.no_parity
     if args.to in ("gguf", "ollama"):
         from tunesmith.export.gguf import export_gguf

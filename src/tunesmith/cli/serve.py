@@ -9,7 +9,7 @@ from tunesmith.errors import TunesmithError
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, adapters)")
-    parser.add_argument("target", help="a run folder, model or adapter folder, or 'embedded'")
+    parser.add_argument("target", help="a run folder, model or adapter folder, registry:NAME@ALIAS, or 'embedded'")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
                         help="another LoRA adapter on the same base, chosen by the request's model field")
     parser.add_argument("--host", default="127.0.0.1")
