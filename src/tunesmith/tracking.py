@@ -142,7 +142,11 @@ def start_tracking(config: Config, run_dir: Path, accelerator: Accelerator, resu
     accelerator.init_trackers(config.tracking.project)  # starts each tracker
     ids: dict[str, Any] = {}
     for tracker in accelerator.trackers:
-        first = not previous.get(tracker.name)  # parameters once: MLflow refuses to change them on resume
+        # Parameters once per tracked run: MLflow refuses to change them when a run resumes.
+        if tracker.name == "mlflow":
+            first = tracker.tracker.info.run_id != previous.get("mlflow", {}).get("run_id")
+        else:
+            first = not previous.get(tracker.name)
         if first:
             tracker.store_init_configuration({**flat_params(config.model_dump(mode="json")),
                                               **{f"system.{k}": v for k, v in system_info(accelerator.device).items()}})
@@ -177,6 +181,15 @@ def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, actio
         log.warning("tracking: %s failed to log %s (%s: %s); it is switched off for this run, metrics.jsonl "
                     "has everything", tracker.name, what, type(err).__name__, err)
         accelerator.trackers = [t for t in accelerator.trackers if t is not tracker]
+        try:
+            if tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
+            else:
+                tracker.finish()
+        except Exception:  # noqa: BLE001 - already reported above; nothing more to do for this backend
+            pass
 
 
 def samples_markdown(samples: list[dict[str, str]]) -> str:

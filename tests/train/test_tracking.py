@@ -128,3 +128,23 @@ def test_wandb_runs_offline_without_a_key_and_trackio_logs_locally(tiny_model_di
     offline = list((run.run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb")), "no offline W&B run file"
     assert any((tmp_path / "trackio").rglob("*.db")), "trackio wrote no local database"
+
+
+def test_a_tracker_that_fails_is_switched_off_and_training_goes_on(tiny_model_dir, chat_file, tmp_path, monkeypatch,
+                                                                    caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from accelerate.tracking import MLflowTracker
+
+    def refuse(self, values, step=None, **kwargs):
+        raise ConnectionError("tracking server went away (simulated)")
+
+    monkeypatch.setattr(MLflowTracker, "log", refuse)
+    tree = _tracked_tree(tiny_model_dir, chat_file, tmp_path / "runs")
+    tree["eval"] = {"samples": 0}
+    run = run_sft(build_config(tree))
+    assert run.result.state.global_step == 4 and (run.run_dir / "model").is_dir()
+    assert [r["step"] for r in read_metrics(run.run_dir) if "loss" in r] == [1, 2, 3, 4]
+    assert "mlflow failed to log metrics" in caplog.text and "switched off" in caplog.text
+    ids = read_tracking(run.run_dir)["mlflow"]
+    assert mlflow.MlflowClient(ids["uri"]).get_run(ids["run_id"]).info.status == "FAILED"
+    assert mlflow.active_run() is None
