@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 import torch
 from helpers import counting_rows, write_jsonl
@@ -59,3 +61,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 @pytest.fixture
 def chat_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", counting_rows())
+
+
+@pytest.fixture(autouse=True)
+def no_outside_mlflow(monkeypatch):
+    """No test logs to a developer's MLflow server, and none leaves mlflow pointing at its store
+    (recorded as set, so that whatever a test sets is undone)."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        leaked = mlflow.active_run()
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status="FAILED")
+        mlflow.set_tracking_uri(None)
+        assert leaked is None, f"the test left MLflow run {leaked.info.run_id} active"

@@ -14,11 +14,13 @@ store that training logs to by default).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +107,13 @@ def _mlflow_run_for(run: RunInfo, client: Any, uri: str) -> str:
 
 
 def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | None = None,
-        description: str | None = None) -> Any:
-    """Register a finished run as a new version of ``name`` (created if new); return the ModelVersion."""
+        description: str | None = None) -> tuple[Any, str]:
+    """Register a finished run as a new version of ``name`` (created if new); return the ModelVersion
+    and the store it went to: ``uri``, else the store the run was tracked in, else $MLFLOW_TRACKING_URI,
+    else the SQLite store beside the run folder."""
     from mlflow.exceptions import MlflowException
 
+    check_alias(alias)
     run = read_run(run_dir)
     if not run.finished:
         raise TunesmithError(f"{run.path} has no final model ({run.status}): only a finished run can be registered")
@@ -118,17 +123,16 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
     uri = uri or tracked.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(run.path.parent)
     client = _client(uri, must_exist=False)
     run_id = _mlflow_run_for(run, client, uri)
-    with tempfile.TemporaryDirectory(prefix="tunesmith-register-") as staging:
-        folder = Path(staging) / ARTIFACT_DIR
-        folder.mkdir()
-        for item in ("config.yaml", "summary.json", "metrics.jsonl"):
-            if (run.path / item).is_file():
-                shutil.copy2(run.path / item, folder / item)
-        shutil.copytree(run.path / "model", folder / "model")
-        for evaluation in run.evals:
-            shutil.copytree(run.path / evaluation, folder / evaluation)
-        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+    # Each registration gets its own artifact folder: the same MLflow run may be registered again
+    # (after a resume, a new evaluation, or under another name) without touching earlier versions.
+    artifact_dir = f"{ARTIFACT_DIR}/{uuid.uuid4().hex[:12]}"
+    for item in ("config.yaml", "summary.json", "metrics.jsonl", "data.json"):
+        if (run.path / item).is_file():
+            client.log_artifact(run_id, str(run.path / item), artifact_dir)
+    client.log_artifacts(run_id, str(run.path / "model"), f"{artifact_dir}/model")
+    for evaluation in run.evals:
+        client.log_artifacts(run_id, str(run.path / evaluation), f"{artifact_dir}/{evaluation}")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_dir}"
     try:
         client.create_registered_model(name, description=f"registered with tunesmith from {run.name}")
     except MlflowException as err:
@@ -140,13 +144,31 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
                                           f"{run.config.get('model', {}).get('name_or_path')}")
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
-    return version
+    return version, uri
+
+
+def check_alias(alias: str | None) -> None:
+    """MLflow reserves ``latest`` and ``v<N>``; tunesmith's ``NAME@ALIAS`` needs a plain word.
+
+    >>> check_alias("production")
+    >>> check_alias("v2")
+    Traceback (most recent call last):
+    ...
+    tunesmith.errors.TunesmithError: alias 'v2': MLflow reserves 'latest' and 'v<number>'; choose another
+    """
+    if alias is None:
+        return
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+        raise TunesmithError(f"alias {alias!r}: use letters, digits, '_' and '-' (it is written NAME@ALIAS)")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise TunesmithError(f"alias {alias!r}: MLflow reserves 'latest' and 'v<number>'; choose another")
 
 
 def promote(name: str, version: str, alias: str, uri: str | None = None) -> str | None:
     """Point ``alias`` at ``version``; return the version it pointed at before (None if new)."""
     from mlflow.exceptions import MlflowException
 
+    check_alias(alias)
     client = _client(registry_uri(uri))
     try:
         client.get_model_version(name, str(version))
@@ -211,11 +233,19 @@ def _local_copy(source: str, name: str, version: str) -> Path:
         return Path(source)
     import mlflow.artifacts
 
-    cache = Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")) / "registry" / name / version
-    if not (cache / ARTIFACT_DIR / "model").is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(cache))
-    return cache / ARTIFACT_DIR
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]  # one folder per artifact location, any store
+    cache = Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")) / "registry" / key
+    if not (cache / "complete").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging))
+            (staging / "complete").write_text(f"{name}/{version} from {source}\n")
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(staging, cache)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return cache / Path(source.rstrip("/")).name
 
 
 def version_lines(rows: list[dict[str, Any]]) -> list[list[str]]:

@@ -97,8 +97,10 @@ class RunInfo:
             if "metrics" in document:
                 values.update({f"{folder}/{k}": v.get("value") for k, v in document["metrics"].items()})
             for task, entries in document.get("results", {}).items():
-                values.update({f"{folder}/{task}/{k.split(',')[0]}": v for k, v in entries.items()
-                               if "," in k and "_stderr" not in k and isinstance(v, (int, float))})
+                for key, value in entries.items():
+                    if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+                        metric, flt = key.split(",", 1)  # a task may score one metric under several filters
+                        values[f"{folder}/{task}/{metric}" + ("" if flt == "none" else f"/{flt}")] = value
         return values
 
 

@@ -94,18 +94,48 @@ def read_tracking(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+_SAVED_URIS: list[tuple[str | None, str | None]] = []  # what mlflow pointed at before each tracked run
+
+
+def _point_mlflow_at(uri: str) -> None:
+    """Set MLflow's global tracking URI for this run (accelerate's tracker logs through the global
+    API), remembering what it was: mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI, which
+    would send the next run in this process (and the registry) to this run's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    _SAVED_URIS.append((getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")))
+    mlflow.set_tracking_uri(uri)
+
+
+def _restore_mlflow_uri() -> None:
+    if not _SAVED_URIS:
+        return
+    import mlflow
+
+    before, environment = _SAVED_URIS[0]
+    _SAVED_URIS.clear()
+    mlflow.set_tracking_uri(before)  # None unsets the variable as well
+    if environment is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = environment
+
+
 def _mlflow_tracker(config: Config, run_dir: Path, previous: dict[str, Any]) -> GeneralTracker:
     import mlflow
     from accelerate.tracking import MLflowTracker
 
     uri = mlflow_uri(config)
-    mlflow.set_tracking_uri(uri)
+    _point_mlflow_at(uri)
     run_id = previous.get("run_id") if previous.get("uri") == uri else None
     if run_id is not None:
         try:
-            mlflow.MlflowClient(uri).get_run(run_id)
+            alive = mlflow.MlflowClient(uri).get_run(run_id).info.lifecycle_stage == "active"
         except mlflow.exceptions.MlflowException:
-            log.warning("MLflow run %s is not in %s any more: logging to a new run", run_id, uri)
+            alive = False
+        if not alive:
+            log.warning("MLflow run %s is not in %s any more (or was deleted): logging to a new run", run_id, uri)
             run_id = None
     tags = {"tunesmith.run_dir": str(run_dir.resolve()), "tunesmith.task": config.task,
             "tunesmith.method": config.method.type, "tunesmith.model": config.model.name_or_path}
@@ -242,7 +272,7 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
     step, values = summary.get("steps"), _numbers(final)
     for tracker in list(accelerator.trackers):
         _guarded(accelerator, tracker, "the final numbers", lambda t=tracker: t.log(values, step=step))
-        if tracker.name == "mlflow":
+        if tracker.name == "mlflow" and tracker in accelerator.trackers:  # a switched-off tracker has no run
             _guarded(accelerator, tracker, "the run's files", lambda: _mlflow_files(run_dir))
     for tracker in accelerator.trackers:
         try:
@@ -250,6 +280,7 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
         except Exception as err:  # noqa: BLE001 - the run folder is complete; only the tracker's end is lost
             log.warning("tracking: %s failed to finish (%s)", tracker.name, err)
     accelerator.trackers = []
+    _restore_mlflow_uri()
 
 
 def _mlflow_files(run_dir: Path) -> None:
@@ -278,6 +309,7 @@ def fail_tracking(accelerator: Accelerator, interrupted: bool) -> None:
         except Exception as err:  # noqa: BLE001 - the training's own error is the one to report
             log.warning("tracking: %s failed to end its run (%s)", tracker.name, err)
     accelerator.trackers = []
+    _restore_mlflow_uri()
 
 
 def eval_values(document: dict[str, Any]) -> dict[str, float]:

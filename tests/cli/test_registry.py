@@ -55,6 +55,18 @@ def test_add_promote_and_chat_with_a_registered_version(tiny_model_dir, tmp_path
     listing = capsys.readouterr().out
     assert any(line.split()[:3] == ["bot", "1", "production,staging"] for line in listing.splitlines())
 
+    # Registering the same (tracked) run again, after its folder changed, leaves version 1 as it was.
+    from tunesmith.registry import resolve
+
+    registered = (resolve("registry:bot/1") / "summary.json").read_text()
+    summary = runs["first"] / "summary.json"
+    summary.write_text(summary.read_text().replace('"steps": 3', '"steps": 30'))
+    assert main(["registry", "add", str(runs["first"]), "--name", "other"]) == 0
+    assert (resolve("registry:bot/1") / "summary.json").read_text() == registered
+    assert '"steps": 30' in (resolve("registry:other/1") / "summary.json").read_text()
+    assert main(["registry", "promote", "bot", "1", "latest"]) == 1  # MLflow's reserved alias, refused first
+    assert "reserves 'latest'" in capsys.readouterr().err
+
     trained = _lora_weights(load_for_inference(str(runs["first"]), "cpu")[0])
     other = _lora_weights(load_for_inference(str(runs["second"]), "cpu")[0])
     assert main(["-q", "chat", str(runs["first"]), "--prompt", "Count to 3.", "--max-new-tokens", "6",

@@ -30,6 +30,10 @@ def test_default_mlflow_run_reads_back_through_the_client(tiny_model_dir, chat_f
     run = run_sft(build_config(_tracked_tree(tiny_model_dir, chat_file, out, backends=["mlflow", "tensorboard"])))
     ids = read_tracking(run.run_dir)["mlflow"]
     assert ids["uri"] == f"sqlite:///{(out / 'mlflow.db').resolve()}" and (out / "mlflow.db").is_file()
+    # mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI: undone, or the next run would log here too.
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     client = mlflow.MlflowClient(ids["uri"])
     logged = client.get_run(ids["run_id"])

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                           if args.judge_url else None)
     is_run = (Path(args.target).expanduser() / "config.yaml").is_file()
     if args.harness:
-        status = _harness(args, is_run)
+        status = _harness(args, is_run, steps)
         if args.data is None:
             return status
     other = base_of(args.target) if args.compare_base else args.compare
@@ -165,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _harness(args: argparse.Namespace, is_run: bool) -> int:
+def _harness(args: argparse.Namespace, is_run: bool, normalise: tuple[str, ...]) -> int:
     from tunesmith.evaluation.harness import HarnessOptions, harness_lines, run_harness
 
     options = HarnessOptions(tasks=[t.strip() for t in args.harness.split(",") if t.strip()],
                              num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-                             extract=args.extract, device=args.device)
+                             extract=args.extract, normalise=normalise, device=args.device)
     out = args.out if args.out and args.data is None else default_out(args.target, None)
     document = run_harness(args.target, options, out)
     print("\n".join(harness_lines(document)))

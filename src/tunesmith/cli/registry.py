@@ -35,10 +35,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run_add(args: argparse.Namespace) -> int:
     from tunesmith import registry
 
-    version = registry.add(args.run, args.name, args.alias, args.registry_uri, args.description)
+    version, uri = registry.add(args.run, args.name, args.alias, args.registry_uri, args.description)
     alias = f", alias {args.alias}" if args.alias else ""
-    print(f"registered {args.run} as {args.name} version {version.version}{alias}\n"
+    print(f"registered {args.run} as {args.name} version {version.version}{alias} in {uri}\n"
           f"use it: tunesmith chat registry:{args.name}{'@' + args.alias if args.alias else '/' + str(version.version)}")
+    if uri != registry.registry_uri():
+        print(f"(registry:... names are looked up in {registry.registry_uri()}; for this store set "
+              f"MLFLOW_TRACKING_URI={uri})")
     return 0
 
 

@@ -34,7 +34,7 @@ from tunesmith.evaluation.metrics import exact_match
 
 
 def process_results(doc, results):
-    return {"exact_match": exact_match(results[0], doc["target"], doc["extract"])}
+    return {"exact_match": exact_match(results[0], doc["target"], doc["extract"], doc["normalise"])}
 '''
 
 
@@ -47,6 +47,7 @@ class HarnessOptions:
     max_new_tokens: int = 256
     chat_template: bool = False
     extract: str = "none"
+    normalise: tuple[str, ...] = ("case", "punct", "articles", "whitespace")
     device: str = "auto"
 
 
@@ -68,7 +69,7 @@ def local_task(rows_file: Path, folder: Path, options: HarnessOptions) -> str:
     name = _task_name(rows_file)
     data = folder / f"{name}.jsonl"
     documents = [{"prompt": _prompt_text(r.prompt), "target": r.reference, "extract": options.extract,
-                  "where": r.where} for r in rows]
+                  "normalise": list(options.normalise), "where": r.where} for r in rows]
     write_text_atomic(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
     if options.extract == "number" and any(extract(d["target"], "number") is None for d in documents):
         bad = next(d["where"] for d in documents if extract(d["target"], "number") is None)
@@ -116,11 +117,10 @@ def load_tasks(options: HarnessOptions, folder: Path) -> tuple[Any, list[str]]:
         elif path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise TunesmithError(f"--harness {spec}: no such task file")
-            include.append(str(path.resolve().parent))
-            names.append(yaml.safe_load(path.read_text(encoding="utf-8")).get("task") or path.stem)
+            names.append(str(path.resolve()))  # lm-eval loads a task or group from its YAML path
         else:
             names.append(spec)
-    local_only = len(names) == len(include)  # skip indexing lm-eval's ~15,000 built-in tasks
+    local_only = all(Path(spec).suffix == ".jsonl" for spec in options.tasks)  # skips indexing ~15,000 tasks
     manager = TaskManager(include_path=sorted(set(include)) or None, include_defaults=not local_only)
     for name in names:
         try:

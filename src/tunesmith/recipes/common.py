@@ -32,14 +32,13 @@ from tunesmith.config.schema import Config, DatasetConfig
 from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
 from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
-from tunesmith.io import sha256_of
 from tunesmith.models.device import select_device, select_mixed_precision
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
     tokens_to_add
 from tunesmith.tracking import check_backends, fail_tracking, finish_tracking
 from tunesmith.train.loop import TrainResult, evaluating
 from tunesmith.train.optim import lr_scale_for
-from tunesmith.train.run import save_final_model, write_summary
+from tunesmith.train.run import read_data_lineage, save_final_model, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +209,6 @@ def seed_everything(config: Config) -> None:
     set_seed(config.training.seed)
 
 
-def data_lineage(config: Config) -> list[dict[str, str]]:
-    """Each data file the run read, with its role and SHA-256 (what the registry records as lineage)."""
-    files = [("train", d.path) for d in config.data.train] + [("eval", d.path) for d in config.data.eval]
-    if config.data.replay is not None:
-        files.append(("replay", config.data.replay.path))
-    return [{"role": role, "path": str(Path(path).resolve()), "sha256": sha256_of(Path(path))}
-            for role, path in files if Path(path).is_file()]
-
-
 def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: Path) -> dict:
     trainable, total = count_parameters(model)
     return {
@@ -235,7 +225,7 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "total_parameters": total,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "model_dir": str(run_dir / "model"),
-        "data": data_lineage(config),
+        "data": read_data_lineage(run_dir),
         "versions": {"tunesmith": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }

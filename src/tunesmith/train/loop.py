@@ -272,9 +272,9 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
     prompts, logged at each eval; ``tracking``: the run's whole config, whose trackers (MLflow...)
     start here and get every metrics record (None: metrics.jsonl only)."""
-    if tracking is not None and accelerator.is_main_process:
-        start_tracking(tracking, run_dir, accelerator, resumed=resume_from is not None)
     try:
+        if tracking is not None and accelerator.is_main_process:
+            start_tracking(tracking, run_dir, accelerator, resumed=resume_from is not None)
         return _train(model, objective, stream, eval_batches, config, run_dir, accelerator, resume_from, lr_scale,
                       held, samples)
     except BaseException as err:  # the trackers' runs end as failed (or killed); the error goes on up

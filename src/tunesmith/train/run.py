@@ -1,7 +1,8 @@
 """The run folder: created only after config and data are valid; written atomically.
 
-``runs/<name>/`` holds config.yaml (resolved), metrics.jsonl, checkpoints/, model/ (a full
-Hugging Face folder or a PEFT adapter folder, with tokenizer and chat template) and summary.json.
+``runs/<name>/`` holds config.yaml (resolved), data.json (each data file's SHA-256 when the run
+started), metrics.jsonl, checkpoints/, model/ (a full Hugging Face folder or a PEFT adapter
+folder, with tokenizer and chat template) and summary.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_directory, write_text_atomic
+from tunesmith.io import atomic_directory, sha256_of, write_text_atomic
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,28 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
             log.warning("%s has no complete checkpoint: training starts from the beginning", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_config(config))
+    if checkpoint is None or not (run_dir / DATA_LINEAGE).is_file():  # a resumed run keeps what it first read
+        write_text_atomic(run_dir / DATA_LINEAGE, json.dumps(data_lineage(config), indent=2) + "\n")
     return run_dir, checkpoint
+
+
+DATA_LINEAGE = "data.json"
+
+
+def data_lineage(config: Config) -> list[dict[str, str]]:
+    """Each data file the run reads, with its role and SHA-256 (the registry's lineage)."""
+    files = [("train", d.path) for d in config.data.train] + [("eval", d.path) for d in config.data.eval]
+    if config.data.replay is not None:
+        files.append(("replay", config.data.replay.path))
+    return [{"role": role, "path": str(Path(path).resolve()), "sha256": sha256_of(Path(path))}
+            for role, path in files if Path(path).is_file()]
+
+
+def read_data_lineage(run_dir: Path) -> list[dict[str, str]] | None:
+    try:
+        return json.loads((run_dir / DATA_LINEAGE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
