@@ -137,16 +137,10 @@ def load_tasks(options: HarnessOptions, folder: Path) -> tuple[Any, list[str]]:
 
 
 def _model_for_harness(target: str, device: str) -> tuple[Any, Any]:
-    """The model lm-eval runs: a LoRA-family adapter merged in memory (faster, the same outputs),
-    a quantized base kept as it is."""
-    from peft import PeftModel
-
-    from tunesmith.models.inference import load_for_inference
+    from tunesmith.models.inference import load_for_inference, merged_for_scoring
 
     model, tokenizer = load_for_inference(target, device)
-    if isinstance(model, PeftModel) and not getattr(model.base_model.model, "is_quantized", False):
-        model = model.merge_and_unload()
-    return model.eval(), tokenizer
+    return merged_for_scoring(model).eval(), tokenizer
 
 
 def run_harness(target: str, options: HarnessOptions, out: Path) -> dict[str, Any]:

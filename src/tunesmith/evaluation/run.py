@@ -201,11 +201,12 @@ def add_statistics(side: Side, rows: list[EvalRow], options: EvalOptions) -> Non
 
 def run_side(target: str, rows: list[EvalRow], options: EvalOptions) -> Side:
     """Load ``target``, score the rows with it, and free it."""
-    from tunesmith.models.inference import load_for_inference
+    from tunesmith.models.inference import load_for_inference, merged_for_scoring
 
     started = time.monotonic()
     log.info("eval: loading %s", target)
     model, tokenizer = load_for_inference(target, options.device)
+    model = merged_for_scoring(model)  # an adapter scores as it would merged, at the base's speed
     side = Side(target)
     if "loss" in options.metrics or "perplexity" in options.metrics:
         side.nll, side.tokens = likelihoods(model, tokenizer, rows, options)

@@ -73,6 +73,17 @@ def load_for_inference(target: str, device: str = "auto", dequantize: bool = Fal
     return load_model(config, source=source), load_tokenizer(config, source)
 
 
+def merged_for_scoring(model: PreTrainedModel) -> PreTrainedModel:
+    """A LoRA-family adapter merged into its base in memory: the same outputs (up to float rounding)
+    at the base model's speed, for evaluation. A quantized base, and other adapter kinds, stay as they are."""
+    if isinstance(model, PeftModel) and not getattr(model.base_model.model, "is_quantized", False):
+        try:
+            return model.merge_and_unload()
+        except (ValueError, NotImplementedError, AttributeError):  # prompt/prefix tuning has nothing to merge
+            return model
+    return model
+
+
 def tokenizer_for(target: str) -> PreTrainedTokenizerBase:
     """The tokenizer (with chat template) of a run folder, model or adapter folder, GGUF file or 'embedded'."""
     path = Path(resolve_target(target)).expanduser()
