@@ -195,7 +195,7 @@ def _method(config: dict[str, Any]) -> str:
 
 def list_table(runs: list[RunInfo]) -> str:
     rows = [["run", "task", "method", "model", "steps", "train loss", "eval loss", "tokens", "time", "status",
-             "updated"]]
+             "started"]]
     for run in runs:
         model = str(run.config.get("model", {}).get("name_or_path", "?"))
         rows.append([run.name, run.config.get("task", "sft"), _method(run.config),
