@@ -28,7 +28,7 @@ from tunesmith import __version__
 from tunesmith.errors import TunesmithError
 from tunesmith.io import sha256_of
 from tunesmith.runs import RunInfo, flat_params, read_run
-from tunesmith.tracking import artifact_location, local_store_uri, read_tracking
+from tunesmith.tracking import artifact_location, local_store_uri, read_tracking, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def registry_uri(explicit: str | None = None) -> str:
 def _client(uri: str, must_exist: bool = True) -> Any:
     from mlflow import MlflowClient
 
-    if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    database = sqlite_file(uri)
+    if must_exist and database is not None and not database.is_file():
         raise TunesmithError(f"no model registry at {uri}: register a run first (tunesmith registry add RUN --name "
                              f"NAME), or point MLFLOW_TRACKING_URI at the store (the registry commands also take --registry-uri)")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

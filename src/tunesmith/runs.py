@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 
 from tunesmith.errors import TunesmithError
-from tunesmith.io import write_text_atomic
+from tunesmith.io import read_json, write_text_atomic
 from tunesmith.plots import line_chart
 
 SPARKS = "▁▂▃▄▅▆▇█"
+TRACKING_FILE = "tracking.json"  # each tracker's ids for the run (written by tunesmith.tracking)
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -40,11 +41,24 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str | int |
     return flat
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+def evaluation_values(document: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an eval.json (``NAME``, and ``delta/NAME`` against the compared model) or a
+    harness.json (``TASK/METRIC``, ``/FILTER`` appended unless it is ``none``).
+
+    >>> evaluation_values({"metrics": {"loss": {"value": 1.5}}, "compare": {"delta": {"loss": {"value": -0.5}}}})
+    {'loss': 1.5, 'delta/loss': -0.5}
+    >>> evaluation_values({"results": {"gsm8k": {"exact_match,strict": 0.25, "exact_match_stderr,strict": 0.1}}})
+    {'gsm8k/exact_match/strict': 0.25}
+    """
+    values = {name: entry.get("value") for name, entry in document.get("metrics", {}).items()}
+    values.update({f"delta/{name}": entry.get("value")
+                   for name, entry in document.get("compare", {}).get("delta", {}).items()})
+    for task, entries in document.get("results", {}).items():
+        for key, value in entries.items():
+            if "," in key and "_stderr" not in key:
+                metric, flt = key.split(",", 1)  # a task may score one metric under several filters
+                values[f"{task}/{metric}" + ("" if flt == "none" else f"/{flt}")] = value
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass
@@ -92,16 +106,8 @@ class RunInfo:
 
     def eval_metrics(self) -> dict[str, float]:
         """``EVALFOLDER/METRIC`` -> value for every evaluation written into the run folder."""
-        values = {}
-        for folder, document in self.evals.items():
-            if "metrics" in document:
-                values.update({f"{folder}/{k}": v.get("value") for k, v in document["metrics"].items()})
-            for task, entries in document.get("results", {}).items():
-                for key, value in entries.items():
-                    if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
-                        metric, flt = key.split(",", 1)  # a task may score one metric under several filters
-                        values[f"{folder}/{task}/{metric}" + ("" if flt == "none" else f"/{flt}")] = value
-        return values
+        return {f"{folder}/{key}": value for folder, document in self.evals.items()
+                for key, value in evaluation_values(document).items()}
 
 
 def read_run(path: Path | str) -> RunInfo:
@@ -119,11 +125,11 @@ def read_run(path: Path | str) -> RunInfo:
                 continue  # a line cut short by a kill
     evals = {}
     for document_file in sorted(path.glob("eval-*/eval.json")) + sorted(path.glob("harness*/harness.json")):
-        document = _read_json(document_file)
+        document = read_json(document_file)
         if isinstance(document, dict):
             evals[document_file.parent.name] = document
     return RunInfo(path, yaml.safe_load(config_file.read_text(encoding="utf-8")) or {},
-                   _read_json(path / "summary.json"), records, evals)
+                   read_json(path / "summary.json"), records, evals)
 
 
 def find_runs(folder: Path | str) -> list[RunInfo]:
@@ -226,7 +232,7 @@ def show_text(run: RunInfo) -> str:
                          + (f"  (best {best[1]:.4g} at step {best[0]:g})" if key == "eval_loss" else ""))
     for name, value in run.eval_metrics().items():
         lines.append(f"{'eval':<10} {name} = {_number(value)}")
-    tracking = _read_json(run.path / "tracking.json") or {}
+    tracking = read_json(run.path / TRACKING_FILE) or {}
     if "mlflow" in tracking:
         lines.append(f"mlflow     run {tracking['mlflow']['run_id']} in {tracking['mlflow']['uri']}")
     for name in sorted(set(tracking) - {"mlflow"}):

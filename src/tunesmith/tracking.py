@@ -28,20 +28,18 @@ from accelerate.tracking import GeneralTracker
 
 from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
-from tunesmith.io import write_text_atomic
-from tunesmith.runs import flat_params
+from tunesmith.io import read_json, write_text_atomic
+from tunesmith.runs import TRACKING_FILE, evaluation_values, flat_params
 
 log = logging.getLogger(__name__)
 
-TRACKING_FILE = "tracking.json"
-PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def check_backends(config: Config) -> None:
     """Refuse, before anything loads, a backend whose package is not installed."""
-    missing = [name for name in config.tracking.backends if importlib.util.find_spec(PACKAGES[name]) is None]
+    missing = [name for name in config.tracking.backends if importlib.util.find_spec(name) is None]  # module = package
     if missing:
-        raise ConfigError([f"tracking.backends: {name} is not installed: pip install {PACKAGES[name]}, or take it "
+        raise ConfigError([f"tracking.backends: {name} is not installed: pip install {name}, or take it "
                            f"out of tracking.backends ([] logs to metrics.jsonl only)" for name in missing])
 
 
@@ -59,12 +57,16 @@ def mlflow_uri(config: Config) -> str:
     return config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(config.output.dir)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside the database (MLflow's own default is ./mlruns in
     whatever folder the command ran from); a server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
 
 
 def system_info(device: torch.device) -> dict[str, str]:
@@ -86,12 +88,7 @@ def system_info(device: torch.device) -> dict[str, str]:
 
 def read_tracking(run_dir: Path) -> dict[str, Any]:
     """RUN/tracking.json: each backend's ids for this run ({} when the run was not tracked)."""
-    path = Path(run_dir) / TRACKING_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as err:
-        log.warning("%s is unreadable (%s): the run's tracker ids are lost", path, err)
-        return {}
+    return read_json(Path(run_dir) / TRACKING_FILE) or {}
 
 
 _SAVED_URIS: list[tuple[str | None, str | None]] = []  # what mlflow pointed at before each tracked run
@@ -203,8 +200,21 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def _end_run(tracker: GeneralTracker, status: str) -> None:
+    """End one tracker's run as failed: MLflow with ``status`` (FAILED or KILLED), W&B with exit code 1."""
+    if tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.end_run(status=status)
+    elif tracker.name == "wandb":
+        tracker.run.finish(exit_code=1)
+    else:
+        tracker.finish()
+
+
 def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, action: Any) -> None:
-    """Run one tracker's logging call; a failure switches that tracker off, never the training."""
+    """Run one tracker's logging call; a failure switches that tracker off (its run ends as failed),
+    never the training."""
     try:
         action()
     except Exception as err:  # noqa: BLE001 - any backend error: metrics.jsonl still has the record
@@ -212,14 +222,9 @@ def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, actio
                     "has everything", tracker.name, what, type(err).__name__, err)
         accelerator.trackers = [t for t in accelerator.trackers if t is not tracker]
         try:
-            if tracker.name == "mlflow":
-                import mlflow
-
-                mlflow.end_run(status="FAILED")
-            else:
-                tracker.finish()
-        except Exception:  # noqa: BLE001 - already reported above; nothing more to do for this backend
-            pass
+            _end_run(tracker, "FAILED")
+        except Exception as end_err:  # noqa: BLE001 - the backend is already reported as broken
+            log.debug("tracking: %s also failed to end its run (%s)", tracker.name, end_err)
 
 
 def samples_markdown(samples: list[dict[str, str]]) -> str:
@@ -298,49 +303,17 @@ def fail_tracking(accelerator: Accelerator, interrupted: bool) -> None:
     interrupted), W&B exits with code 1."""
     for tracker in accelerator.trackers:
         try:
-            if tracker.name == "mlflow":
-                import mlflow
-
-                mlflow.end_run(status="KILLED" if interrupted else "FAILED")
-            elif tracker.name == "wandb":
-                tracker.run.finish(exit_code=1)
-            else:
-                tracker.finish()
+            _end_run(tracker, "KILLED" if interrupted else "FAILED")
         except Exception as err:  # noqa: BLE001 - the training's own error is the one to report
             log.warning("tracking: %s failed to end its run (%s)", tracker.name, err)
     accelerator.trackers = []
     _restore_mlflow_uri()
 
 
-def eval_values(document: dict[str, Any]) -> dict[str, float]:
-    """A ``tunesmith eval`` document's numbers as metric names: ``eval/DATA/NAME`` for each metric and
-    ``eval/DATA/delta/NAME`` for each difference against the compared model.
-
-    >>> eval_values({"data": {"path": "a/gsm.jsonl"}, "metrics": {"loss": {"value": 1.5}},
-    ...              "compare": {"delta": {"loss": {"value": -0.5}}}})
-    {'eval/gsm/loss': 1.5, 'eval/gsm/delta/loss': -0.5}
-    """
-    stem = Path(document["data"]["path"]).stem
-    values = {f"eval/{stem}/{name}": entry["value"] for name, entry in document["metrics"].items()}
-    for name, entry in document.get("compare", {}).get("delta", {}).items():
-        values[f"eval/{stem}/delta/{name}"] = entry["value"]
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def harness_values(document: dict[str, Any]) -> dict[str, float]:
-    """lm-eval results as ``harness/TASK/METRIC`` (the filter appended unless it is ``none``)."""
-    values = {}
-    for task, entries in document["results"].items():
-        for key, value in entries.items():
-            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                metric, flt = key.split(",", 1)
-                values[f"harness/{task}/{metric}" + ("" if flt == "none" else f"/{flt}")] = float(value)
-    return values
-
-
-def log_evaluation(run_dir: Path, values: dict[str, float], files: list[Path], artifact_dir: str) -> bool:
-    """Add an evaluation of a tracked run to its MLflow run: ``values`` as metrics (at step 0) and
-    ``files`` as artifacts under ``artifact_dir``. Returns whether it was logged."""
+def log_evaluation(run_dir: Path, document: dict[str, Any], files: list[Path], name: str) -> bool:
+    """Add an evaluation of a tracked run to its MLflow run: the document's numbers as ``NAME/...``
+    metrics (at step 0: ``eval/DATA/loss``, ``harness/TASK/METRIC``) and ``files`` as artifacts under
+    ``NAME``. Returns whether it was logged."""
     ids = read_tracking(run_dir).get("mlflow")
     if not ids or importlib.util.find_spec("mlflow") is None:
         return False
@@ -350,12 +323,13 @@ def log_evaluation(run_dir: Path, values: dict[str, float], files: list[Path], a
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
+    metrics = [Metric(f"{name}/{key}", value, now, 0) for key, value in evaluation_values(document).items()]
     try:
         client = MlflowClient(ids["uri"])
-        client.log_batch(ids["run_id"], metrics=[Metric(key, value, now, 0) for key, value in values.items()])
+        client.log_batch(ids["run_id"], metrics=metrics)
         for path in files:
             if path.is_file():
-                client.log_artifact(ids["run_id"], str(path), artifact_dir)
+                client.log_artifact(ids["run_id"], str(path), name)
     except Exception as err:  # noqa: BLE001 - the files are written; only their copy in MLflow is missing
         log.warning("mlflow: the evaluation was not logged to run %s (%s: %s)", ids["run_id"], type(err).__name__,
                     err)

@@ -151,10 +151,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(document)))
     print(f"wrote {json_path} and {html_path}")
     if is_run:
-        from tunesmith.tracking import eval_values, log_evaluation
+        from tunesmith.tracking import log_evaluation
 
-        log_evaluation(Path(args.target), eval_values(document), [json_path, html_path],
-                       f"eval/{Path(document['data']['path']).stem}")
+        log_evaluation(Path(args.target), document, [json_path, html_path], f"eval/{Path(args.data).stem}")
     if "judge_error" in document.get("compare", {}):
         print(f"the judge failed: {document['compare']['judge_error']}", file=sys.stderr)
         return 1
@@ -177,7 +176,7 @@ def _harness(args: argparse.Namespace, is_run: bool, normalise: tuple[str, ...])
     print("\n".join(harness_lines(document)))
     print(f"wrote {out / 'harness.json'}")
     if is_run:
-        from tunesmith.tracking import harness_values, log_evaluation
+        from tunesmith.tracking import log_evaluation
 
-        log_evaluation(Path(args.target), harness_values(document), [out / "harness.json"], "harness")
+        log_evaluation(Path(args.target), document, [out / "harness.json"], "harness")
     return 0

@@ -70,10 +70,11 @@ def local_task(rows_file: Path, folder: Path, options: HarnessOptions) -> str:
     data = folder / f"{name}.jsonl"
     documents = [{"prompt": _prompt_text(r.prompt), "target": r.reference, "extract": options.extract,
                   "normalise": list(options.normalise), "where": r.where} for r in rows]
-    write_text_atomic(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
-    if options.extract == "number" and any(extract(d["target"], "number") is None for d in documents):
-        bad = next(d["where"] for d in documents if extract(d["target"], "number") is None)
+    bad = next((d["where"] for d in documents if options.extract == "number" and extract(d["target"], "number")
+                is None), None)
+    if bad is not None:
         raise TunesmithError(f"{bad}: --extract number, but the reference reply holds no number")
+    write_text_atomic(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
     write_text_atomic(folder / "tunesmith_task_utils.py", _TASK_UTILS)
     task = {
         "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},

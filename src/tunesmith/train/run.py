@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_directory, sha256_of, write_text_atomic
+from tunesmith.io import atomic_directory, read_json, sha256_of, write_text_atomic
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ def data_lineage(config: Config) -> list[dict[str, str]]:
 
 
 def read_data_lineage(run_dir: Path) -> list[dict[str, str]] | None:
-    try:
-        return json.loads((run_dir / DATA_LINEAGE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(run_dir / DATA_LINEAGE)
 
 
 def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
