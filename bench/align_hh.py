@@ -1,7 +1,10 @@
 """Reward model or DPO on Anthropic HH (harmless) pairs: the embedded SmolLM2-135M + LoRA, one epoch
 on 1,500 pairs, pairwise accuracy on the held-out pairs after them (issue 5's measurements).
 
-    python bench/align_hh.py [--task reward|dpo] [--train 1500] [--eval 300] [--max-seq-len 192]
+    python bench/align_hh.py [--task reward|dpo] [--train 1500] [--eval 300] [--eval-from N] [--max-seq-len 192]
+
+A reward run is then scored on the held-out pairs by `tunesmith reward score` (the command a user
+runs), whose summary line is printed last: the number the docs quote.
 
 For DPO the accuracy is that of the implicit rewards β·log(π/π_ref), and the chosen-minus-rejected
 margin is printed as it moved during training (mean of the first and last tenth of the steps).
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tunesmith.config.load import build_config  # noqa: E402
 from tunesmith.config.schema import DatasetConfig  # noqa: E402
 from tunesmith.data.build import DataReport, read_canonical  # noqa: E402
-from tunesmith.recipes.dpo import run_pairs  # noqa: E402
+from tunesmith.cli.train import recipe_for  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless_sample.jsonl.gz"
 
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
     parser.add_argument("--train", type=int, default=1500)
     parser.add_argument("--eval", type=int, default=300)
+    parser.add_argument("--eval-from", type=int, default=None, help="first held-out pair (default: right after "
+                        "the training pairs; 1500 keeps the docs' 290 held-out pairs with fewer training pairs)")
     parser.add_argument("--max-seq-len", type=int, default=192)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
@@ -50,7 +55,8 @@ def main() -> None:
     rows = [r.row for r in read_canonical(DatasetConfig(path=str(SAMPLE)), report)]
     print(f"{len(rows)} valid pairs, {len(report.errors)} faulty rows left out")
     args.out.mkdir(parents=True, exist_ok=True)
-    train, held = rows[:args.train], rows[args.train:args.train + args.eval]
+    start = args.train if args.eval_from is None else max(args.eval_from, args.train)
+    train, held = rows[:args.train], rows[start:start + args.eval]
     if not held:
         raise SystemExit(f"no rows left for evaluation after {args.train} training pairs")
     for name, part in (("train", train), ("eval", held)):
@@ -67,7 +73,7 @@ def main() -> None:
         **({"model": {"name_or_path": args.model}} if args.model else {}),
     })
     started = time.time()
-    run = run_pairs(config, overwrite=True)
+    run = recipe_for(config.task)(config, overwrite=True)
     metrics = run.result.final_eval_metrics
     steps = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     margins = [s["rewards/margin"] for s in steps if "rewards/margin" in s]
@@ -82,6 +88,13 @@ def main() -> None:
           f"{time.time() - started:.0f} s: held-out pairwise "
           f"accuracy {metrics['eval_rewards/accuracy']:.3f} on {len(held)} pairs, mean margin "
           f"{metrics['eval_rewards/margin']:.3f}, eval loss {run.result.final_eval_loss:.4f}")
+    if args.task == "reward":
+        import subprocess
+
+        command = [sys.executable, "-m", "tunesmith", "-q", "reward", "score", str(run.run_dir), "--file",
+                   str(args.out / "eval.jsonl"), "--out", str(args.out / "scores.jsonl")]
+        print("$ tunesmith reward score " + " ".join(command[5:]), flush=True)
+        subprocess.run(command, check=True)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def cuda_peak() -> dict:
 
 
 def tunesmith_run(args: argparse.Namespace, task: str, data: Path, out: Path) -> dict:
-    from tunesmith.recipes.dpo import run_pairs
+    from tunesmith.recipes.dpo import run_dpo
     from tunesmith.recipes.grpo import run_grpo
     section = ({"preference": {"loss": "dpo", "beta": 0.1}} if task == "dpo" else
                {"grpo": {"rewards": REWARDS, "group_size": args.group, "max_new_tokens": args.max_new_tokens,
@@ -83,7 +83,7 @@ def tunesmith_run(args: argparse.Namespace, task: str, data: Path, out: Path) ->
                      "gradient_checkpointing": args.gradient_checkpointing, "log_every": 1, "save_every": None},
         "output": {"dir": str(out)}, **section,
     })
-    run = (run_pairs if task == "dpo" else run_grpo)(config, overwrite=True)
+    run = (run_dpo if task == "dpo" else run_grpo)(config, overwrite=True)
     steps = [row for row in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
              if "loss" in row]
     result = {"steps_per_s": steps_per_s([row["elapsed_s"] for row in steps], args.warmup)}

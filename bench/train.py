@@ -113,7 +113,8 @@ class PathRunner:
     """One path set up for training: the model, its optimizer and one step's code."""
 
     def __init__(self, path: str, args: argparse.Namespace, device: torch.device):
-        from tunesmith.recipes.sft import SFTObjective, apply_speedups
+        from tunesmith.models.fastpath import apply_speedups
+        from tunesmith.recipes.sft import SFTObjective
         from tunesmith.train.optim import build_optimizer
 
         self.path, self.device = path, device

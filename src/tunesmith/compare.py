@@ -26,6 +26,7 @@ from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.io import write_text_atomic
 from tunesmith.models.load import resolve_model_source
 from tunesmith.plots import bar_chart, line_chart
+from tunesmith.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def load_compare_config(path: Path) -> tuple[CompareConfig, dict[str, Config]]:
     try:
         compare = CompareConfig.model_validate(read_yaml(path))
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err), str(path)) from None
+        raise ConfigError(format_validation_error(err, CompareConfig), str(path)) from None
     base_path = resolve_path(compare.base, path.parent)
     if base_path is None:
         raise ConfigError([f"base: {compare.base!r} does not exist"], str(path))
@@ -108,12 +109,15 @@ def _size_mb(folder: Path) -> float:
 
 
 def _result(name: str, run_dir: Path) -> MethodResult:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunDir(run_dir)
+    summary = run.summary()
+    if summary is None:
+        raise TunesmithError(f"{run_dir}: the run wrote no summary (it did not finish)")
     trainable, total = summary["trainable_parameters"], summary["total_parameters"]
     return MethodResult(name, summary["method"], trainable, total, round(100 * trainable / max(total, 1), 4),
                         summary.get("peak_memory_mb", 0.0),
                         round(summary["tokens_seen"] / max(summary["train_seconds"], 1e-9), 1),
-                        summary["final_train_loss"], summary["final_eval_loss"], round(_size_mb(run_dir / "model"), 3))
+                        summary["final_train_loss"], summary["final_eval_loss"], round(_size_mb(run.model_dir), 3))
 
 
 def lora_arithmetic(config: Config, rank: int) -> list[str]:
@@ -155,7 +159,7 @@ def _table(results: list[MethodResult]) -> str:
 def _curves(out: Path, names: list[str]) -> dict[str, list[tuple[float, float]]]:
     curves = {}
     for name in names:
-        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line]
+        records = RunDir(out / name).metrics()
         curves[name] = [(r["step"], r["loss"]) for r in records if "loss" in r]
     return curves
 

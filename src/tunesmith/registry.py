@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import __version__
+from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
 from tunesmith.io import sha256_of
 from tunesmith.runs import RunInfo, flat_params, read_run
@@ -52,17 +53,21 @@ def _client(uri: str, must_exist: bool = True) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _config_of(run: RunInfo) -> Config:
+    if run.config is None:
+        raise TunesmithError(f"{run.path}: its config cannot be read ({run.problem})")
+    return run.config
+
+
 def _lineage(run: RunInfo) -> dict[str, str]:
     """The version's tags: base model, data files with their SHA-256 at training time, evaluations."""
-    config, summary = run.config, run.summary or {}
+    config, summary = _config_of(run), run.summary or {}
     tags = {"tunesmith.version": __version__, "run_dir": str(run.path.resolve()), "run_name": run.name,
-            "task": str(config.get("task", "sft")), "method": str(config.get("method", {}).get("type", "?")),
-            "base_model": str(config.get("model", {}).get("name_or_path", "?"))}
+            "task": config.task, "method": config.method.type, "base_model": config.model.name_or_path}
     recorded = summary.get("data")
     if recorded is None:  # a run from before summaries held the data's hashes: hash the files as they are now
-        train = config.get("data", {}).get("train", [])
-        recorded = [{"role": "train", "path": d["path"], "sha256": sha256_of(Path(d["path"])) + " (at registration)"}
-                    for d in train if Path(d["path"]).is_file()]
+        recorded = [{"role": "train", "path": d.path, "sha256": sha256_of(Path(d.path)) + " (at registration)"}
+                    for d in config.data.train if Path(d.path).is_file()]
     for index, entry in enumerate(recorded):
         prefix = f"data.{entry['role']}.{index}"
         tags[f"{prefix}.path"], tags[f"{prefix}.sha256"] = entry["path"], entry["sha256"]
@@ -88,7 +93,7 @@ def _mlflow_run_for(run: RunInfo, client: Any, uri: str) -> str:
             return ids["run_id"]
         except Exception:  # noqa: BLE001 - deleted from the store: make a new one below
             log.warning("MLflow run %s is not in %s any more: registering through a new run", ids["run_id"], uri)
-    project = run.config.get("tracking", {}).get("project", "tunesmith")
+    project = _config_of(run).tracking.project
     experiment = client.get_experiment_by_name(project)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         project, artifact_location=artifact_location(uri))
@@ -96,7 +101,7 @@ def _mlflow_run_for(run: RunInfo, client: Any, uri: str) -> str:
     run_id = mlflow_run.info.run_id
     from mlflow.entities import Metric, Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in flat_params(run.config).items()]
+    params = [Param(k, str(v)[:6000]) for k, v in flat_params(run.settings).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start:start + 100])
     metrics = [Metric(k, float(v), 0, run.value("steps") or 0) for k, v in (run.summary or {}).items()
@@ -127,10 +132,11 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
     # Each registration gets its own artifact folder: the same MLflow run may be registered again
     # (after a resume, a new evaluation, or under another name) without touching earlier versions.
     artifact_dir = f"{ARTIFACT_DIR}/{uuid.uuid4().hex[:12]}"
-    for item in ("config.yaml", "summary.json", "metrics.jsonl", "data.json"):
-        if (run.path / item).is_file():
-            client.log_artifact(run_id, str(run.path / item), artifact_dir)
-    client.log_artifacts(run_id, str(run.path / "model"), f"{artifact_dir}/model")
+    folder = run.run
+    for item in (folder.config_file, folder.summary_file, folder.metrics_file, folder.data_file):
+        if item.is_file():
+            client.log_artifact(run_id, str(item), artifact_dir)
+    client.log_artifacts(run_id, str(folder.model_dir), f"{artifact_dir}/{folder.model_dir.name}")
     for evaluation in run.evals:
         client.log_artifacts(run_id, str(run.path / evaluation), f"{artifact_dir}/{evaluation}")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_dir}"
@@ -140,9 +146,8 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     version = client.create_model_version(name, source, run_id=run_id, tags=_lineage(run),
-                                          description=description or f"{run.name}: {run.config.get('task', 'sft')} "
-                                          f"({run.config.get('method', {}).get('type', '?')}) on "
-                                          f"{run.config.get('model', {}).get('name_or_path')}")
+                                          description=description or f"{run.name}: {_config_of(run).task} "
+                                          f"({_config_of(run).method.type}) on {_config_of(run).model.name_or_path}")
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version, uri

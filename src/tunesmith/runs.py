@@ -1,8 +1,7 @@
 """What is in the run folders, without loading a model: `tunesmith runs list | show | compare`.
 
-A run folder holds config.yaml, metrics.jsonl, summary.json once finished, and the evaluations
-written into it (eval-*/eval.json, harness/harness.json). Everything here reads those files only,
-so it is quick and works while a run is still training.
+Run folders are read through ``tunesmith.rundir`` (config, metrics, summary, evaluations, trackers'
+ids); nothing here loads a model, so it is quick and works while a run is still training.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.io import read_json, write_text_atomic
+from tunesmith.io import write_text_atomic
 from tunesmith.plots import line_chart
+from tunesmith.rundir import RunDir, is_run_dir
 
 SPARKS = "▁▂▃▄▅▆▇█"
-TRACKING_FILE = "tracking.json"  # each tracker's ids for the run (written by tunesmith.tracking)
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -63,19 +61,29 @@ def evaluation_values(document: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class RunInfo:
-    path: Path
-    config: dict[str, Any]
+    run: RunDir
+    config: Config | None  # None: the saved config no longer validates (``problem`` says why)
     summary: dict[str, Any] | None
     records: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval folder -> eval.json or harness.json
+    problem: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.run.name
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None and (self.path / "model").is_dir()
+        return self.summary is not None and self.run.has_model
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The config as plain values, every default filled in (as saved, where it no longer validates)."""
+        return self.config.model_dump(mode="json") if self.config is not None else self.run.raw_config()
 
     @property
     def status(self) -> str:
@@ -111,25 +119,13 @@ class RunInfo:
 
 
 def read_run(path: Path | str) -> RunInfo:
-    path = Path(path).expanduser()
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise TunesmithError(f"{path}: not a run folder (no config.yaml); `tunesmith runs list` lists them")
-    records = []
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-    evals = {}
-    for document_file in sorted(path.glob("eval-*/eval.json")) + sorted(path.glob("harness*/harness.json")):
-        document = read_json(document_file)
-        if isinstance(document, dict):
-            evals[document_file.parent.name] = document
-    return RunInfo(path, yaml.safe_load(config_file.read_text(encoding="utf-8")) or {},
-                   read_json(path / "summary.json"), records, evals)
+    run = RunDir.existing(path)
+    config, problem = None, None
+    try:
+        config = run.config()
+    except TunesmithError as err:
+        problem = str(err)
+    return RunInfo(run, config, run.summary(), run.metrics(), run.evaluations(), problem)
 
 
 def find_runs(folder: Path | str) -> list[RunInfo]:
@@ -138,8 +134,8 @@ def find_runs(folder: Path | str) -> list[RunInfo]:
     if not folder.is_dir():
         raise TunesmithError(f"{folder}: no such folder of runs (train one with `tunesmith train CONFIG`, or pass "
                              f"--dir)")
-    runs = [read_run(p) for p in folder.iterdir() if (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda r: (r.path / "config.yaml").stat().st_mtime, reverse=True)
+    runs = [read_run(p) for p in folder.iterdir() if is_run_dir(p)]
+    return sorted(runs, key=lambda r: r.run.started(), reverse=True)
 
 
 def _number(value: Any) -> str:
@@ -191,36 +187,37 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(SPARKS[round((v - low) / span * (len(SPARKS) - 1))] for v in means)
 
 
-def _method(config: dict[str, Any]) -> str:
-    method = config.get("method", {})
-    kind = method.get("type", "?")
-    if kind in ("lora", "qlora", "dora"):
-        return f"{kind} r{method.get('lora', {}).get('r', '?')}"
-    return kind
+def _method(config: Config | None) -> str:
+    if config is None:
+        return "?"
+    kind = config.method.type
+    return f"{kind} r{config.method.lora.r}" if kind in ("lora", "qlora", "dora") else kind
 
 
 def list_table(runs: list[RunInfo]) -> str:
     rows = [["run", "task", "method", "model", "steps", "train loss", "eval loss", "tokens", "time", "status",
              "started"]]
     for run in runs:
-        model = str(run.config.get("model", {}).get("name_or_path", "?"))
-        rows.append([run.name, run.config.get("task", "sft"), _method(run.config),
+        model = run.config.model.name_or_path if run.config is not None else "?"
+        rows.append([run.name, run.config.task if run.config is not None else "?", _method(run.config),
                      model if len(model) <= 28 else "…" + model[-27:], _number(run.value("steps")),
                      _number(run.value("final_train_loss")), _number(run.value("final_eval_loss")),
                      _number((run.summary or {}).get("tokens_seen")), _duration((run.summary or {}).get("train_seconds")),
-                     run.status, time.strftime("%Y-%m-%d %H:%M", time.localtime((run.path / "config.yaml").stat().st_mtime))])
+                     run.status, time.strftime("%Y-%m-%d %H:%M", time.localtime(run.run.started()))])
     return table(rows)
 
 
 def show_text(run: RunInfo) -> str:
     config, summary = run.config, run.summary or {}
-    data = config.get("data", {}).get("train", [])
-    lines = [f"run        {run.path}  ({run.status})",
-             f"task       {config.get('task', 'sft')}, {_method(config)} on {config.get('model', {}).get('name_or_path')}",
-             "data       " + ", ".join(str(d.get("path", d)) if isinstance(d, dict) else str(d) for d in data)]
-    training = config.get("training", {})
-    lines.append(f"training   lr {training.get('lr')}, batch {training.get('batch_size')} x {training.get('grad_accum')}"
-                 f", max_steps {training.get('max_steps')}, seed {training.get('seed')}")
+    lines = [f"run        {run.path}  ({run.status})"]
+    if config is None:
+        lines.append(f"config     {run.problem}")
+    else:
+        training = config.training
+        lines += [f"task       {config.task}, {_method(config)} on {config.model.name_or_path}",
+                  "data       " + ", ".join(d.path for d in config.data.train),
+                  f"training   lr {training.lr}, batch {training.batch_size} x {training.grad_accum}, max_steps "
+                  f"{training.max_steps}, seed {training.seed}"]
     if summary:
         lines.append(f"result     {_number(summary.get('steps'))} steps, {_number(summary.get('tokens_seen'))} tokens, "
                      f"{_duration(summary.get('train_seconds'))}, peak {_number(summary.get('peak_memory_mb'))} MB")
@@ -232,7 +229,7 @@ def show_text(run: RunInfo) -> str:
                          + (f"  (best {best[1]:.4g} at step {best[0]:g})" if key == "eval_loss" else ""))
     for name, value in run.eval_metrics().items():
         lines.append(f"{'eval':<10} {name} = {_number(value)}")
-    tracking = read_json(run.path / TRACKING_FILE) or {}
+    tracking = run.run.tracking()
     if "mlflow" in tracking:
         lines.append(f"mlflow     run {tracking['mlflow']['run_id']} in {tracking['mlflow']['uri']}")
     for name in sorted(set(tracking) - {"mlflow"}):
@@ -245,23 +242,10 @@ SUMMARY_ROWS = (("steps", "steps"), ("train loss", "final_train_loss"), ("eval l
                 ("trainable params", "trainable_parameters"))
 
 
-def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with every default filled in (a field left out equals its default); as saved when it
-    no longer validates (a run from an older tunesmith)."""
-    from pydantic import ValidationError
-
-    from tunesmith.config.schema import Config
-
-    try:
-        return Config.model_validate(config).model_dump(mode="json")
-    except ValidationError:
-        return config
-
-
 def compare_rows(runs: list[RunInfo]) -> list[list[str]]:
     """Header, then the config fields that differ between the runs, the results, and the evaluations
     that any of them has."""
-    flats = [flat_params(_with_defaults(run.config)) for run in runs]
+    flats = [flat_params(run.settings) for run in runs]
     keys = sorted({k for flat in flats for k in flat})
     rows = [["", *[run.name for run in runs]]]
     for key in keys:

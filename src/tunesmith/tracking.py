@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from accelerate.tracking import GeneralTracker
 
 from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
-from tunesmith.io import read_json, write_text_atomic
-from tunesmith.runs import TRACKING_FILE, evaluation_values, flat_params
+from tunesmith.io import write_text_atomic
+from tunesmith.rundir import RunDir
+from tunesmith.runs import evaluation_values, flat_params
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def system_info(device: torch.device) -> dict[str, str]:
 
 def read_tracking(run_dir: Path) -> dict[str, Any]:
     """RUN/tracking.json: each backend's ids for this run ({} when the run was not tracked)."""
-    return read_json(Path(run_dir) / TRACKING_FILE) or {}
+    return RunDir(Path(run_dir)).tracking()
 
 
 _SAVED_URIS: list[tuple[str | None, str | None]] = []  # what mlflow pointed at before each tracked run
@@ -183,7 +186,7 @@ def start_tracking(config: Config, run_dir: Path, accelerator: Accelerator, resu
             run = tracker.tracker
             ids["mlflow"] = {"uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id,
                              "experiment_id": run.info.experiment_id}
-            mlflow.log_artifact(str(run_dir / "config.yaml"))
+            mlflow.log_artifact(str(RunDir(run_dir).config_file))
             log.info("mlflow: run %s in %s (mlflow ui --backend-store-uri %s)", run.info.run_id,
                      ids["mlflow"]["uri"], ids["mlflow"]["uri"])
         elif tracker.name == "wandb":
@@ -192,7 +195,21 @@ def start_tracking(config: Config, run_dir: Path, accelerator: Accelerator, resu
             ids["tensorboard"] = {"dir": str(run_dir / "tensorboard")}
         else:
             ids[tracker.name] = {"project": config.tracking.project, "name": config.run_name}
-    write_text_atomic(run_dir / TRACKING_FILE, json.dumps(ids, indent=2) + "\n")
+    write_text_atomic(RunDir(run_dir).tracking_file, json.dumps(ids, indent=2) + "\n")
+
+
+@contextmanager
+def tracked(config: Config, run_dir: Path, accelerator: Accelerator, resumed: bool) -> Iterator[None]:
+    """The trackers' whole life around a recipe's training and final save, entered by the recipe:
+    started on entry (main process; a resumed run logs into the run it started); the recipe's
+    ``finish_run`` ends them with the final numbers; an error inside ends their runs as FAILED
+    (KILLED on Ctrl-C) and goes on up."""
+    start_tracking(config, run_dir, accelerator, resumed)
+    try:
+        yield
+    except BaseException as err:
+        fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
+        raise
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -291,10 +308,11 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
 def _mlflow_files(run_dir: Path) -> None:
     import mlflow
 
-    for name in ("summary.json", "metrics.jsonl"):
-        if (run_dir / name).is_file():
-            mlflow.log_artifact(str(run_dir / name))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    run = RunDir(run_dir)
+    for path in (run.summary_file, run.metrics_file):
+        if path.is_file():
+            mlflow.log_artifact(str(path))
+    records = run.metrics()
     mlflow.log_text(loss_curve_svg(records), "loss.svg")
 
 

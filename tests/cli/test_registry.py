@@ -9,7 +9,7 @@ import torch
 from tunesmith.cli.main import main
 from tunesmith.config.load import build_config
 from tunesmith.io import sha256_of
-from tunesmith.models.inference import load_for_inference
+from tunesmith.targets import load_target
 from tunesmith.recipes.sft import run_sft
 from tunesmith.tracking import read_tracking
 from helpers import counting_rows, tiny_tree, write_jsonl
@@ -67,13 +67,13 @@ def test_add_promote_and_chat_with_a_registered_version(tiny_model_dir, tmp_path
     assert main(["registry", "promote", "bot", "1", "latest"]) == 1  # MLflow's reserved alias, refused first
     assert "reserves 'latest'" in capsys.readouterr().err
 
-    trained = _lora_weights(load_for_inference(str(runs["first"]), "cpu")[0])
-    other = _lora_weights(load_for_inference(str(runs["second"]), "cpu")[0])
+    trained = _lora_weights(load_target(str(runs["first"]), "cpu")[0])
+    other = _lora_weights(load_target(str(runs["second"]), "cpu")[0])
     assert main(["-q", "chat", str(runs["first"]), "--prompt", "Count to 3.", "--max-new-tokens", "6",
                  "--device", "cpu"]) == 0
     reply = capsys.readouterr().out
     shutil.rmtree(runs["first"])  # a version is a copy: it outlives its run folder
-    loaded = _lora_weights(load_for_inference("registry:bot@production", "cpu")[0])
+    loaded = _lora_weights(load_target("registry:bot@production", "cpu")[0])
     assert loaded.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(loaded[key], trained[key], rtol=0, atol=0, msg=key)
@@ -81,7 +81,7 @@ def test_add_promote_and_chat_with_a_registered_version(tiny_model_dir, tmp_path
     assert main(["-q", "chat", "registry:bot@production", "--prompt", "Count to 3.", "--max-new-tokens", "6",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out == reply
-    torch.testing.assert_close(_lora_weights(load_for_inference("registry:bot/2", "cpu")[0])[next(iter(other))],
+    torch.testing.assert_close(_lora_weights(load_target("registry:bot/2", "cpu")[0])[next(iter(other))],
                                other[next(iter(other))])
 
 

@@ -14,7 +14,7 @@ def test_every_shipped_config_validates():
     assert configs, "no configs found under configs/"
     for path in configs:
         if "methods" in yaml.safe_load(path.read_text()):  # a `tunesmith methods compare` file
-            from tunesmith.recipes.compare import load_compare_config
+            from tunesmith.compare import load_compare_config
 
             compare, per_method = load_compare_config(path)
             assert list(per_method) == [m.name for m in compare.methods]

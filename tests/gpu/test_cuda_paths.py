@@ -20,7 +20,8 @@ from tunesmith.data.pack import collate_padding_free
 from tunesmith.kernels.lora import LoRALinearFunction, matmul_lowrank, triton_usable
 from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import sft_loss_sum
-from tunesmith.recipes.sft import SFTObjective, apply_speedups
+from tunesmith.models.fastpath import apply_speedups
+from tunesmith.recipes.sft import SFTObjective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
 CUDA = torch.device("cuda")

@@ -7,7 +7,7 @@ import yaml
 
 from tunesmith.cli.main import main
 from tunesmith.errors import ConfigError
-from tunesmith.recipes.compare import load_compare_config
+from tunesmith.compare import load_compare_config
 from helpers import tiny_tree
 
 

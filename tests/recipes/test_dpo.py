@@ -9,8 +9,14 @@ import torch
 from tunesmith.config.load import build_config
 from tunesmith.data.pairs import collate_pairs
 from tunesmith.errors import DataError
-from tunesmith.recipes.dpo import run_pairs, sequence_logps
+from tunesmith.cli.train import recipe_for
+from tunesmith.losses.logprobs import sequence_logps
 from helpers import read_metrics, tiny_tree, write_jsonl
+
+
+def run_pairs(config):
+    """The recipe `tunesmith train` picks for the config's task (dpo or reward)."""
+    return recipe_for(config.task)(config)
 
 
 def counting_pairs(count=24):
@@ -138,7 +144,7 @@ def test_reward_model_learns_the_pairs_and_scores_a_file(tiny_model_dir, pairs_f
                                                                  {"role": "assistant", "content": c}]}
                                                    for c in ("1 2 3", "3 2 1")])
     assert main(["reward", "score", str(run.run_dir), "--file", str(pairs_file), "--out", str(tmp_path / "s.jsonl")]) == 0
-    assert "pairwise accuracy 1.000 (24/24)" in capsys.readouterr().out
+    assert "pairwise accuracy 1.000 (ties as half; 24 won, 0 tied, 0 lost of 24)" in capsys.readouterr().out
     scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(scored) == 24 and all(s["chosen"] > s["rejected"] for s in scored)
     assert main(["reward", "score", str(run.run_dir), "--file", str(chats)]) == 0
@@ -150,7 +156,7 @@ def test_reward_scores_packed_equal_padded(tiny_model_dir, tokenizer):
     from tunesmith.adapters.apply import apply_method
     from tunesmith.config.schema import MethodConfig, ModelConfig
     from tunesmith.models.load import load_model
-    from tunesmith.recipes.dpo import reward_scores
+    from tunesmith.losses.logprobs import reward_scores
 
     model = apply_method(load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), head="score"),
                          MethodConfig(type="full")).eval()

@@ -24,7 +24,7 @@ def test_pretrain_packs_documents_and_trains_every_token(tiny_model_dir, tmp_pat
     losses = [r["loss"] for r in read_metrics(run.run_dir) if "loss" in r]
     assert losses[-1] < losses[0]
     from tunesmith.models.load import load_tokenizer
-    from tunesmith.recipes.common import build_training_data
+    from tunesmith.recipes.base import build_training_data
 
     config = build_config(tree)
     train, _, _ = build_training_data(config, load_tokenizer(config.model))
@@ -96,7 +96,7 @@ def test_base_reference_is_the_base_model(tiny_model_dir, tokenizer, method):
 
     from tunesmith.adapters.apply import apply_method
     from tunesmith.config.schema import MethodConfig
-    from tunesmith.recipes.common import base_reference
+    from tunesmith.recipes.base import base_reference
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

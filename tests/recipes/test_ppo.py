@@ -112,15 +112,15 @@ def test_missing_reward_model_fails_before_a_run_folder(tiny_model_dir, tmp_path
 
 
 def test_reward_model_scores_completions_as_reward_score_does(tiny_model_dir, tmp_path):
-    from tunesmith.recipes.dpo import run_pairs
-    from tunesmith.recipes.reward import score_file
+    from tunesmith.evaluation.reward import score_file
+    from tunesmith.recipes.reward import run_reward
 
     pairs = [{"prompt": [{"role": "user", "content": f"Count to {n}."}], "chosen": " ".join(map(str, range(1, n + 1))),
               "rejected": "no"} for n in range(2, 8)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     tree = tiny_tree(tiny_model_dir, data, tmp_path / "runs", "lora", max_steps=3, batch_size=2)
     tree["task"] = "reward"
-    reward_run = run_pairs(build_config(tree)).run_dir
+    reward_run = run_reward(build_config(tree)).run_dir
     scorer = RewardModelScorer(str(reward_run), torch.device("cpu"), 64)
     scores = scorer([p["prompt"] for p in pairs], [p["chosen"] for p in pairs], [""] * len(pairs))
     expected = [s.scores["chosen"] for s in score_file(scorer.model, scorer.tokenizer, str(data), 64)]

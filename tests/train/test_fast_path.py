@@ -16,7 +16,8 @@ from tunesmith.models.load import load_model
 from tunesmith.config.schema import ModelConfig, QuantizationConfig, TrainingConfig
 from tunesmith.losses.chunked import LinearCrossEntropy
 from tunesmith.models.varlen import NAME as VARLEN
-from tunesmith.recipes.sft import SFTObjective, apply_speedups, decoder_and_head
+from tunesmith.models.fastpath import apply_speedups, decoder_and_head
+from tunesmith.recipes.sft import SFTObjective
 from helpers import counting_rows
 
 

@@ -32,8 +32,8 @@ from transformers import PreTrainedModel
 
 from tunesmith.config.schema import AdapterConfig
 from tunesmith.errors import ConfigError, ModelLoadError
+from tunesmith.rundir import BOTTLENECK_CONFIG  # the folder layout lives in rundir
 
-BOTTLENECK_CONFIG = "bottleneck_config.json"
 BOTTLENECK_WEIGHTS = "bottleneck_adapter.safetensors"
 FORMAT_VERSION = 1
 CONFIG_ATTRIBUTE = "tunesmith_bottleneck"

@@ -23,9 +23,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tunesmith.generate.sample import SamplingConfig, generate_reply
-    from tunesmith.models.inference import load_for_inference
+    from tunesmith.targets import load_target
 
-    model, tokenizer = load_for_inference(args.target, args.device)
+    model, tokenizer = load_target(args.target, args.device)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:

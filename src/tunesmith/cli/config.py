@@ -23,7 +23,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from tunesmith.config.load import read_yaml
 
     if "methods" in read_yaml(Path(args.config)):  # a `tunesmith methods compare` file
-        from tunesmith.recipes.compare import load_compare_config
+        from tunesmith.compare import load_compare_config
 
         _, per_method = load_compare_config(Path(args.config))
         print(f"{args.config}: valid ({len(per_method)} methods: {', '.join(per_method)})")

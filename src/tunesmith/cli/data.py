@@ -90,8 +90,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _tokenizer(name: str):
     from tunesmith.models.inference import tokenizer_for
+    from tunesmith.targets import resolve_target
 
-    return tokenizer_for(name)
+    return tokenizer_for(resolve_target(name))
 
 
 def _read_valid(path: str, fmt: str = "auto", refuse_errors: bool = True):
@@ -243,7 +244,8 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from tunesmith.data.synth import endpoint_generator, local_generator, read_seed_tasks, synthesize
+    from tunesmith.data.synth import endpoint_generator, read_seed_tasks, synthesize
+    from tunesmith.generate.sample import local_generator
     from tunesmith.data.transform import write_jsonl
 
     seeds = read_seed_tasks(args.seeds)
@@ -252,9 +254,9 @@ def run_synth(args: argparse.Namespace) -> int:
                                       args.api_key)
         name = f"endpoint:{args.endpoint} model={args.endpoint_model}"
     else:
-        from tunesmith.models.inference import load_for_inference
+        from tunesmith.targets import load_target
 
-        model, tokenizer = load_for_inference(args.model)
+        model, tokenizer = load_target(args.model)
         generate = local_generator(model, tokenizer, args.temperature, args.max_new_tokens, args.seed)
         name = f"local:{args.model}"
     result = synthesize(seeds, generate, args.n, name, near=args.near, max_chars=args.max_chars, seed=args.seed,

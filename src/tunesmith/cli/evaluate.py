@@ -9,6 +9,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunesmith.config.commands import EvalCommandConfig
 
 DEFAULT_METRICS = "loss,perplexity,rouge,bleu,chrf,exact_match"
 
@@ -59,124 +63,86 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def base_of(target: str) -> str:
-    """The base model of a run folder or an adapter folder."""
-    import json
-
+def base_of(target) -> str:
+    """The base model of a run folder or an adapter folder (any kind of adapter)."""
     from tunesmith.errors import TunesmithError
-    from tunesmith.models.inference import run_config_of
 
-    config = run_config_of(target)
-    if config is not None:
-        return config.model.name_or_path
-    adapter = Path(target).expanduser() / "adapter_config.json"
-    if adapter.is_file():
-        return json.loads(adapter.read_text())["base_model_name_or_path"]
-    raise TunesmithError(f"--compare-base: {target} is neither a run folder nor an adapter folder, so it has no "
-                         "base model; name the other model with --compare OTHER")
+    base = target.base_model
+    if base is None:
+        raise TunesmithError(f"--compare-base: {target.spec} is neither a run folder nor an adapter folder, so it has "
+                             "no base model; name the other model with --compare OTHER")
+    return base
 
 
-def default_out(target: str, data: Path | None) -> Path:
+def default_out(target, data: Path | None) -> Path:
     """RUN/eval-DATA (RUN/harness without data) for a run folder, else ./eval/TARGET-DATA."""
-    path = Path(target).expanduser()
-    if (path / "config.yaml").is_file():
-        return path / (f"eval-{data.stem}" if data else "harness")
-    name = re.sub(r"[^\w.-]+", "_", path.name or target).strip("_") or "model"
+    if target.run is not None:
+        return target.run.eval_dir(data)
+    name = re.sub(r"[^\w.-]+", "_", target.name).strip("_") or "model"
     return Path("eval") / f"{name}-{data.stem if data else 'harness'}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunesmith.errors import ConfigError
-    from tunesmith.evaluation import metrics as m
+    from tunesmith.config.commands import EvalCommandConfig, validate_command
+
+    flags = validate_command(EvalCommandConfig, args, "eval")  # every flag, before anything loads
+    if flags.judge_url:
+        import importlib.util
+
+        from tunesmith.errors import ConfigError
+
+        if importlib.util.find_spec("openai") is None:
+            raise ConfigError(["the LLM judge talks to its endpoint with the openai package: pip install openai"],
+                              source="tunesmith eval")
     from tunesmith.evaluation.judge import JudgeSettings
     from tunesmith.evaluation.run import EvalOptions, evaluate, summary_lines, write_outputs
 
-    problems = []
-    if args.data is None and not args.harness:
-        problems.append("name what to evaluate on: --data FILE (chat rows) and/or --harness TASKS (lm-eval)")
-    if args.harness and (args.compare or args.compare_base or args.baseline or args.judge_url):
-        problems.append("--harness scores one model; --compare, --compare-base, --baseline and the judge are for "
-                        "--data alone (run --harness on each model)")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        problems.append("--num-fewshot must be at least 0")
-    try:
-        names = m.parse_metrics(args.metrics)
-    except ValueError as err:
-        problems.append(f"--metrics: {err}")
-        names = []
-    steps = tuple(s.strip() for s in args.normalize.split(",") if s.strip() and s.strip() != "none")
-    unknown = [s for s in steps if s not in m.NORMALISATIONS]
-    if unknown:
-        problems.append(f"--normalize: unknown step(s) {', '.join(unknown)}; known: {', '.join(m.NORMALISATIONS)}")
-    for flag, value in (("--extract", args.extract if args.extract not in ("none", "number") else None),
-                        ("--pattern", args.pattern)):
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as err:
-                problems.append(f"{flag}: not a valid regex ({err})")
-    if bool(args.judge_url) != bool(args.judge_model):
-        problems.append("--judge-url and --judge-model go together")
-    if args.judge_url and not (args.compare or args.compare_base):
-        problems.append("the LLM judge compares two models: add --compare OTHER or --compare-base")
-    if args.judge_url:
-        import importlib.util
+    options = EvalOptions(metrics=flags.metrics, max_new_tokens=flags.max_new_tokens, max_seq_len=flags.max_seq_len,
+                          batch_size=flags.batch_size, extract=flags.extract, normalise=flags.normalize,
+                          pattern=flags.pattern, bootstrap=flags.bootstrap, seed=flags.seed, device=flags.device,
+                          judge=JudgeSettings(flags.judge_url, flags.judge_model, flags.judge_key_env)
+                          if flags.judge_url else None)
+    from tunesmith.targets import resolve_target
 
-        if importlib.util.find_spec("openai") is None:
-            problems.append("the LLM judge talks to its endpoint with the openai package: pip install openai")
-    if args.fail_on_drift and not args.baseline:
-        problems.append("--fail-on-drift needs --baseline")
-    if "regex_match" in names and not args.pattern:
-        problems.append("--metrics regex_match needs --pattern")
-    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0)):
-        if value is not None and value < low:
-            problems.append(f"{flag} must be at least {low}")
-    if problems:
-        raise ConfigError(problems, source="tunesmith eval")
-    options = EvalOptions(metrics=names, max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                          batch_size=args.batch_size, extract=args.extract, normalise=steps, pattern=args.pattern,
-                          bootstrap=args.bootstrap, seed=args.seed, device=args.device,
-                          judge=JudgeSettings(args.judge_url, args.judge_model, args.judge_key_env)
-                          if args.judge_url else None)
-    is_run = (Path(args.target).expanduser() / "config.yaml").is_file()
-    if args.harness:
-        status = _harness(args, is_run, steps)
-        if args.data is None:
+    target = resolve_target(flags.target)  # looked at once for the whole command
+    is_run = target.run is not None
+    if flags.harness:
+        status = _harness(flags, target)
+        if flags.data is None:
             return status
-    other = base_of(args.target) if args.compare_base else args.compare
-    document = evaluate(args.target, args.data, options, other=other, baseline=args.baseline,
-                        threshold=args.threshold, limit=args.limit)
-    json_path, html_path = write_outputs(document, args.out or default_out(args.target, args.data))
+    other = base_of(target) if flags.compare_base else flags.compare
+    document = evaluate(target, flags.data, options, other=other, baseline=flags.baseline,
+                        threshold=flags.threshold, limit=flags.limit)
+    json_path, html_path = write_outputs(document, flags.out or default_out(target, flags.data))
     print("\n".join(summary_lines(document)))
     print(f"wrote {json_path} and {html_path}")
     if is_run:
         from tunesmith.tracking import log_evaluation
 
-        log_evaluation(Path(args.target), document, [json_path, html_path], f"eval/{Path(args.data).stem}")
+        log_evaluation(target.run.path, document, [json_path, html_path], f"eval/{flags.data.stem}")
     if "judge_error" in document.get("compare", {}):
         print(f"the judge failed: {document['compare']['judge_error']}", file=sys.stderr)
         return 1
     drifted = [k for k, v in document.get("drift", {}).get("metrics", {}).items() if v["flagged"]]
     if drifted:
-        print(f"drift beyond {args.threshold:.0%}: {', '.join(drifted)}")
-        return 3 if args.fail_on_drift else 0
+        print(f"drift beyond {flags.threshold:.0%}: {', '.join(drifted)}")
+        return 3 if flags.fail_on_drift else 0
     return 0
 
 
-def _harness(args: argparse.Namespace, is_run: bool, normalise: tuple[str, ...]) -> int:
+def _harness(flags: EvalCommandConfig, target) -> int:
     from tunesmith.evaluation.harness import HarnessOptions, harness_lines, run_harness
 
-    options = HarnessOptions(tasks=[t.strip() for t in args.harness.split(",") if t.strip()],
-                             num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-                             extract=args.extract, normalise=normalise, device=args.device)
-    out = args.out if args.out and args.data is None else default_out(args.target, None)
-    document = run_harness(args.target, options, out)
+    options = HarnessOptions(tasks=flags.harness, num_fewshot=flags.num_fewshot, limit=flags.limit,
+                             batch_size=flags.batch_size, max_new_tokens=flags.max_new_tokens,
+                             chat_template=flags.chat_template, extract=flags.extract, normalise=flags.normalize,
+                             device=flags.device)
+    out = flags.out if flags.out and flags.data is None else default_out(target, None)
+    document = run_harness(target, options, out)
     print("\n".join(harness_lines(document)))
     print(f"wrote {out / 'harness.json'}")
-    if is_run:
+    if target.run is not None:
         from tunesmith.tracking import log_evaluation
 
-        log_evaluation(Path(args.target), document, [out / "harness.json"], "harness")
+        log_evaluation(target.run.path, document, [out / "harness.json"], "harness")
     return 0

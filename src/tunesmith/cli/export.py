@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TARGETS = ["hf", "gguf", "ollama", "bnb-4bit", "bnb-8bit"]
+from tunesmith.config.names import EXPORT_DTYPES as DTYPES
+from tunesmith.config.names import EXPORT_TARGETS as TARGETS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -31,29 +31,30 @@ def _print_parity(kind: str, report, enforced: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunesmith.models.inference import resolve_target
+    from tunesmith.config.commands import ExportCommandConfig, validate_command
+    from tunesmith.targets import resolve_target
 
-    args.target = resolve_target(args.target)  # registry:NAME@ALIAS -> the version's folder
-    out, parity = Path(args.out), not args.no_parity
-    if args.to in ("gguf", "ollama"):
+    flags = validate_command(ExportCommandConfig, args, "export")  # every flag, before anything loads
+    target = resolve_target(flags.target)  # looked at once; registry:NAME@ALIAS -> the version's folder
+    out, parity = Path(flags.out), not flags.no_parity
+    if flags.to in ("gguf", "ollama"):
         from tunesmith.export.gguf import export_gguf
 
-        quants = [q.strip() for q in args.quant.split(",") if q.strip()]
-        result, files = export_gguf(args.target, out, quants, parity, ollama=args.to == "ollama")
+        result, files = export_gguf(target, out, flags.quant, parity, ollama=flags.to == "ollama")
         for file in files:
             print(f"wrote {file.path} ({file.quant})")
             _print_parity(file.quant, file.parity, result.parity_enforced)
-        if args.to == "ollama":
+        if flags.to == "ollama":
             print(f"wrote {out / 'Modelfile'}; create the model with: ollama create NAME -f {out / 'Modelfile'}")
         return 0
-    if args.to.startswith("bnb-"):
+    if flags.to.startswith("bnb-"):
         from tunesmith.export.bnb import export_bnb
 
-        result = export_bnb(args.target, out, int(args.to[4]), parity)
+        result = export_bnb(target, out, int(flags.to[4]), parity)
     else:
         from tunesmith.export.hf import export_hf
 
-        result = export_hf(args.target, out, DTYPES[args.dtype], parity=parity)
+        result = export_hf(target, out, DTYPES[flags.dtype], parity=parity)
     action = "merged and wrote" if result.merged else "wrote"
     print(f"{action} {result.out} ({result.dtype})")
     _print_parity(result.dtype, result.parity, result.parity_enforced)

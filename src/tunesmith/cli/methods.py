@@ -17,7 +17,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from tunesmith.recipes.compare import compare_methods
+    from tunesmith.compare import compare_methods
 
     out, _, table = compare_methods(Path(args.config))
     print(table)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.errors import TunesmithError
-
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, adapters)")
@@ -24,19 +22,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tunesmith.config.commands import ServeCommandConfig, validate_command
+
+    flags = validate_command(ServeCommandConfig, args, "serve")  # every flag, before anything loads
     import uvicorn
 
     from tunesmith.serve.app import create_app
     from tunesmith.serve.load import build_served
 
-    adapters = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise TunesmithError(f"--adapter {item!r}: expected NAME=RUN_OR_ADAPTER_FOLDER")
-        adapters[name] = path
-    served = build_served(args.target, adapters, args.device, args.max_tokens)
-    app = create_app(served, args.api_key, args.max_concurrency, args.max_body_bytes)
-    print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens)
+    app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes)
+    print(f"serving {', '.join(served.names)} on http://{flags.host}:{flags.port}/v1", flush=True)
+    uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning")
     return 0

@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from tunesmith.config.load import load_config
+
+# task -> the recipe that trains it ("module:function"), imported only when training (heavy imports).
+RECIPES = {
+    "sft": "tunesmith.recipes.sft:run_sft",
+    "pretrain": "tunesmith.recipes.sft:run_sft",
+    "dpo": "tunesmith.recipes.dpo:run_dpo",
+    "reward": "tunesmith.recipes.reward:run_reward",
+    "grpo": "tunesmith.recipes.grpo:run_grpo",
+    "ppo": "tunesmith.recipes.ppo:run_ppo",
+}
+
+
+def recipe_for(task: str):
+    """The training function of ``task``'s recipe."""
+    module, function = RECIPES[task].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,15 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    if config.task in ("dpo", "reward"):  # heavy imports only when training
-        from tunesmith.recipes.dpo import run_pairs as run_task
-    elif config.task == "grpo":
-        from tunesmith.recipes.grpo import run_grpo as run_task
-    elif config.task == "ppo":
-        from tunesmith.recipes.ppo import run_ppo as run_task
-    else:
-        from tunesmith.recipes.sft import run_sft as run_task
-    run_dir = run_task(config, resume=args.resume, overwrite=args.overwrite).run_dir
+    run_dir = recipe_for(config.task)(config, resume=args.resume, overwrite=args.overwrite).run_dir
     use = f"tunesmith reward score {run_dir} --file ROWS" if config.task == "reward" else f"tunesmith chat {run_dir}"
     print(f"run folder: {run_dir}\nuse it: {use}")
     return 0

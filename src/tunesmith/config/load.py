@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunesmith.config.schema import Config
-from tunesmith.data.readers import SUFFIXES
+from tunesmith.config.schema import TASK_CONFIGS, TASK_SECTIONS, Config, parse_config
+from tunesmith.config.names import DATA_SUFFIXES
 from tunesmith.errors import ConfigError
 
 
@@ -79,7 +79,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _model_at(loc: tuple[Any, ...], root: type[BaseModel] = Config) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The pydantic model class that holds the field at ``loc`` (for 'did you mean' hints)."""
     model: Any = root
     for part in loc[:-1]:
@@ -106,14 +106,27 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> list[str]:
-    """One line per problem: the dotted field, the value given, and what to do."""
+def format_validation_error(err: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem: the dotted field, the value given, and what to do. ``root``: the model
+    validated (default: a run config, whose errors start with the task's tag)."""
     problems = []
     for item in err.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        model = root
+        if root is None and loc and loc[0] in TASK_CONFIGS:  # the discriminated union's tag: the task
+            task, loc = loc[0], loc[1:]
+            model = TASK_CONFIGS[task]
+            if item["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in TASK_SECTIONS:
+                owners = " and ".join(TASK_SECTIONS[loc[0]])
+                problems.append(f"{loc[0]}: task {task} does not take a {loc[0]} section (it is for task {owners}); "
+                                f"remove it, or set task: {TASK_SECTIONS[loc[0]][0]}")
+                continue
+        if item["type"] == "unknown_task":
+            problems.append(f"task: {item['input'].get('task')!r} is invalid: {item['msg']}")
+            continue
         field = _dotted(loc)
         if item["type"] == "extra_forbidden":
-            model = _model_at(loc, root)
+            model = _model_at(loc, model) if model is not None else None
             known = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"did you mean {_dotted(loc[:-1] + (close[0],))!r}?" if close else ""
@@ -147,8 +160,8 @@ def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
         entries.append(("data.replay", config.data.replay))
     for label, dataset in entries:
         found = resolve_path(dataset.path, config_dir)
-        if not dataset.path.lower().endswith(SUFFIXES):
-            problems.append(f"{label}.path: {dataset.path!r} is not a data file; use one of {', '.join(SUFFIXES)}")
+        if not dataset.path.lower().endswith(DATA_SUFFIXES):
+            problems.append(f"{label}.path: {dataset.path!r} is not a data file; use one of {', '.join(DATA_SUFFIXES)}")
         elif found is None:
             where = "the working folder" + (f" or {config_dir}" if config_dir else "")
             problems.append(f"{label}.path: {dataset.path!r} does not exist (looked in {where})")
@@ -182,7 +195,7 @@ def _resolve_files(config: Config, config_dir: Path | None) -> list[str]:
 def build_config(tree: dict[str, Any], source: str | None = None, config_dir: Path | None = None) -> Config:
     """Validate a raw tree; raise ``ConfigError`` with every problem found."""
     try:
-        config = Config.model_validate(tree)
+        config = parse_config(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err), source) from None
     problems = _resolve_files(config, config_dir)

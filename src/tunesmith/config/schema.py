@@ -6,11 +6,11 @@ silent default. YAML keys equal the attribute names below.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
-from tunesmith.data.formats import FORMATS
+from tunesmith.config.names import FORMATS
 
 
 FormatName = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]
@@ -293,7 +293,6 @@ class PreferenceConfig(StrictModel):
     orpo_lambda: float = Field(0.1, gt=0.0, description="orpo: weight λ of the odds-ratio term")
     kto_desirable_weight: float = Field(1.0, gt=0.0)
     kto_undesirable_weight: float = Field(1.0, gt=0.0)
-    reward_margin: float = Field(0.0, description="task reward: the margin m of −log σ(r_c − r_r − m)")
     precompute_reference: bool = Field(False, description="compute the reference log-probabilities of every "
                                        "pair once before training (one extra pass, then no reference forward)")
 
@@ -307,6 +306,10 @@ class PreferenceConfig(StrictModel):
     @property
     def needs_reference(self) -> bool:
         return self.loss not in ("simpo", "orpo")
+
+
+# The reward of grpo and ppo when the config names none: GSM8K's "#### n" answer, matched exactly.
+DEFAULT_REWARDS = ("tunesmith.rewards:gsm8k_exact",)
 
 
 class SampledRewards(StrictModel):
@@ -329,8 +332,8 @@ class SampledRewards(StrictModel):
 class GRPOConfig(SampledRewards):
     """``task: grpo``: group sampling, rewards and the clipped objective."""
 
-    rewards: list[str] = Field(["tunesmith.rewards:gsm8k_exact"], min_length=1, description="reward functions "
-                               "as module:function, each (prompts, completions, answers) -> list of floats")
+    rewards: list[str] = Field(list(DEFAULT_REWARDS), min_length=1, description="reward functions as "
+                               "module:function, each (prompts, completions, answers) -> list of floats")
     group_size: int = Field(4, ge=2, description="completions sampled per prompt (G)")
     beta: float = Field(0.04, ge=0.0, description="coefficient of the per-token KL to the reference (0: no reference)")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio")
@@ -356,11 +359,21 @@ class PPOConfig(SampledRewards):
     kl_horizon: int = Field(10000, ge=1, description="the adaptive controller's horizon, in rollouts")
     whiten_advantages: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_reward_source(cls, value: Any) -> Any:
+        """Neither source given: the default reward functions (as grpo); both given: refused below."""
+        if isinstance(value, dict) and not value.get("rewards") and not value.get("reward_model"):
+            return {**value, "rewards": list(DEFAULT_REWARDS)}
+        return value
+
     @model_validator(mode="after")
     def _one_reward_source(self) -> PPOConfig:
-        if bool(self.rewards) == bool(self.reward_model):
-            raise ValueError("ppo needs exactly one reward source: ppo.rewards (module:function names) or "
-                             "ppo.reward_model (a task: reward run folder)")
+        if self.rewards and self.reward_model:
+            raise ValueError("ppo takes one reward source: ppo.rewards (module:function names) or "
+                             "ppo.reward_model (a task: reward run folder), not both")
+        if self.reward_weights is not None and self.reward_model:
+            raise ValueError("ppo.reward_weights weigh ppo.rewards; a reward model gives one score")
         return self
 
     @property
@@ -368,51 +381,33 @@ class PPOConfig(SampledRewards):
         return self.ppo_epochs * self.minibatches
 
 
-class Config(StrictModel):
+class RewardConfig(StrictModel):
+    """``task: reward``: the pairwise loss of the scoring head."""
+
+    margin: float = Field(0.0, description="the margin m of −log σ(r_c − r_r − m)")
+
+
+class RunConfig(StrictModel):
+    """What every task's config holds; each task adds its own section (a section of another task is refused)."""
+
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["sft", "pretrain", "dpo", "reward", "grpo", "ppo"] = Field(
-        "sft", description="pretrain: continued pre-training: documents packed end to end into data.max_seq_len "
-        "blocks, loss on every token; dpo: preference pairs, with the loss in the preference section; reward: "
-        "a reward model (a scoring head on the LM) trained on preference pairs; grpo: sampled completions of "
-        "the prompts scored by reward functions (the grpo section); ppo: one completion per prompt scored by reward "
-        "functions or a reward model, with a value head, GAE and several clipped updates per batch (the ppo section)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    ppo: PPOConfig = Field(default_factory=lambda: PPOConfig(rewards=["tunesmith.rewards:gsm8k_exact"]))
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> Config:
+    def _check_cross_fields(self) -> RunConfig:
+        task = self.task  # type: ignore[attr-defined]  # each subclass defines it
         if self.eval.samples and not self.training.eval_every:
             raise ValueError("eval.samples needs training.eval_every (samples are generated at each eval)")
-        if self.eval.samples and self.task not in ("sft", "pretrain"):
-            raise ValueError(f"eval.samples is for task sft and pretrain; task {self.task} logs its own metrics")
-        if self.task == "reward" and self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
-            raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
-        if self.task == "ppo":
-            per_batch = self.ppo.steps_per_batch
-            if self.training.grad_accum != 1:
-                raise ValueError("task ppo: training.grad_accum must be 1 (each optimizer step is one minibatch of "
-                                 "rollouts; raise training.batch_size for more rollouts per batch)")
-            if self.training.save_every and self.training.save_every % per_batch:
-                raise ValueError(f"task ppo: training.save_every ({self.training.save_every}) must be a multiple of "
-                                 f"ppo.ppo_epochs x ppo.minibatches ({per_batch}), so that checkpoints fall between "
-                                 f"batches of rollouts and a resumed run samples what the first would have")
-            if self.training.batch_size < self.ppo.minibatches:
-                raise ValueError(f"task ppo: training.batch_size ({self.training.batch_size} prompts per batch) is "
-                                 f"smaller than ppo.minibatches ({self.ppo.minibatches})")
-        if self.task in ("dpo", "reward", "grpo", "ppo"):
-            for wrong, why in ((self.data.replay is not None, "data.replay"),
-                               (self.regularization.kl_to_base > 0, "regularization.kl_to_base")):
-                if wrong:
-                    raise ValueError(f"task {self.task} does not take {why}")
+        if self.eval.samples and task not in ("sft", "pretrain"):
+            raise ValueError(f"eval.samples is for task sft and pretrain; task {task} logs its own metrics")
+        if self.data.replay is not None and task not in ("sft", "pretrain"):
+            raise ValueError(f"task {task} does not take data.replay (replay mixes rows into sft and pretrain)")
         if self.training.early_stopping_patience and not self.training.eval_every:
             raise ValueError("training.early_stopping_patience needs training.eval_every")
         if self.data.replay is not None:
@@ -436,6 +431,129 @@ class Config(StrictModel):
     @property
     def run_name(self) -> str:
         return self.output.name or self.name
+
+
+class SFTTaskConfig(RunConfig):
+    """``task: sft``: next-token loss on the assistant replies (or every turn, data.train_on_prompt)."""
+
+    task: Literal["sft"] = "sft"
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+
+
+class PretrainTaskConfig(RunConfig):
+    """``task: pretrain``: documents packed end to end into data.max_seq_len blocks, loss on every token."""
+
+    task: Literal["pretrain"]
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+
+
+class DPOTaskConfig(RunConfig):
+    """``task: dpo``: preference pairs, with the loss in the preference section."""
+
+    task: Literal["dpo"]
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+
+class RewardTaskConfig(RunConfig):
+    """``task: reward``: a reward model (a scoring head on the LM) trained on preference pairs."""
+
+    task: Literal["reward"]
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _trainable_head(self) -> RewardTaskConfig:
+        if self.method.type not in ("full", "freeze", "lora", "dora", "qlora"):
+            raise ValueError(f"task reward trains full, freeze, lora, dora or qlora, not method {self.method.type}")
+        return self
+
+
+class GRPOTaskConfig(RunConfig):
+    """``task: grpo``: sampled completions of the prompts scored by reward functions (the grpo section)."""
+
+    task: Literal["grpo"]
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+
+class PPOTaskConfig(RunConfig):
+    """``task: ppo``: one completion per prompt scored by reward functions or a reward model, with a value
+    head, GAE and several clipped updates per batch (the ppo section)."""
+
+    task: Literal["ppo"]
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+    @model_validator(mode="after")
+    def _rollout_batches(self) -> PPOTaskConfig:
+        per_batch = self.ppo.steps_per_batch
+        if self.training.grad_accum != 1:
+            raise ValueError("task ppo: training.grad_accum must be 1 (each optimizer step is one minibatch of "
+                             "rollouts; raise training.batch_size for more rollouts per batch)")
+        if self.training.save_every and self.training.save_every % per_batch:
+            raise ValueError(f"task ppo: training.save_every ({self.training.save_every}) must be a multiple of "
+                             f"ppo.ppo_epochs x ppo.minibatches ({per_batch}), so that checkpoints fall between "
+                             f"batches of rollouts and a resumed run samples what the first would have")
+        if self.training.batch_size < self.ppo.minibatches:
+            raise ValueError(f"task ppo: training.batch_size ({self.training.batch_size} prompts per batch) is "
+                             f"smaller than ppo.minibatches ({self.ppo.minibatches})")
+        return self
+
+
+TASK_CONFIGS: dict[str, type[RunConfig]] = {
+    "sft": SFTTaskConfig, "pretrain": PretrainTaskConfig, "dpo": DPOTaskConfig, "reward": RewardTaskConfig,
+    "grpo": GRPOTaskConfig, "ppo": PPOTaskConfig,
+}
+# The sections only some tasks take, and which: a refused section's message names its task.
+TASK_SECTIONS = {"regularization": ("sft", "pretrain"), "preference": ("dpo",), "reward": ("reward",),
+                 "grpo": ("grpo",), "ppo": ("ppo",)}
+
+
+def _task_of(value: Any) -> str:
+    """The discriminator: a config without ``task`` is an SFT config; an unknown task is left to fail."""
+    task = value.get("task", "sft") if isinstance(value, dict) else getattr(value, "task", "sft")
+    return task if task in TASK_CONFIGS else "unknown"
+
+
+Config = Annotated[
+    Annotated[SFTTaskConfig, Tag("sft")] | Annotated[PretrainTaskConfig, Tag("pretrain")]
+    | Annotated[DPOTaskConfig, Tag("dpo")] | Annotated[RewardTaskConfig, Tag("reward")]
+    | Annotated[GRPOTaskConfig, Tag("grpo")] | Annotated[PPOTaskConfig, Tag("ppo")],
+    Discriminator(_task_of, custom_error_type="unknown_task",
+                  custom_error_message=f"task must be one of {', '.join(TASK_CONFIGS)}"),
+]
+"""A run's config: one model per task, chosen by ``task`` (default sft)."""
+
+CONFIG_ADAPTER: TypeAdapter[Config] = TypeAdapter(Config)
+
+
+def upgrade_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config.yaml written before configs were per task held every task's section at its defaults;
+    those sections are dropped (a reward run's ``preference.reward_margin`` becomes ``reward.margin``).
+    Only for configs tunesmith saved: a config a user writes gets the error that names the section.
+
+    >>> upgrade_saved_config({"task": "reward", "preference": {"reward_margin": 0.5}, "grpo": {}, "ppo": {}})
+    {'task': 'reward', 'reward': {'margin': 0.5}}
+    """
+    tree = dict(tree)
+    task = tree.get("task", "sft")
+    preference = tree.get("preference")
+    if task == "reward" and isinstance(preference, dict) and "reward" not in tree:
+        tree["reward"] = {"margin": preference.get("reward_margin", 0.0)}
+    elif task == "dpo" and isinstance(preference, dict):
+        tree["preference"] = {k: v for k, v in preference.items() if k != "reward_margin"}
+    for section, owners in TASK_SECTIONS.items():
+        if task not in owners:
+            tree.pop(section, None)
+    return tree
+
+
+def parse_config(tree: Any) -> Config:
+    """Validate a config tree into its task's model (raises pydantic's ``ValidationError``).
+
+    >>> parse_config({"data": {"train": "rows.jsonl"}}).task
+    'sft'
+    >>> type(parse_config({"task": "grpo", "data": {"train": "rows.jsonl"}})).__name__
+    'GRPOTaskConfig'
+    """
+    return CONFIG_ADAPTER.validate_python(tree)
 
 
 class MixSourceConfig(StrictModel):

@@ -27,3 +27,16 @@ def collate_batch(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> di
         labels[index, :length] = torch.tensor(row["labels"])
         attention_mask[index, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def count_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Rows in a batch: a padding-free batch counts its position-id restarts.
+
+    >>> count_rows({"input_ids": torch.zeros(1, 5), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])})
+    2
+    >>> count_rows({"input_ids": torch.zeros(3, 4), "attention_mask": torch.ones(3, 4)})
+    3
+    """
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return batch["input_ids"].shape[0]

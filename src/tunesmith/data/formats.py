@@ -7,27 +7,19 @@ report ``file:line: field: message``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-CHAT_FORMATS = ("openai", "sharegpt", "alpaca", "qa", "completion", "seed_tasks", "text")
+from tunesmith.config.names import CHAT_FORMATS, FORMATS, PREFERENCE_FORMATS  # noqa: F401  (re-exported)
+from tunesmith.data.preference import preference_to_canonical
+from tunesmith.data.turns import Problem, check_turn_order
+
 # Two-field formats: (user field, assistant field).
 PAIR_FIELDS = {"qa": ("question", "answer"), "completion": ("prompt", "completion")}
-# "unpaired": one reply with a desirable flag (TRL's prompt/completion/label rows), for KTO.
-PREFERENCE_FORMATS = ("preference", "openai_preference", "hh", "unpaired")
-FORMATS = CHAT_FORMATS + PREFERENCE_FORMATS
 ROLES = ("system", "user", "assistant")
 # Keys a turn may carry besides its role and text (metadata the formats define); others are warned about.
 TURN_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "from", "value"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    field: str
-    message: str
-    severity: str = "error"  # error | warning
 
 
 def detect_format(row: Any) -> str | None:
@@ -91,34 +83,6 @@ def _content_text(content: Any, field: str, problems: list[Problem]) -> str | No
         return "".join(str(p.get("text", "")) for p in content)
     problems.append(Problem(field, f"content must be a string (or a list of text parts), got {type(content).__name__}"))
     return None
-
-
-def check_turn_order(messages: list[dict[str, str]], prefix: str = "messages") -> list[Problem]:
-    """Role order: an optional system turn first, then user and assistant alternating.
-
-    >>> check_turn_order([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}])[0].message
-    'row has no user turn before the assistant turn (messages[0].role is "system", messages[1].role is "assistant")'
-    """
-    problems = []
-    previous = None
-    for index, message in enumerate(messages):
-        role, field = message["role"], f"{prefix}[{index}].role"
-        if role == "system" and index > 0:
-            problems.append(Problem(field, "a system turn may only come first"))
-        elif role == "assistant" and previous in (None, "system"):
-            before = f'{prefix}[{index - 1}].role is "{previous}", ' if previous else ""
-            problems.append(Problem(field, f"row has no user turn before the assistant turn ({before}"
-                                           f'{prefix}[{index}].role is "assistant")'))
-        elif role == previous:
-            problems.append(Problem(field, f"two {role} turns in a row ({prefix}[{index - 1}] and {prefix}[{index}]); "
-                                           "merge them or insert the missing turn"))
-        previous = role
-    if not any(m["role"] == "assistant" for m in messages):
-        problems.append(Problem(prefix, "row has no assistant turn: nothing to train on"))
-    elif messages and messages[-1]["role"] == "user":
-        problems.append(Problem(f"{prefix}[{len(messages) - 1}]", "the last user turn has no reply and is not "
-                                "trained on", "warning"))
-    return problems
 
 
 def _check_replies(messages: list[dict[str, str]], prefix: str, own_field: str | None = None) -> list[Problem]:
@@ -236,7 +200,6 @@ def to_canonical(row: Any, fmt: str) -> tuple[dict[str, Any] | None, list[Proble
         messages = [{"role": "user", "content": row[user_key]}, {"role": "assistant", "content": row[reply_key]}]
         problems = _check_replies(messages, reply_key, own_field=reply_key)
     elif fmt in PREFERENCE_FORMATS:
-        from tunesmith.data.preference import preference_to_canonical  # it builds on this module
 
         return preference_to_canonical(row, fmt)
     elif fmt == "text":

@@ -16,9 +16,9 @@ from tunesmith.config.schema import DataConfig
 from tunesmith.data.build import DataReport, hold_out, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
-from tunesmith.data.formats import PREFERENCE_FORMATS
+from tunesmith.config.names import PREFERENCE_FORMATS
 from tunesmith.data.preference import as_chat, sides
-from tunesmith.data.tokenize import UNLIMITED, tokenize_rows_batched
+from tunesmith.data.tokenize import IGNORE_INDEX, UNLIMITED, TokenizedRow, tokenize_rows_batched
 from tunesmith.errors import DataError
 
 SIDES = ("chosen", "rejected")
@@ -26,31 +26,62 @@ SIDES = ("chosen", "rejected")
 log = logging.getLogger(__name__)
 
 
+def keep_the_end(tokenized: TokenizedRow, max_seq_len: int, what: str) -> str | None:
+    """Cut an over-long conversation from the left, so that its last reply (what a pair's two sides differ
+    in, and where a reward model reads its score) survives; a cut on the right would drop the replies
+    and make a long pair two identical sequences. Returns a warning naming what was cut, or None.
+
+    >>> row = TokenizedRow([1, 2, 3, 4, 5, 6], [-100, -100, -100, 4, 5, 6], 6)
+    >>> keep_the_end(row, 4, "chosen"), row.input_ids, row.labels
+    ('over-long, prompt + chosen, 6 tokens > max_seq_len 4; the start of the prompt was cut to keep the reply', [3, 4, 5, 6], [-100, 4, 5, 6])
+    >>> row = TokenizedRow([1, 2, 3, 4, 5, 6], [-100, 2, 3, 4, 5, 6], 6)
+    >>> keep_the_end(row, 4, "reply")
+    'over-long, prompt + reply, 6 tokens > max_seq_len 4; the reply alone is 5 tokens, so its start was cut too'
+    """
+    length = len(tokenized.input_ids)
+    if length <= max_seq_len:
+        return None
+    reply = sum(1 for label in tokenized.labels if label != IGNORE_INDEX)
+    tokenized.input_ids = tokenized.input_ids[-max_seq_len:]
+    tokenized.labels = tokenized.labels[-max_seq_len:]
+    head = f"over-long, prompt + {what}, {length} tokens > max_seq_len {max_seq_len}; "
+    if reply >= max_seq_len:
+        return head + f"the reply alone is {reply} tokens, so its start was cut too"
+    return head + "the start of the prompt was cut to keep the reply"
+
+
+def encode_conversations(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], max_seq_len: int,
+                         what: list[str]) -> list[tuple[TokenizedRow | ValueError, str | None]]:
+    """The one encoding of "score this conversation" (reward training, its eval, ``reward score`` and PPO's
+    reward model): each chat row tokenized whole through the chat template, then cut from the left by
+    ``keep_the_end`` (``what[i]`` names row i in the warning). Returns (the tokenized row or its error,
+    the warning or None) per row."""
+    out = []
+    for tokenized, name in zip(tokenize_rows_batched(tokenizer, rows, UNLIMITED, False), what):
+        warning = None if isinstance(tokenized, ValueError) else keep_the_end(tokenized, max_seq_len, name)
+        out.append((tokenized, warning))
+    return out
+
+
 def _tokenized_pairs(rows: list, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
                      report: DataReport) -> list[dict[str, Any]]:
     """Pairs as ``{chosen,rejected}_{input_ids,labels}``; unpaired rows as ``input_ids``, ``labels``
     and ``desirable``."""
     jobs = [(index, side) for index, r in enumerate(rows) for side in sides(r.row)]
-    # Tokenized whole, then cut from the left: the replies are the only difference between the two
-    # sides, and a cut on the right would drop them (making a long pair two identical sequences).
-    results = dict(zip(jobs, tokenize_rows_batched(tokenizer, [as_chat(rows[i].row, side) for i, side in jobs],
-                                                   UNLIMITED, False)))
+    results = dict(zip(jobs, encode_conversations(tokenizer, [as_chat(rows[i].row, side) for i, side in jobs],
+                                                  config.max_seq_len, [side for _, side in jobs])))
     items = []
     for index, row in enumerate(rows):
         item, ok = {"where": row.where}, True
         for side in sides(row.row):
-            tokenized = results[index, side]
+            tokenized, cut = results[index, side]
             if isinstance(tokenized, ValueError):
                 report.add(row.file, row.line, side, str(tokenized))
                 ok = False
                 continue
-            if len(tokenized.input_ids) > config.max_seq_len:
+            if cut is not None:
                 report.truncated += 1
-                report.add(row.file, row.line, side, f"over-long, prompt + {side}, {len(tokenized.input_ids)} tokens "
-                           f"> data.max_seq_len {config.max_seq_len}; the start of the prompt was cut to keep "
-                           "the reply", "warning")
-                tokenized.input_ids = tokenized.input_ids[-config.max_seq_len:]
-                tokenized.labels = tokenized.labels[-config.max_seq_len:]
+                report.add(row.file, row.line, side, cut.replace("max_seq_len", "data.max_seq_len", 1), "warning")
             if tokenized.problems:
                 for name, message in tokenized.problems:
                     report.add(row.file, row.line, f"{side}.{name}", message)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tunesmith.data.formats import Problem, check_turn_order
+from tunesmith.data.turns import Problem, check_turn_order
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz")
+from tunesmith.config.names import DATA_SUFFIXES as SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -80,19 +80,6 @@ def parse_task(reply: str) -> dict[str, str]:
     return found
 
 
-def local_generator(model: Any, tokenizer: Any, temperature: float, max_new_tokens: int, seed: int) -> Generate:
-    from tunesmith.generate.sample import SamplingConfig, generate_reply
-
-    counter = iter(range(10**9))
-
-    def generate(prompt: str) -> str:
-        sampling = SamplingConfig(max_new_tokens, temperature, 0.95, seed + next(counter))
-        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], sampling,
-                              prefill="Instruction:")
-
-    return generate
-
-
 def endpoint_generator(url: str, model: str, temperature: float, max_tokens: int, api_key: str | None = None,
                        timeout: float = 120.0) -> Generate:
     """Any OpenAI-compatible server: POST {url}/v1/chat/completions (``url`` may already end in /v1)."""

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -285,3 +286,11 @@ def tokenize_rows_batched(tokenizer: PreTrainedTokenizerBase, rows: list[dict[st
         if "messages" not in row:
             results[i] = tokenize_text(tokenizer, row["text"], max_seq_len)
     return results
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prefill: str = ""
+                  ) -> torch.Tensor:
+    """Token ids of the conversation plus the assistant generation prompt (and the start of the reply,
+    ``prefill``), rendered as in training."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, seq)

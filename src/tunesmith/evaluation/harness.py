@@ -137,14 +137,15 @@ def load_tasks(options: HarnessOptions, folder: Path) -> tuple[Any, list[str]]:
     return manager, names
 
 
-def _model_for_harness(target: str, device: str) -> tuple[Any, Any]:
-    from tunesmith.models.inference import load_for_inference, merged_for_scoring
+def _model_for_harness(target: Any, device: str) -> tuple[Any, Any]:
+    from tunesmith.models.inference import merged_for_scoring
+    from tunesmith.targets import load_target
 
-    model, tokenizer = load_for_inference(target, device)
+    model, tokenizer = load_target(target, device)
     return merged_for_scoring(model).eval(), tokenizer
 
 
-def run_harness(target: str, options: HarnessOptions, out: Path) -> dict[str, Any]:
+def run_harness(target: Any, options: HarnessOptions, out: Path) -> dict[str, Any]:
     """Run the tasks; write ``out/harness.json`` (results, per-sample replies of local tasks, settings)."""
     try:
         import lm_eval
@@ -166,7 +167,7 @@ def run_harness(target: str, options: HarnessOptions, out: Path) -> dict[str, An
                for name in names if name.startswith("tunesmith_")}
     document = {
         "tunesmith": __version__, "lm_eval": lm_eval.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": target, "tasks": names, "seconds": round(time.monotonic() - started, 1),
+        "model": getattr(target, "spec", target), "tasks": names, "seconds": round(time.monotonic() - started, 1),
         "settings": {"num_fewshot": options.num_fewshot, "limit": options.limit, "batch_size": options.batch_size,
                      "chat_template": options.chat_template, "max_new_tokens": options.max_new_tokens,
                      "extract": options.extract},

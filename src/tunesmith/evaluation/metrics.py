@@ -17,36 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The names live in config, which validates `eval --metrics` and `--normalize`; re-exported here.
+from tunesmith.config.commands import parse_metrics  # noqa: F401
+from tunesmith.config.names import GENERATION_METRICS, LIKELIHOOD_METRICS, NORMALISATIONS  # noqa: F401
+from tunesmith.config.names import METRIC_ALIASES as ALIASES  # noqa: F401
 from tunesmith.rewards import final_answer
 
-GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "json_valid", "regex_match")
-LIKELIHOOD_METRICS = ("loss", "perplexity")
-ALIASES = {"rouge": ("rouge1", "rouge2", "rougeL"), "ppl": ("perplexity",), "em": ("exact_match",)}
-NORMALISATIONS = ("case", "punct", "articles", "whitespace")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
 _FENCE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.DOTALL)
-
-
-def parse_metrics(text: str) -> list[str]:
-    """``--metrics`` as a list of known names, aliases expanded, order kept.
-
-    >>> parse_metrics("loss, rouge,exact_match")
-    ['loss', 'rouge1', 'rouge2', 'rougeL', 'exact_match']
-    """
-    names: list[str] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        expanded = ALIASES.get(item, (item,))
-        for name in expanded:
-            if name not in LIKELIHOOD_METRICS + GENERATION_METRICS:
-                known = ", ".join(LIKELIHOOD_METRICS + GENERATION_METRICS + tuple(ALIASES))
-                raise ValueError(f"unknown metric {item!r}; known: {known}")
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ValueError("no metrics named")
-    return names
 
 
 def normalise(text: str, steps: Sequence[str] = NORMALISATIONS) -> str:

@@ -34,6 +34,7 @@ from tunesmith.errors import DataError, TunesmithError
 from tunesmith.evaluation import metrics as m
 from tunesmith.evaluation.judge import JudgeSettings, judge_rows
 from tunesmith.io import sha256_of, write_text_atomic
+from tunesmith.models.inference import Target
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ def reference_only(row: TokenizedRow, max_seq_len: int) -> TokenizedRow:
 def likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[EvalRow],
                 options: EvalOptions) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL of each reference reply, its token count): the last assistant turn's tokens only."""
-    from tunesmith.recipes.dpo import sequence_logps
-    from tunesmith.train.loop import evaluating
+    from tunesmith.losses.logprobs import sequence_logps
+    from tunesmith.models.modes import evaluating
 
     tokenized = tokenize_conversations(tokenizer, [r.messages for r in rows], UNLIMITED)
     problems = [f"{row.where}: messages: {item}" for row, item in zip(rows, tokenized) if isinstance(item, ValueError)]
@@ -159,7 +160,8 @@ def likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
 def generations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[EvalRow],
                 options: EvalOptions) -> list[str]:
     """Each row's greedy reply to its prompt turns, generated in left-padded batches of similar length."""
-    from tunesmith.generate.sample import SamplingConfig, encode_prompt, sample_batch
+    from tunesmith.data.tokenize import encode_prompt
+    from tunesmith.generate.sample import SamplingConfig, sample_batch
 
     prompts = [encode_prompt(tokenizer, r.prompt)[0].tolist() for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
@@ -199,15 +201,17 @@ def add_statistics(side: Side, rows: list[EvalRow], options: EvalOptions) -> Non
         side.statistics[name] = m.mean_of(side.per_row[name])
 
 
-def run_side(target: str, rows: list[EvalRow], options: EvalOptions) -> Side:
+def run_side(target: str | Target, rows: list[EvalRow], options: EvalOptions) -> Side:
     """Load ``target``, score the rows with it, and free it."""
-    from tunesmith.models.inference import load_for_inference, merged_for_scoring
+    from tunesmith.models.inference import merged_for_scoring
+    from tunesmith.targets import load_target, resolve_target
 
     started = time.monotonic()
-    log.info("eval: loading %s", target)
-    model, tokenizer = load_for_inference(target, options.device)
+    target = resolve_target(target)
+    log.info("eval: loading %s", target.spec)
+    model, tokenizer = load_target(target, options.device)
     model = merged_for_scoring(model)  # an adapter scores as it would merged, at the base's speed
-    side = Side(target)
+    side = Side(target.spec)
     if "loss" in options.metrics or "perplexity" in options.metrics:
         side.nll, side.tokens = likelihoods(model, tokenizer, rows, options)
     if options.generates:
@@ -269,7 +273,7 @@ def drift(current: dict[str, dict[str, Any]], baseline: dict[str, Any], threshol
     return moved
 
 
-def evaluate(target: str, data: Path, options: EvalOptions, other: str | None = None,
+def evaluate(target: str | Target, data: Path, options: EvalOptions, other: str | None = None,
              baseline: Path | None = None, threshold: float = 0.05, limit: int | None = None) -> dict[str, Any]:
     """The whole evaluation as the eval.json document (rows included)."""
     rows = read_eval_rows(data, limit)
@@ -286,7 +290,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, other: str | None = 
     log.info("eval: %d rows from %s; metrics %s", len(rows), data, ", ".join(options.metrics))
     side = run_side(target, rows, options)
     document: dict[str, Any] = {
-        "tunesmith": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": target,
+        "tunesmith": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": side.target,
         "data": {"path": str(data), "sha256": sha256_of(data), "rows": len(rows)},
         "settings": {"metrics": options.metrics, "max_new_tokens": options.max_new_tokens,
                      "max_seq_len": options.max_seq_len, "extract": options.extract,

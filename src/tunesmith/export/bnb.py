@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from tunesmith.export.hf import ExportResult, verify
 from tunesmith.export.merge import merge_for_export
 from tunesmith.io import atomic_directory
+from tunesmith.models.inference import Target
 
 
 def quantization_config(bits: int) -> BitsAndBytesConfig:
@@ -28,7 +29,7 @@ def quantization_config(bits: int) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def export_bnb(target: str, out: Path, bits: int, parity: bool = True) -> ExportResult:
+def export_bnb(target: str | Target, out: Path, bits: int, parity: bool = True) -> ExportResult:
     """Merge ``target`` and write it quantized to ``bits`` (4 or 8) with bitsandbytes at ``out``."""
     prepared = merge_for_export(target, parity)
     device_map = {"": 0 if torch.cuda.is_available() else "cpu"}

@@ -30,9 +30,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunesmith.config.names import GGUF_QUANTS
 from tunesmith.data.tokenize import adds_bos, render, turn_end_token
 from tunesmith.export.hf import ExportResult, verify
 from tunesmith.export.merge import ExportError, merge_for_export
+from tunesmith.models.inference import Target
+from tunesmith.targets import resolve_target
 from tunesmith.export.ollama import modelfile
 from tunesmith.export.parity import PARITY_PROMPTS
 from tunesmith.io import atomic_directory
@@ -53,6 +56,7 @@ QUANTS = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+assert tuple(QUANTS) == GGUF_QUANTS, "config.names.GGUF_QUANTS names the types `export --quant` accepts"
 
 # Pre-tokenizer split patterns -> llama.cpp's names for them (tokenizer.ggml.pre).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -260,7 +264,7 @@ def tokenizer_mismatches(original: PreTrainedTokenizerBase, loaded: PreTrainedTo
     return problems
 
 
-def export_gguf(target: str, out: Path, quants: list[str], parity: bool = True, name: str | None = None,
+def export_gguf(target: str | Target, out: Path, quants: list[str], parity: bool = True, name: str | None = None,
                 ollama: bool = False) -> tuple[ExportResult, list[GGUFFile]]:
     """Write one GGUF file per entry of ``quants`` into the folder ``out``, each checked by loading it
     back; with ``ollama``, also a Modelfile for the first of them."""
@@ -268,7 +272,7 @@ def export_gguf(target: str, out: Path, quants: list[str], parity: bool = True, 
     if unknown:
         raise ExportError(f"unknown GGUF type(s) {unknown}; choose from {', '.join(QUANTS)}")
     prepared = merge_for_export(target, parity)
-    name = name or Path(target.rstrip("/")).name or "model"
+    name = name or resolve_target(target).name or "model"
     files = []
     with atomic_directory(out) as staging:
         for quant in quants:
@@ -287,7 +291,7 @@ def export_gguf(target: str, out: Path, quants: list[str], parity: bool = True, 
                 del loaded
             files.append(GGUFFile(out / path.name, quant, report))
         if ollama:
-            text = modelfile(prepared.tokenizer, files[0].path.name, target)
+            text = modelfile(prepared.tokenizer, files[0].path.name, resolve_target(target).spec)
             (staging / "Modelfile").write_text(text, encoding="utf-8")
     return ExportResult(out, ",".join(quants), prepared.merged, files[-1].parity if files else None,
                         parity and not prepared.from_qlora), files

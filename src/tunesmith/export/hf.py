@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from tunesmith.export.merge import ExportError, Merged, merge_for_export
 from tunesmith.export.parity import ParityReport, check, compare
 from tunesmith.io import atomic_directory
+from tunesmith.models.inference import Target
 from tunesmith.models.device import select_dtype
 
 __all__ = ["ExportError", "ExportResult", "export_hf", "verify"]
@@ -47,7 +48,7 @@ def verify(exported: torch.nn.Module, prepared: Merged, kind: str, out: Path, re
     return report
 
 
-def export_hf(target: str, out: Path, dtype: str = "float32", parity: bool = True) -> ExportResult:
+def export_hf(target: str | Target, out: Path, dtype: str = "float32", parity: bool = True) -> ExportResult:
     """Merge (if an adapter) and save ``target`` as a transformers folder at ``out``."""
     prepared = merge_for_export(target, parity)
     torch_dtype = select_dtype(dtype, torch.device("cpu"))

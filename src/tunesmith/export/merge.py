@@ -16,7 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunesmith.errors import TunesmithError
 from tunesmith.export.parity import Reference, record_reference
 from tunesmith.generate.sample import stop_token_ids
-from tunesmith.models.inference import load_for_inference, run_config_of
+from tunesmith.models.inference import Target, load_for_inference
+from tunesmith.targets import resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,15 @@ def _why_unmergeable(model: object) -> str | None:
     return None
 
 
-def merge_for_export(target: str, parity: bool = True) -> Merged:
-    """``target`` (run, adapter or model folder, GGUF, 'embedded') as one float32 model on CPU."""
-    config = run_config_of(target)
+def merge_for_export(target: str | Target, parity: bool = True) -> Merged:
+    """``target`` (run, adapter or model folder, GGUF, 'embedded', registry name) as one float32 model on CPU."""
+    target = resolve_target(target)
+    config = target.config
     from_qlora = config is not None and config.method.type == "qlora"
     model, tokenizer = load_for_inference(target, "cpu")
     why = _why_unmergeable(model)  # decided from what loaded: a run folder or an adapter folder alike
     if why:
-        raise ExportError(f"{target} cannot be merged into plain weights ({why}); use it as it is with "
+        raise ExportError(f"{target.spec} cannot be merged into plain weights ({why}); use it as it is with "
                           "`tunesmith chat` or `tunesmith serve`")
     reference = record_reference(model, tokenizer) if parity else None
     merged = isinstance(model, PeftModel)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunesmith.generate.sample import encode_prompt
-from tunesmith.train.loop import evaluating
+from tunesmith.data.tokenize import encode_prompt
+from tunesmith.models.modes import evaluating
 
 PARITY_PROMPTS = (
     "What is the capital of France?",

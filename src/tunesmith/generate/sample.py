@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import (PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
                           TextStreamer)
 
-from tunesmith.train.loop import evaluating
+from tunesmith.data.tokenize import encode_prompt, turn_end_token
+from tunesmith.models.modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,6 @@ class SamplingConfig:
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS, the template's turn-end token, and any EOS ids in the generation config."""
-    from tunesmith.data.tokenize import turn_end_token
-
     ids = [tokenizer.eos_token_id]
     turn_end = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
     if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end not in ids:
@@ -33,14 +33,6 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         if value is not None and value not in ids:
             ids.append(value)
     return ids
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prefill: str = ""
-                  ) -> torch.Tensor:
-    """Token ids of the conversation plus the assistant generation prompt (and the start of the reply,
-    ``prefill``), rendered as in training."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, seq)
 
 
 class _Cancelled(StoppingCriteria):
@@ -129,3 +121,17 @@ def generate_reply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     generation = generate_ids(model, tokenizer, encode_prompt(tokenizer, messages, prefill), sampling, streamer)
     return (prefill + generation.text).strip()
+
+
+def local_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, temperature: float,
+                    max_new_tokens: int, seed: int) -> Callable[[str], str]:
+    """``tunesmith data synth``'s generator on a local model: a prompt -> a reply that starts after
+    "Instruction:", each call with the next seed."""
+    counter = iter(range(10**9))
+
+    def generate(prompt: str) -> str:
+        sampling = SamplingConfig(max_new_tokens, temperature, 0.95, seed + next(counter))
+        return generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], sampling,
+                              prefill="Instruction:")
+
+    return generate

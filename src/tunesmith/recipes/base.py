@@ -1,4 +1,5 @@
-"""What every recipe does the same way: seed, model + method, accelerator, final save."""
+"""What every recipe does the same way: seed, model + method, accelerator, the run folder, the
+trackers' lifetime, the final save. Recipes import this module and never each other."""
 
 from __future__ import annotations
 
@@ -23,22 +24,27 @@ from accelerate.utils import set_seed
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from tunesmith import __version__
 from peft import PeftModel
+
+from tunesmith import __version__
 
 from tunesmith.adapters.apply import apply_method, count_parameters, decoder_layers, gradual_unfreeze
 from tunesmith.adapters.bottleneck import bottlenecks_disabled, is_bottleneck
 from tunesmith.config.schema import Config, DatasetConfig
 from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
+from tunesmith.data.pairs import build_pair_datasets, collate_pairs
 from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
 from tunesmith.models.device import select_device, select_mixed_precision
+from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
     tokens_to_add
-from tunesmith.tracking import check_backends, fail_tracking, finish_tracking
-from tunesmith.train.loop import TrainResult, evaluating
+from tunesmith.models.modes import evaluating
+from tunesmith.rundir import RunDir
+from tunesmith.tracking import check_backends, finish_tracking
+from tunesmith.train.loop import TrainResult
 from tunesmith.train.optim import lr_scale_for
-from tunesmith.train.run import read_data_lineage, save_final_model, write_summary
+from tunesmith.train.run import open_run_dir, save_final_model, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +75,15 @@ def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreT
 
 def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                result: TrainResult, run_dir: Path, **summary: Any) -> RunResult:
-    """What every task does last: the final model and summary.json (``summary`` adds task fields)."""
+    """What every task does last, inside ``tracking.tracked``: the final model, summary.json (``summary``
+    adds task fields) and the trackers' final numbers."""
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        try:
-            save_final_model(final, tokenizer, run_dir)
-            summary = {**run_summary(config, final, result, run_dir), **summary}
-            write_summary(run_dir, summary)
-        except BaseException as err:
-            fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
-            raise
+        save_final_model(final, tokenizer, run_dir)
+        summary = {**run_summary(config, final, result, run_dir), **summary}
+        write_summary(run_dir, summary)
         finish_tracking(accelerator, run_dir, summary)
-        log.info("saved %s (train loss %.4f%s)", run_dir / "model",
+        log.info("saved %s (train loss %.4f%s)", RunDir(run_dir).model_dir,
                  float("nan") if result.final_train_loss is None else result.final_train_loss,
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
     return RunResult(run_dir, final, result)
@@ -224,8 +227,39 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "model_dir": str(run_dir / "model"),
-        "data": read_data_lineage(run_dir),
+        "model_dir": str(RunDir(run_dir).model_dir),
+        "data": RunDir(run_dir).data_lineage(),
         "versions": {"tunesmith": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
+
+
+@dataclass
+class PairRun:
+    """A preference-pair task set up (``task: dpo`` and ``task: reward``): data checked, run folder
+    open, model built with its fast path."""
+
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    train_rows: datasets.Dataset
+    eval_rows: datasets.Dataset | None
+    run_dir: Path
+    checkpoint: Path | None
+    model: nn.Module
+    collate: Callable
+
+
+def set_up_pairs(config: Config, resume: bool, overwrite: bool, unpaired: bool = False) -> PairRun:
+    """Validate the pairs (or KTO's unpaired rows), open the run folder, and build the model; each micro-batch
+    packs its pairs padding-free where that is exact."""
+    accelerator, source, tokenizer = start_run(config)
+    train_rows, eval_rows, _ = build_pair_datasets(config.data, tokenizer, config.training.seed, unpaired=unpaired)
+    log.info("data: %d training %s, %d eval %s", len(train_rows), "rows" if unpaired else "pairs",
+             len(eval_rows) if eval_rows else 0, "rows" if eval_rows and "desirable" in eval_rows.column_names
+             else "pairs")
+    run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
+    model = build_trainable_model(config, source, accelerator.device, tokenizer)
+    packed = packs_padding_free(config, model)
+    apply_speedups(model, config.training, packed)
+    collate = functools.partial(collate_pairs, packed=packed, pad_token_id=tokenizer.pad_token_id)
+    return PairRun(accelerator, tokenizer, train_rows, eval_rows, run_dir, checkpoint, model, collate)

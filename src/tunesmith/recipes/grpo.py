@@ -20,60 +20,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from tunesmith.config.schema import Config, DataConfig, GRPOConfig
-from tunesmith.data.build import DataReport, read_canonical
+from tunesmith.config.schema import GRPOConfig, GRPOTaskConfig
 from tunesmith.data.collate import collate_batch
-from tunesmith.data.formats import CHAT_FORMATS
 from tunesmith.data.pack import collate_padding_free
-from tunesmith.errors import ConfigError, DataError
-from tunesmith.generate.sample import SamplingConfig, encode_prompt, sample_batch
+from tunesmith.data.prompts import build_prompts, collate_prompts
+from tunesmith.errors import ConfigError
+from tunesmith.generate.sample import SamplingConfig, sample_batch
+from tunesmith.losses.logprobs import token_logps
 from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
-from tunesmith.recipes.common import RunResult, build_trainable_model, finish_run, reference_scope, start_run
-from tunesmith.recipes.dpo import token_logps
-from tunesmith.recipes.sft import apply_speedups, packs_padding_free
+from tunesmith.models.fastpath import apply_speedups, packs_padding_free
+from tunesmith.recipes.base import RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
+from tunesmith.tracking import tracked
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
-
-
-def build_prompts(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                  task: str = "grpo") -> datasets.Dataset:
-    """Prompts from chat rows: every turn but the last assistant reply, which becomes the reference
-    answer handed to the reward functions (GSM8K's ``#### n`` lives there)."""
-    report = DataReport()
-    rows = [r for d in config.train for r in read_canonical(d, report, CHAT_FORMATS)]
-    prompts, answers, ids, where = [], [], [], []
-    for row in rows:
-        messages = row.row.get("messages")
-        if not messages:
-            report.add(row.file, row.line, "row", f"task {task} needs chat rows (a prompt and a reference reply), "
-                       "not raw text")
-            continue
-        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        encoded = encode_prompt(tokenizer, prompt)[0].tolist()
-        if len(encoded) + max_new_tokens > config.max_seq_len:
-            report.add(row.file, row.line, "messages", f"the prompt is {len(encoded)} tokens; with "
-                       f"{task}.max_new_tokens {max_new_tokens} it passes data.max_seq_len {config.max_seq_len}")
-            continue
-        prompts.append(json.dumps(prompt))
-        answers.append(messages[-1]["content"] if messages[-1]["role"] == "assistant" else "")
-        ids.append(encoded)
-        where.append(row.where)
-    if report.errors:
-        raise DataError(report.errors, report.warnings)
-    if not ids:
-        raise DataError(["no prompts to train on"])
-    return datasets.Dataset.from_dict({"prompt_ids": ids, "prompt": prompts, "answer": answers, "where": where,
-                                       "index": list(range(len(ids)))})
-
-
-def collate_prompts(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The prompts, padded (their tokens count as the step's input tokens), and their dataset indices."""
-    batch = collate_batch([{"input_ids": r["prompt_ids"], "labels": r["prompt_ids"]} for r in rows], pad_token_id)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "index": torch.tensor([r["index"] for r in rows])}
 
 
 class GRPOObjective:
@@ -136,7 +98,7 @@ class GRPOObjective:
         return batch["index"].shape[0] * self.config.group_size
 
 
-def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
+def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and reward functions, train, and write the run folder (as SFT does)."""
     try:
         rewards = WeightedRewards(config.grpo.rewards, config.grpo.reward_weights)
@@ -153,6 +115,6 @@ def run_grpo(config: Config, resume: bool = False, overwrite: bool = False) -> R
     objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
-    result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint,
-                   tracking=config)
-    return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")
+    with tracked(config, run_dir, accelerator, resumed=checkpoint is not None):
+        result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
+        return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

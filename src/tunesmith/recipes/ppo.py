@@ -23,7 +23,6 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import torch
@@ -31,20 +30,24 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from tunesmith.config.schema import Config, PPOConfig
+from tunesmith.config.schema import PPOConfig, PPOTaskConfig
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
-from tunesmith.data.tokenize import tokenize_rows_batched
-from tunesmith.errors import ConfigError, ModelLoadError
+from tunesmith.data.prompts import build_prompts, collate_prompts
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.evaluation.reward import score_conversations
 from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.io import atomic_directory
+from tunesmith.losses.logprobs import label_outputs, token_logps
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
-from tunesmith.recipes.common import RunResult, build_trainable_model, finish_run, reference_scope, start_run
-from tunesmith.recipes.dpo import label_outputs, reward_scores, token_logps
-from tunesmith.recipes.grpo import build_prompts, collate_prompts
-from tunesmith.recipes.sft import apply_speedups, packs_padding_free
+from tunesmith.models.fastpath import apply_speedups, packs_padding_free
+from tunesmith.models.modes import evaluating
+from tunesmith.recipes.base import RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
-from tunesmith.train.loop import MicroBatches, evaluating, train
+from tunesmith.rundir import RunDir
+from tunesmith.targets import load_target, resolve_target
+from tunesmith.tracking import tracked
+from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
@@ -65,24 +68,18 @@ class RepeatedBatches:
 
 
 class RewardModelScorer:
-    """A ``task: reward`` run's model scoring prompt + completion as a chat (its own tokenizer and template)."""
+    """A ``task: reward`` run's model scoring prompt + completion as a chat (its own tokenizer and template),
+    encoded as ``reward score`` and reward training encode it: a long prompt loses its start, never the
+    completion."""
 
     def __init__(self, run: str, device: torch.device, max_seq_len: int):
-        from tunesmith.recipes.reward import load_reward_model
-
-        self.model, self.tokenizer, _ = load_reward_model(run, str(device))
-        self.model.requires_grad_(False)
+        self.model, self.tokenizer = load_target(run, str(device), head="score")
+        self.model.eval().requires_grad_(False)
         self.max_seq_len = max_seq_len
 
     def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
-        rows = [{"messages": [*prompt, {"role": "assistant", "content": text}]}
-                for prompt, text in zip(prompts, completions)]
-        tokenized = tokenize_rows_batched(self.tokenizer, rows, self.max_seq_len)
-        chunk = [{"input_ids": t.input_ids, "labels": t.input_ids} for t in tokenized]
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in collate_batch(chunk, self.tokenizer.pad_token_id).items()}
-        with torch.no_grad():
-            return reward_scores(self.model, batch).tolist()
+        conversations = [[*prompt, {"role": "assistant", "content": text}] for prompt, text in zip(prompts, completions)]
+        return score_conversations(self.model, self.tokenizer, conversations, self.max_seq_len, len(conversations))
 
 
 def policy_outputs(model: nn.Module, value_head: nn.Module, batch: dict[str, torch.Tensor]
@@ -237,13 +234,16 @@ class PPOObjective:
 
 
 def _check_reward_model(run: str) -> None:
-    path = Path(run)
-    if not (path / "config.yaml").is_file() or not (path / "model").is_dir():
+    target = resolve_target(run)
+    if target.run is None or not target.run.has_model:
         raise ConfigError([f"ppo.reward_model: {run} is not a finished run folder (config.yaml and model/); "
                            f"train one with task: reward"])
+    if target.config.task != "reward":
+        raise ConfigError([f"ppo.reward_model: {run} is a task {target.config.task} run, not a reward model "
+                           "(task: reward)"])
 
 
-def run_ppo(config: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
+def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and the reward source, train, and write the run folder (the policy as the
     model, the value head beside it in value_head/value_head.safetensors)."""
     scorer: Scorer | None = None
@@ -261,7 +261,7 @@ def run_ppo(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
     if scorer is None:
         try:
             scorer = RewardModelScorer(config.ppo.reward_model, accelerator.device, config.data.max_seq_len)
-        except ModelLoadError as err:
+        except TunesmithError as err:
             raise ConfigError([f"ppo.reward_model: {err}"]) from None
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
@@ -276,12 +276,13 @@ def run_ppo(config: Config, resume: bool = False, overwrite: bool = False) -> Ru
                              config.training.seed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
-    result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch), None, config.training,
-                   run_dir, accelerator, checkpoint, tracking=config)
-    value_head = accelerator.unwrap_model(model).value_head
-    del accelerator.unwrap_model(model).value_head  # the saved model is the policy alone, as chat loads it
-    if accelerator.is_main_process:
-        with atomic_directory(run_dir / "value_head") as staging:
-            save_file({k: v.detach().cpu() for k, v in value_head.state_dict().items()},
-                      str(staging / "value_head.safetensors"))
-    return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="ppo")
+    with tracked(config, run_dir, accelerator, resumed=checkpoint is not None):
+        result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch), None,
+                       config.training, run_dir, accelerator, checkpoint)
+        value_head = accelerator.unwrap_model(model).value_head
+        del accelerator.unwrap_model(model).value_head  # the saved model is the policy alone, as chat loads it
+        if accelerator.is_main_process:
+            with atomic_directory(RunDir(run_dir).value_head_dir) as staging:
+                save_file({k: v.detach().cpu() for k, v in value_head.state_dict().items()},
+                          str(staging / "value_head.safetensors"))
+        return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="ppo")

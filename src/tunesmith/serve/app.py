@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from tunesmith.generate.sample import SamplingConfig, encode_prompt, generate_ids
+from tunesmith.data.tokenize import encode_prompt
+from tunesmith.generate.sample import SamplingConfig, generate_ids
 
 
 class ChatMessage(BaseModel):

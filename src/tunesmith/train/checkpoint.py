@@ -22,6 +22,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.io import atomic_directory
+from tunesmith.rundir import RunDir
 
 PREFIX = "step-"
 
@@ -67,7 +68,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    folder = run_dir / "checkpoints"
+    folder = RunDir(run_dir).checkpoints_dir
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
@@ -75,7 +76,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int) -> Path:
-    folder = run_dir / "checkpoints"
+    folder = RunDir(run_dir).checkpoints_dir
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{state.global_step:07d}"
     with atomic_directory(target) as staging:

@@ -13,8 +13,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,9 +24,12 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from tunesmith.config.schema import Config, TrainingConfig
+from tunesmith.config.schema import TrainingConfig
+from tunesmith.data.collate import count_rows
 from tunesmith.io import write_text_atomic
-from tunesmith.tracking import fail_tracking, log_record, start_tracking
+from tunesmith.models.modes import evaluating
+from tunesmith.rundir import RunDir
+from tunesmith.tracking import log_record
 from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -63,18 +66,6 @@ class TrainResult:
     final_eval_loss: float | None
     stopped_early: bool
     final_eval_metrics: dict[str, float] = field(default_factory=dict)
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad inside; the previous mode is restored on every exit path."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
@@ -135,7 +126,7 @@ def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1
     """Optimizer steps: ``max_steps`` if set, else enough for ``epochs`` passes (the last step may
     take fewer micro-batches, as the data runs out, rather than wrap into another epoch).
 
-    >>> from tunesmith.config.schema import Config, TrainingConfig
+    >>> from tunesmith.config.schema import TrainingConfig
     >>> total_steps(TrainingConfig(epochs=2, grad_accum=4), micro_per_epoch=10)
     5
     >>> total_steps(TrainingConfig(epochs=1, grad_accum=8), micro_per_epoch=5)
@@ -149,13 +140,6 @@ def total_steps(config: TrainingConfig, micro_per_epoch: int, processes: int = 1
 def _tokens(batch: Batch) -> int:
     """Non-padding tokens: a padding-free batch has no attention mask and no padding."""
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-
-
-def count_rows(batch: Batch) -> int:
-    """Rows in a batch: a padding-free batch counts its position-id restarts."""
-    if "position_ids" in batch and "attention_mask" not in batch:
-        return int((batch["position_ids"] == 0).sum())
-    return batch["input_ids"].shape[0]
 
 
 def _no_loss(batch: Batch) -> Batch:
@@ -264,22 +248,15 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
           config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
           resume_from: Path | None = None, lr_scale: Callable[[str], float] | None = None,
           held: Callable[[int], list[nn.Parameter]] | None = None,
-          samples: Callable[[nn.Module], list[dict[str, str]]] | None = None, tracking: Config | None = None
-          ) -> TrainResult:
-    """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``.
+          samples: Callable[[nn.Module], list[dict[str, str]]] | None = None) -> TrainResult:
+    """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``, and
+    every metrics record to the trackers the recipe started (``tracking.tracked``), if any.
 
     ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
-    prompts, logged at each eval; ``tracking``: the run's whole config, whose trackers (MLflow...)
-    start here and get every metrics record (None: metrics.jsonl only)."""
-    try:
-        if tracking is not None and accelerator.is_main_process:
-            start_tracking(tracking, run_dir, accelerator, resumed=resume_from is not None)
-        return _train(model, objective, stream, eval_batches, config, run_dir, accelerator, resume_from, lr_scale,
-                      held, samples)
-    except BaseException as err:  # the trackers' runs end as failed (or killed); the error goes on up
-        fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
-        raise
+    prompts, logged at each eval."""
+    return _train(model, objective, stream, eval_batches, config, run_dir, accelerator, resume_from, lr_scale,
+                  held, samples)
 
 
 def _train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
@@ -301,7 +278,7 @@ def _train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_ba
         if state.objective:
             objective.load_state_dict(state.objective)
         log.info("resumed from %s at step %d", resume_from, state.global_step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", state.global_step, accelerator.is_main_process, accelerator)
+    metrics = MetricsLog(RunDir(run_dir).metrics_file, state.global_step, accelerator.is_main_process, accelerator)
     progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
     per_step = config.grad_accum * accelerator.num_processes
     end = total_micro_batches(config, stream.per_epoch)  # the data's end, when epochs set the length

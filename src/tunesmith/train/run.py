@@ -1,9 +1,5 @@
-"""The run folder: created only after config and data are valid; written atomically.
-
-``runs/<name>/`` holds config.yaml (resolved), data.json (each data file's SHA-256 when the run
-started), metrics.jsonl, checkpoints/, model/ (a full Hugging Face folder or a PEFT adapter
-folder, with tokenizer and chat template) and summary.json.
-"""
+"""Writing a run folder (its layout is ``tunesmith.rundir``'s): created only after config and data
+are valid, every file written atomically."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -21,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_directory, read_json, sha256_of, write_text_atomic
+from tunesmith.io import atomic_directory, sha256_of, write_text_atomic
+from tunesmith.rundir import RunDir
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -40,7 +36,7 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool, accelerator: Acc
 
     Under several processes the main one prepares the folder and the others wait for it.
     """
-    run_dir = Path(config.output.dir) / config.run_name
+    run_dir = RunDir.of(config).path
     if accelerator is not None and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         checkpoints = list_checkpoints(run_dir) if resume else []
@@ -53,8 +49,9 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool, accelerator: Acc
 
 
 def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    run = RunDir(run_dir)
     if run_dir.exists() and not resume:
-        if not (run_dir / "config.yaml").is_file():
+        if not run.config_file.is_file():
             raise TunesmithError(f"{run_dir} exists and is not a tunesmith run folder; choose another output.dir "
                                  f"or output.name (nothing was deleted)")
         if not overwrite:
@@ -63,9 +60,8 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
         shutil.rmtree(run_dir)
     checkpoint = None
     if resume and run_dir.exists():
-        saved = run_dir / "config.yaml"
-        if saved.exists():
-            changed = _changed_fields(yaml.safe_load(saved.read_text()), config.model_dump(mode="json"))
+        if run.config_file.exists():
+            changed = _changed_fields(run.raw_config(), config.model_dump(mode="json"))
             if changed:
                 log.warning("resuming with a changed config: %s", ", ".join(changed))
         checkpoints = list_checkpoints(run_dir)
@@ -73,13 +69,10 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
         if checkpoint is None:
             log.warning("%s has no complete checkpoint: training starts from the beginning", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", dump_config(config))
-    if checkpoint is None or not (run_dir / DATA_LINEAGE).is_file():  # a resumed run keeps what it first read
-        write_text_atomic(run_dir / DATA_LINEAGE, json.dumps(data_lineage(config), indent=2) + "\n")
+    write_text_atomic(run.config_file, dump_config(config))
+    if checkpoint is None or not run.data_file.is_file():  # a resumed run keeps what it first read
+        write_text_atomic(run.data_file, json.dumps(data_lineage(config), indent=2) + "\n")
     return run_dir, checkpoint
-
-
-DATA_LINEAGE = "data.json"
 
 
 def data_lineage(config: Config) -> list[dict[str, str]]:
@@ -91,16 +84,12 @@ def data_lineage(config: Config) -> list[dict[str, str]]:
             for role, path in files if Path(path).is_file()]
 
 
-def read_data_lineage(run_dir: Path) -> list[dict[str, str]] | None:
-    return read_json(run_dir / DATA_LINEAGE)
-
-
 def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
     """Write ``model/``: a PEFT adapter folder, a bottleneck adapter folder or a full model folder, with
     the tokenizer."""
     from tunesmith.adapters.bottleneck import is_bottleneck, save_bottleneck
 
-    target = run_dir / "model"
+    target = RunDir(run_dir).model_dir
     with atomic_directory(target) as staging:
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -114,4 +103,4 @@ def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_d
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(RunDir(run_dir).summary_file, json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,97 @@
+"""The training fast path's set-up: which models take it, and the kernels it switches on.
+
+Shared by every recipe (and by the log-prob helpers beside the losses), so it lives beside the
+models rather than in one recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from peft import PeftModel
+from torch import nn
+
+from tunesmith.config.schema import Config, TrainingConfig
+from tunesmith.kernels.lora import fuse_lora, triton_usable
+from tunesmith.models import varlen
+
+log = logging.getLogger(__name__)
+
+
+# Model families whose causal-LM forward is exactly lm_head(decoder(x)) (no logit scaling or capping)
+# and whose attention masks come from transformers' masking utilities, which read restarting position
+# ids as row boundaries. The fast path is used for these only; other models take the plain path.
+FAST_PATH_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def fast_path_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return (config is not None and config.model_type in FAST_PATH_MODELS
+            and not getattr(config, "auto_map", None))  # remote code may build its own masks
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(the decoder stack, the LM head) of a causal LM, for the chunked loss; None where it does not
+    apply: a DDP wrapper (its forward must run for gradients to sync), virtual-token methods, model
+    families outside ``FAST_PATH_MODELS``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    inner = model
+    if isinstance(model, PeftModel):
+        if model.peft_config[model.active_adapter].is_prompt_learning:
+            return None
+        inner = model.get_base_model()
+    if not fast_path_model(inner):
+        return None
+    decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
+    return (decoder, head) if isinstance(decoder, nn.Module) and head is not None else None
+
+
+def packs_padding_free(config: Config, model: nn.Module) -> bool:
+    """Whether micro-batches are packed padding-free: asked for, and exact for this model and method
+    (where not, the log says why)."""
+    if not config.training.padding_free:
+        return False
+    why = ("virtual tokens are prepended to every row" if config.method.type in ("prefix", "prompt")
+           else None if fast_path_model(model) else f"{model.config.model_type} is not in the fast-path families")
+    if why is not None:
+        log.info("training.padding_free: padded micro-batches instead (%s)", why)
+    return why is None
+
+
+def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: bool) -> list[str]:
+    """Switch on the fast path's kernels that apply to this model, method and device (each has its
+    switch in ``training``); logs and returns what was switched on."""
+    applied = []
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if padding_free and training.varlen_attention and inner.config._attn_implementation == "sdpa":
+        inner.set_attn_implementation(varlen.NAME)
+        applied.append("per-row attention (sdpa_varlen)")
+    if training.fused_lora != "off":
+        kernel = training.fused_lora
+        if kernel == "triton" and not triton_usable(next(model.parameters())):
+            log.info("training.fused_lora: triton runs on CUDA only here; the blas kernel instead")
+            kernel = "blas"
+        layers = fuse_lora(model, kernel)
+        if layers:
+            applied.append(f"fused LoRA ({kernel}) in {layers} layers")
+    if training.liger and next(model.parameters()).is_cuda and fast_path_model(inner):
+        try:
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        except ImportError:
+            log.info("training.liger: liger-kernel is not installed (pip install liger-kernel); plain kernels")
+        else:  # the loss is ours (chunked_loss_sum uses Liger's fused linear cross-entropy on GPU)
+            _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                            fused_linear_cross_entropy=False)
+            applied.append("Liger RMSNorm, RoPE and SwiGLU")
+    if training.compile:
+        layers = getattr(getattr(inner, "model", None), "layers", None)
+        if layers is None:
+            log.info("training.compile: no decoder layer list on %s; not compiled", type(inner).__name__)
+        else:
+            for layer in layers:
+                layer.compile()
+            applied.append(f"torch.compile on {len(layers)} decoder layers")
+    if applied:
+        log.info("fast path: %s", ", ".join(applied))
+    return applied

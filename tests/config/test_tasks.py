@@ -1,0 +1,75 @@
+"""One config model per task: a section of another task is refused with its name, and each default
+lives in one place (PPO's reward source)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tunesmith.config.load import build_config
+from tunesmith.config.schema import DEFAULT_REWARDS, SFTTaskConfig, upgrade_saved_config
+from tunesmith.errors import ConfigError
+from tunesmith.rundir import RunDir
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("{}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("task, section, owner", [("sft", "grpo", "grpo"), ("sft", "preference", "dpo"),
+                                                  ("reward", "preference", "dpo"), ("dpo", "ppo", "ppo"),
+                                                  ("grpo", "regularization", "sft and pretrain")])
+def test_a_section_of_another_task_is_refused_by_name(data, task, section, owner):
+    with pytest.raises(ConfigError) as caught:
+        build_config({"task": task, "data": {"train": data}, section: {}})
+    assert caught.value.problems == [f"{section}: task {task} does not take a {section} section (it is for task "
+                                     f"{owner}); remove it, or set task: {owner.split()[0]}"]
+
+
+def test_no_task_is_sft_and_an_unknown_task_is_named(data):
+    assert isinstance(build_config({"data": {"train": data}}), SFTTaskConfig)
+    with pytest.raises(ConfigError, match="task: 'sfft' is invalid: task must be one of sft, pretrain, dpo"):
+        build_config({"task": "sfft", "data": {"train": data}})
+
+
+def test_a_misspelled_field_inside_a_task_section_gets_a_hint(data):
+    with pytest.raises(ConfigError, match=r"grpo.group_sise: unknown field .*did you mean 'grpo.group_size'\?"):
+        build_config({"task": "grpo", "data": {"train": data}, "grpo": {"group_sise": 4}})
+
+
+def test_ppo_defaults_to_the_default_reward_with_or_without_its_section(data):
+    """Before: no ppo section got the GSM8K reward, but `ppo: {kl_coef: 0.3}` failed with "needs exactly
+    one reward source"."""
+    bare = build_config({"task": "ppo", "data": {"train": data}})
+    tuned = build_config({"task": "ppo", "data": {"train": data}, "ppo": {"kl_coef": 0.3}})
+    assert bare.ppo.rewards == tuned.ppo.rewards == list(DEFAULT_REWARDS) and tuned.ppo.kl_coef == 0.3
+    grpo = build_config({"task": "grpo", "data": {"train": data}})
+    assert grpo.grpo.rewards == list(DEFAULT_REWARDS)  # the same default, from the same place
+    model = build_config({"task": "ppo", "data": {"train": data}, "ppo": {"reward_model": "runs/rm"}})
+    assert model.ppo.rewards == [] and model.ppo.reward_model == "runs/rm"
+    with pytest.raises(ConfigError, match="ppo takes one reward source"):
+        build_config({"task": "ppo", "data": {"train": data},
+                      "ppo": {"reward_model": "runs/rm", "rewards": ["tunesmith.rewards:gsm8k_exact"]}})
+
+
+def test_the_reward_margin_lives_in_the_reward_section(data):
+    assert build_config({"task": "reward", "data": {"train": data}, "reward": {"margin": 0.5}}).reward.margin == 0.5
+    with pytest.raises(ConfigError, match="method prefix"):
+        build_config({"task": "reward", "data": {"train": data}, "method": {"type": "prefix"}})
+
+
+def test_a_config_saved_before_per_task_configs_still_reads(tmp_path, data):
+    """Run folders of earlier versions hold every task's section at its defaults."""
+    old = {"name": "old", "task": "reward", "data": {"train": [{"path": data}]},
+           "preference": {"loss": "dpo", "beta": 0.1, "reward_margin": 0.25}, "grpo": {"group_size": 4},
+           "ppo": {"rewards": [], "reward_model": None}, "regularization": {"kl_to_base": 0.0}}
+    assert upgrade_saved_config(old)["reward"] == {"margin": 0.25}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    config = RunDir(tmp_path / "run").config()
+    assert config.task == "reward" and config.reward.margin == 0.25
+    with pytest.raises(ConfigError, match="preference: task reward does not take"):
+        build_config(old)  # a config a user writes is not upgraded: the section is named
