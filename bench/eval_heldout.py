@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tunesmith.cli.main import main as tunesmith  # noqa: E402
 from tunesmith.data.build import DataReport, hold_out, read_canonical  # noqa: E402
-from tunesmith.models.inference import run_config_of  # noqa: E402
+from tunesmith.targets import resolve_target  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--metrics", default="loss,perplexity,json_valid,exact_match,rougeL,bleu")
     parser.add_argument("--max-new-tokens", default="96")
     args = parser.parse_args()
-    config = run_config_of(args.run)
+    config = resolve_target(args.run).config
     if config is None or config.data.eval or not config.data.eval_fraction:
         raise SystemExit(f"{args.run}: not a run that held out a fraction of its training data")
     if config.data.empty_labels == "drop":  # dropped rows would shift the split made here

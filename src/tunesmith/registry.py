@@ -121,6 +121,7 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
 
     check_alias(alias)
     run = read_run(run_dir)
+    _config_of(run)  # a config that no longer reads: refused before anything goes to the store
     if not run.finished:
         raise TunesmithError(f"{run.path} has no final model ({run.status}): only a finished run can be registered")
     if not re.fullmatch(NAME, name):

@@ -37,10 +37,12 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 VALUE_HEAD_DIR = "value_head"
+VALUE_HEAD_FILE = "value_head.safetensors"
 SUMMARY_FILE = "summary.json"
 TRACKING_FILE = "tracking.json"
 EVAL_PREFIX = "eval-"
 EVAL_FILE = "eval.json"
+EVAL_REPORT = "report.html"
 HARNESS_DIR = "harness"
 HARNESS_FILE = "harness.json"
 
@@ -131,6 +133,10 @@ class RunDir:
     def tracking_file(self) -> Path:
         return self.path / TRACKING_FILE
 
+    def saved_config(self) -> dict[str, Any]:
+        """config.yaml as the current config model reads it (an older run's other-task sections dropped)."""
+        return upgrade_saved_config(self.raw_config())
+
     def eval_dir(self, data: Path | None) -> Path:
         """Where ``tunesmith eval`` of this run on ``data`` writes (the harness's folder without data)."""
         return self.path / (f"{EVAL_PREFIX}{data.stem}" if data is not None else HARNESS_DIR)
@@ -148,14 +154,20 @@ class RunDir:
     # readers
     def raw_config(self) -> dict[str, Any]:
         """config.yaml as saved (a run of an older tunesmith may no longer validate)."""
-        return yaml.safe_load(self.config_file.read_text(encoding="utf-8")) or {}
+        try:
+            tree = yaml.safe_load(self.config_file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TunesmithError(f"{self.config_file}: cannot be read as YAML ({err})") from None
+        if not isinstance(tree, dict):
+            raise TunesmithError(f"{self.config_file}: not a config (a mapping of sections), a {type(tree).__name__}")
+        return tree
 
     def config(self) -> Config:
         """The run's validated config (one saved by an older tunesmith upgraded first)."""
         from pydantic import ValidationError
 
         try:
-            return parse_config(upgrade_saved_config(self.raw_config()))
+            return parse_config(self.saved_config())
         except ValidationError as err:
             from tunesmith.config.load import format_validation_error
 

@@ -250,7 +250,10 @@ def compare_rows(runs: list[RunInfo]) -> list[list[str]]:
     rows = [["", *[run.name for run in runs]]]
     for key in keys:
         values = [flat.get(key) for flat in flats]
-        if len({json.dumps(v) for v in values}) > 1 and key not in ("name", "output.name"):
+        # A section only some tasks have (preference, grpo...) is shown where its values differ among the
+        # runs that have it; the task row already says the others have none.
+        present = {json.dumps(flat[key]) for flat in flats if key in flat}
+        if len(present) > 1 and key not in ("name", "output.name"):
             rows.append([key, *[_number(v) for v in values]])
     for label, key in SUMMARY_ROWS:
         rows.append([label, *[_number(run.value(key)) for run in runs]])

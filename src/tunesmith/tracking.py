@@ -203,9 +203,10 @@ def tracked(config: Config, run_dir: Path, accelerator: Accelerator, resumed: bo
     """The trackers' whole life around a recipe's training and final save, entered by the recipe:
     started on entry (main process; a resumed run logs into the run it started); the recipe's
     ``finish_run`` ends them with the final numbers; an error inside ends their runs as FAILED
-    (KILLED on Ctrl-C) and goes on up."""
-    start_tracking(config, run_dir, accelerator, resumed)
+    (KILLED on Ctrl-C) and goes on up, as does a tracker that fails to start (its run is ended and
+    MLflow's URI restored)."""
     try:
+        start_tracking(config, run_dir, accelerator, resumed)
         yield
     except BaseException as err:
         fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))

@@ -73,3 +73,18 @@ def test_a_config_saved_before_per_task_configs_still_reads(tmp_path, data):
     assert config.task == "reward" and config.reward.margin == 0.25
     with pytest.raises(ConfigError, match="preference: task reward does not take"):
         build_config(old)  # a config a user writes is not upgraded: the section is named
+
+
+def test_a_task_that_is_not_a_name_is_a_config_error(data):
+    for odd in (["sft"], {"x": 1}, 3):
+        with pytest.raises(ConfigError, match="task: .* is invalid: task must be one of"):
+            build_config({"task": odd, "data": {"train": data}})
+
+
+def test_a_saved_config_that_is_not_a_mapping_is_named(tmp_path):
+    from tunesmith.errors import TunesmithError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("[1, 2]\n")
+    with pytest.raises(TunesmithError, match="config.yaml: not a config"):
+        RunDir(tmp_path / "run").config()

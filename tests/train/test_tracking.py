@@ -152,3 +152,17 @@ def test_a_tracker_that_fails_is_switched_off_and_training_goes_on(tiny_model_di
     ids = read_tracking(run.run_dir)["mlflow"]
     assert mlflow.MlflowClient(ids["uri"]).get_run(ids["run_id"]).info.status == "FAILED"
     assert mlflow.active_run() is None
+
+
+def test_a_tracker_that_fails_to_start_is_ended_and_the_error_goes_on(monkeypatch, tmp_path):
+    """tracking.tracked: a start that raises (after it may have pointed MLflow at a store) still ends
+    the trackers' runs and restores MLflow's URI; seen failing with the start outside the try."""
+    from tunesmith import tracking
+
+    ended = []
+    monkeypatch.setattr(tracking, "start_tracking", lambda *a: (_ for _ in ()).throw(RuntimeError("no store")))
+    monkeypatch.setattr(tracking, "fail_tracking", lambda accelerator, interrupted: ended.append(interrupted))
+    with pytest.raises(RuntimeError, match="no store"):
+        with tracking.tracked(None, tmp_path, None, resumed=False):
+            pass
+    assert ended == [False]

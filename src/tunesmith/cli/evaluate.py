@@ -9,6 +9,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
+from tunesmith.rundir import HARNESS_FILE
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,10 +77,11 @@ def base_of(target) -> str:
 
 
 def default_out(target, data: Path | None) -> Path:
-    """RUN/eval-DATA (RUN/harness without data) for a run folder, else ./eval/TARGET-DATA."""
-    if target.run is not None:
+    """RUN/eval-DATA (RUN/harness without data) for a run folder, else ./eval/TARGET-DATA (a registered
+    version included: it is never written to)."""
+    if target.run is not None and target.registered is None:
         return target.run.eval_dir(data)
-    name = re.sub(r"[^\w.-]+", "_", target.name).strip("_") or "model"
+    name = re.sub(r"[^\w.-]+", "_", target.registered or target.name).strip("_") or "model"
     return Path("eval") / f"{name}-{data.stem if data else 'harness'}"
 
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.targets import resolve_target
 
     target = resolve_target(flags.target)  # looked at once for the whole command
-    is_run = target.run is not None
+    is_run = target.run is not None and target.registered is None  # a registered version is never written
     if flags.harness:
         status = _harness(flags, target)
         if flags.data is None:
@@ -140,9 +143,9 @@ def _harness(flags: EvalCommandConfig, target) -> int:
     out = flags.out if flags.out and flags.data is None else default_out(target, None)
     document = run_harness(target, options, out)
     print("\n".join(harness_lines(document)))
-    print(f"wrote {out / 'harness.json'}")
-    if target.run is not None:
+    print(f"wrote {out / HARNESS_FILE}")
+    if target.run is not None and target.registered is None:
         from tunesmith.tracking import log_evaluation
 
-        log_evaluation(target.run.path, document, [out / "harness.json"], "harness")
+        log_evaluation(target.run.path, document, [out / HARNESS_FILE], "harness")
     return 0

@@ -509,7 +509,7 @@ TASK_SECTIONS = {"regularization": ("sft", "pretrain"), "preference": ("dpo",), 
 def _task_of(value: Any) -> str:
     """The discriminator: a config without ``task`` is an SFT config; an unknown task is left to fail."""
     task = value.get("task", "sft") if isinstance(value, dict) else getattr(value, "task", "sft")
-    return task if task in TASK_CONFIGS else "unknown"
+    return task if isinstance(task, str) and task in TASK_CONFIGS else "unknown"
 
 
 Config = Annotated[

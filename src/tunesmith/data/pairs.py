@@ -45,7 +45,7 @@ def keep_the_end(tokenized: TokenizedRow, max_seq_len: int, what: str) -> str | 
     tokenized.input_ids = tokenized.input_ids[-max_seq_len:]
     tokenized.labels = tokenized.labels[-max_seq_len:]
     head = f"over-long, prompt + {what}, {length} tokens > max_seq_len {max_seq_len}; "
-    if reply >= max_seq_len:
+    if reply > max_seq_len:
         return head + f"the reply alone is {reply} tokens, so its start was cut too"
     return head + "the start of the prompt was cut to keep the reply"
 

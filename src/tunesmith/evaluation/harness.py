@@ -25,6 +25,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluation.metrics import extract
 from tunesmith.evaluation.run import read_eval_rows
 from tunesmith.io import write_text_atomic
+from tunesmith.rundir import HARNESS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def run_harness(target: Any, options: HarnessOptions, out: Path) -> dict[str, An
         "n_samples": json.loads(json.dumps(results.get("n-samples", {}), default=str)),
         "samples": samples,
     }
-    write_text_atomic(out / "harness.json", json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / HARNESS_FILE, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return document
 
 

@@ -35,6 +35,7 @@ from tunesmith.evaluation import metrics as m
 from tunesmith.evaluation.judge import JudgeSettings, judge_rows
 from tunesmith.io import sha256_of, write_text_atomic
 from tunesmith.models.inference import Target
+from tunesmith.rundir import EVAL_FILE, EVAL_REPORT
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +451,6 @@ def _finite(value: Any) -> Any:
 def write_outputs(document: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     document = _finite(document)
-    write_text_atomic(out / "eval.json", json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
-    write_text_atomic(out / "report.html", report_html(document))
-    return out / "eval.json", out / "report.html"
+    write_text_atomic(out / EVAL_FILE, json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomic(out / EVAL_REPORT, report_html(document))
+    return out / EVAL_FILE, out / EVAL_REPORT

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def export_gguf(target: str | Target, out: Path, quants: list[str], parity: bool
     if unknown:
         raise ExportError(f"unknown GGUF type(s) {unknown}; choose from {', '.join(QUANTS)}")
     prepared = merge_for_export(target, parity)
-    name = name or resolve_target(target).name or "model"
+    # registry:NAME@ALIAS and registry:NAME/VERSION name the file after NAME-ALIAS / NAME-VERSION
+    name = name or re.sub(r"[^\w.-]+", "-", resolve_target(target).name).strip("-") or "model"
     files = []
     with atomic_directory(out) as staging:
         for quant in quants:

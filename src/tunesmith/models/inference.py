@@ -9,6 +9,7 @@ resolved a layer up (``tunesmith.targets``), so models never import the registry
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -47,9 +48,9 @@ class Target:
     def adapter_kind(self):
         return adapter_kind(self.model_dir) if self.model_dir.is_dir() else None
 
-    @property
+    @cached_property
     def config(self) -> Config | None:
-        """The run's config (None for anything but a run folder)."""
+        """The run's config (None for anything but a run folder); read once per target."""
         return self.run.config() if self.run is not None else None
 
     @property

@@ -44,7 +44,7 @@ from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.models.modes import evaluating
 from tunesmith.recipes.base import RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
-from tunesmith.rundir import RunDir
+from tunesmith.rundir import VALUE_HEAD_FILE, RunDir
 from tunesmith.targets import load_target, resolve_target
 from tunesmith.tracking import tracked
 from tunesmith.train.loop import MicroBatches, train
@@ -284,5 +284,5 @@ def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False
         if accelerator.is_main_process:
             with atomic_directory(RunDir(run_dir).value_head_dir) as staging:
                 save_file({k: v.detach().cpu() for k, v in value_head.state_dict().items()},
-                          str(staging / "value_head.safetensors"))
+                          str(staging / VALUE_HEAD_FILE))
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="ppo")

@@ -16,9 +16,9 @@ from tunesmith.targets import resolve_target
 def _adapter_dir(target: Target, flag: str) -> Path:
     """The PEFT adapter folder of a run or an adapter folder."""
     if target.run is not None and not target.run.has_model:
-        raise ModelLoadError(f"{flag} {target.spec}: the run has no final model (it did not finish)")
+        raise ModelLoadError(f"{flag}{target.spec}: the run has no final model (it did not finish)")
     if target.adapter_kind != "peft":
-        raise ModelLoadError(f"{flag} {target.spec}: not a run folder with a LoRA-family adapter, nor such an "
+        raise ModelLoadError(f"{flag}{target.spec}: not a run folder with a LoRA-family adapter, nor such an "
                              "adapter folder")
     return target.model_dir
 

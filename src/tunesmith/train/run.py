@@ -61,7 +61,7 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
     checkpoint = None
     if resume and run_dir.exists():
         if run.config_file.exists():
-            changed = _changed_fields(run.raw_config(), config.model_dump(mode="json"))
+            changed = _changed_fields(run.saved_config(), config.model_dump(mode="json"))
             if changed:
                 log.warning("resuming with a changed config: %s", ", ".join(changed))
         checkpoints = list_checkpoints(run_dir)
