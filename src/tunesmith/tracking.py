@@ -31,6 +31,7 @@ from accelerate.tracking import GeneralTracker
 from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
 from tunesmith.io import write_text_atomic
+from tunesmith.quiet import known_prints_dropped
 from tunesmith.rundir import RunDir
 from tunesmith.runs import evaluation_values, flat_params
 
@@ -169,7 +170,8 @@ def start_tracking(config: Config, run_dir: Path, accelerator: Accelerator, resu
     accelerator.log_with = [_make_tracker(name, config, run_dir, previous.get(name, {}))
                             for name in config.tracking.backends]
     accelerator.trackers = []
-    accelerator.init_trackers(config.tracking.project)  # starts each tracker
+    with known_prints_dropped():  # trackio's and W&B's announcements (shown with -v)
+        accelerator.init_trackers(config.tracking.project)  # starts each tracker
     ids: dict[str, Any] = {}
     for tracker in accelerator.trackers:
         # Parameters once per tracked run: MLflow refuses to change them when a run resumes.
@@ -227,7 +229,20 @@ def _end_run(tracker: GeneralTracker, status: str) -> None:
     elif tracker.name == "wandb":
         tracker.run.finish(exit_code=1)
     else:
-        tracker.finish()
+        _finish(tracker)
+
+
+def _finish(tracker: GeneralTracker) -> None:
+    """End a tracker's run without its announcements; trackio's through trackio.finish(), which also
+    forgets the run (accelerate's tracker.finish() leaves it current, and trackio's atexit hook then
+    finishes it again at exit, printing "Run finished" a second time)."""
+    with known_prints_dropped():
+        if tracker.name == "trackio":
+            import trackio
+
+            trackio.finish()
+        else:
+            tracker.finish()
 
 
 def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, action: Any) -> None:
@@ -299,7 +314,7 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
             _guarded(accelerator, tracker, "the run's files", lambda: _mlflow_files(run_dir))
     for tracker in accelerator.trackers:
         try:
-            tracker.finish()
+            _finish(tracker)
         except Exception as err:  # noqa: BLE001 - the run folder is complete; only the tracker's end is lost
             log.warning("tracking: %s failed to finish (%s)", tracker.name, err)
     accelerator.trackers = []

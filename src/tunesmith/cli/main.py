@@ -6,9 +6,8 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
-from tunesmith import __version__
+from tunesmith import __version__, quiet
 from tunesmith.cli import chat, config, data, evaluate, export, methods, models, registry, reward, runs, serve, \
     train
 from tunesmith.errors import ConfigError, DataError, TunesmithError
@@ -19,7 +18,11 @@ COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune open-weight language models.")
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="also the known third-party warnings, notices and progress bars that are filtered "
+                               "by default (tunesmith.quiet lists them)")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(commands)
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    quiet.install(verbose=args.verbose)  # before any third-party import
     # KEY=VALUE overrides may also come after flags (`train c.yaml --resume training.lr=1e-4`).
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
@@ -36,14 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # carriage-return bars make logs unreadable
     try:
         return args.handler(args) or 0
     except (ConfigError, DataError) as err:
