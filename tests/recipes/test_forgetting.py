@@ -52,12 +52,49 @@ def test_replay_rows_join_every_batch_deterministically():
     assert [fresh[p]["input_ids"].tolist() for p in (7, 2)] == [stream[p]["input_ids"].tolist() for p in (7, 2)]
 
 
-def test_replay_run_trains(tiny_model_dir, chat_file, tmp_path):
-    general = write_jsonl(tmp_path / "general.jsonl", [{"text": "The sea is wide and blue."}] * 5)
+def batch_rows(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of each row of a micro-batch, padded or padding-free."""
+    if "attention_mask" in batch:
+        return [(ids[mask.bool()].tolist(), labels[mask.bool()].tolist())
+                for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    return [(batch["input_ids"][0, a:b].tolist(), batch["labels"][0, a:b].tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def test_replay_rows_are_trained_in_every_batch_of_a_run(tiny_model_dir, tokenizer, chat_file, tmp_path,
+                                                          monkeypatch):
+    """data.replay reaches the micro-batches the loop trains on: with batch_size 4 and share 0.25 each
+    holds round(0.25 x 4) = 1 replay row, with its tokens trained, beside 3 training rows; over the run
+    the replay set is cycled through (four steps, four different replay rows of five). Catches replay
+    rows lost between the config and the loop, which a count of logged steps does not: seen failing
+    with MicroBatches.__getitem__'s replay rows left out (3 rows per batch, none replayed)."""
+    import tunesmith.train.loop as loop
+
+    general = write_jsonl(tmp_path / "general.jsonl",
+                          [{"text": f"Replay fact {i}: the sea is wide and blue."} for i in range(5)])
+    trained: list[list[dict[str, torch.Tensor]]] = []
+    train_step = loop._train_step
+
+    def recording_step(model, objective, window, *args, **kwargs):
+        trained.append([{key: value.clone() for key, value in batch.items()} for batch in window])
+        return train_step(model, objective, window, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", recording_step)
     tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", "lora", max_steps=4)
     tree["data"]["replay"] = {"path": str(general), "share": 0.25}
     run = run_sft(build_config(tree))
     assert len([r for r in read_metrics(run.run_dir) if "loss" in r]) == 4
+    assert [len(window) for window in trained] == [1, 1, 1, 1]  # grad_accum 1: one micro-batch a step
+    replayed = []
+    for (batch,) in trained:
+        rows = [(tokenizer.decode(ids), labels) for ids, labels in batch_rows(batch)]
+        replay = [(text, labels) for text, labels in rows if "Replay fact" in text]
+        assert len(rows) == 4 and len(replay) == 1, [text for text, _ in rows]
+        assert sum("Count to" in text for text, _ in rows) == 3
+        text, labels = replay[0]
+        assert sum(label != -100 for label in labels) >= len(labels) - 2  # its tokens are trained
+        replayed.append(text.split("Replay fact ")[1][0])
+    assert len(set(replayed)) == 4, replayed
 
 
 def kl_from_base(run_dir, base_dir):

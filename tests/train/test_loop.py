@@ -42,12 +42,33 @@ def test_early_stopping_ends_a_diverging_run(tiny_model_dir, chat_file, tmp_path
     assert min(evals) < evals[-1] and min(evals) < evals[-2]
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tiny_model_dir, chat_file, tmp_path):
-    weights = []
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_weights(tiny_model_dir, chat_file, tmp_path,
+                                                                               monkeypatch):
+    """Checkpointing is really on: backward runs each decoder layer again, so the MLP inside it
+    runs once more per layer per micro-batch (2 layers x 2 steps = 4 more calls than without), and
+    the weights come out the same. Catches the setting being lost on the way to the model, which
+    equal weights alone do not: seen failing with apply_method's gradient_checkpointing_enable call
+    taken out (the same number of MLP calls either way). The count is taken inside the layer, not
+    by wrapping the layer's own forward, which transformers checkpoints (a wrapper there switches
+    checkpointing off)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    forward = LlamaMLP.forward
+    calls = {"count": 0}
+
+    def counting_forward(self, *args, **kwargs):
+        calls["count"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counting_forward)
+    weights, layer_calls = [], []
     for checkpointing in (False, True):
+        calls["count"] = 0
         tree = tiny_tree(tiny_model_dir, chat_file, tmp_path / f"runs-{checkpointing}", "full", max_steps=2,
                          optimizer="sgd", lr=0.5, gradient_checkpointing=checkpointing)
         weights.append(run_sft(build_config(tree)).model.state_dict())
+        layer_calls.append(calls["count"])
+    assert layer_calls[1] - layer_calls[0] == 2 * 2, layer_calls  # each layer again in each backward
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=1e-6, msg=name)
 

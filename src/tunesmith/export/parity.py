@@ -51,7 +51,9 @@ THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "gguf-q8_0": (None, 0.8),
     "gguf-q4_0": (None, None),
     "bnb-8bit": (None, 0.7),
-    "bnb-4bit": (None, None),
+    # NF4 keeps 73% of the embedded 135M model's greedy choices on CPU (78-87% on a trained tiny model);
+    # an export that lost its adapter keeps 0.3% (tests/export/test_bnb.py).
+    "bnb-4bit": (None, 0.5),
 }
 
 
