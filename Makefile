@@ -28,8 +28,10 @@ demo: install
 	@echo "--- the fine-tuned model:"
 	$(BIN)/tunesmith -q chat runs/quickstart --prompt "$(PROMPT)"
 
+# Two test processes, one thread each: on 2 cores, torch's default of one thread per core in each
+# process oversubscribes the CPU (measured 5-10x slower on the example-config tests).
 test: install
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
