@@ -121,9 +121,9 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
 
     check_alias(alias)
     run = read_run(run_dir)
-    _config_of(run)  # a config that no longer reads: refused before anything goes to the store
     if not run.finished:
         raise TunesmithError(f"{run.path} has no final model ({run.status}): only a finished run can be registered")
+    _config_of(run)  # a config that no longer reads: refused before anything goes to the store
     if not re.fullmatch(NAME, name):
         raise TunesmithError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it is written NAME@ALIAS)")
     tracked = read_tracking(run.path).get("mlflow", {})

@@ -92,7 +92,7 @@ def test_ppo_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"training.save_every": 3}, "save_every \\(3\\) must be a multiple of ppo.ppo_epochs x ppo.minibatches \\(4\\)"),
     ({"training.grad_accum": 2}, "grad_accum must be 1"),
-    ({"ppo.reward_model": "somewhere"}, "exactly one reward source"),
+    ({"ppo.reward_model": "somewhere"}, "ppo takes one reward source"),
 ])
 def test_bad_ppo_configs_are_refused(tiny_model_dir, tmp_path, change, message):
     tree = ppo_tree(tiny_model_dir, tmp_path / "p.jsonl", tmp_path / "runs")
