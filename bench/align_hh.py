@@ -93,7 +93,7 @@ def main() -> None:
 
         command = [sys.executable, "-m", "tunesmith", "-q", "reward", "score", str(run.run_dir), "--file",
                    str(args.out / "eval.jsonl"), "--out", str(args.out / "scores.jsonl")]
-        print("$ tunesmith reward score " + " ".join(command[5:]), flush=True)
+        print("$ tunesmith " + " ".join(command[4:]), flush=True)
         subprocess.run(command, check=True)
 
 
