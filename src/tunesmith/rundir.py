@@ -212,10 +212,6 @@ class RunDir:
     def adapter_kind(self) -> AdapterKind | None:
         return adapter_kind(self.model_dir)
 
-    def base_model(self) -> str:
-        """The model the run started from (its config's model.name_or_path)."""
-        return self.config().model.name_or_path
-
     def require_model(self) -> Path:
         """The final model folder; an error that says what to do when the run did not finish."""
         if not self.has_model:

@@ -20,7 +20,7 @@ from tunesmith.adapters.bottleneck import load_bottleneck
 from tunesmith.config.schema import Config, ModelConfig
 from tunesmith.errors import ModelLoadError
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_source
-from tunesmith.rundir import RunDir, adapter_base, adapter_kind, is_run_dir
+from tunesmith.rundir import AdapterKind, RunDir, adapter_base, adapter_kind, is_run_dir
 
 Head = Literal["lm", "score"]
 
@@ -45,7 +45,7 @@ class Target:
         return self.run.require_model() if self.run is not None else self.path
 
     @property
-    def adapter_kind(self):
+    def adapter_kind(self) -> AdapterKind | None:
         return adapter_kind(self.model_dir) if self.model_dir.is_dir() else None
 
     @cached_property
@@ -57,7 +57,7 @@ class Target:
     def base_model(self) -> str | None:
         """The base model of a run or an adapter folder; None for a full model."""
         if self.run is not None:
-            return self.run.base_model()
+            return self.config.model.name_or_path  # the config this target already read
         return adapter_base(self.path) if self.adapter_kind else None
 
     @property
