@@ -22,6 +22,16 @@ def counting_rows(count: int = 24) -> list[dict]:
     return rows
 
 
+def counting_pairs(count=24):
+    """'Count to n': chosen counts up, rejected counts down."""
+    rows = []
+    for index in range(count):
+        n = 2 + index % 9
+        rows.append({"prompt": f"Count to {n}.", "chosen": " ".join(str(i) for i in range(1, n + 1)),
+                     "rejected": " ".join(str(i) for i in range(n, 0, -1))})
+    return rows
+
+
 def tiny_tree(model_dir: Path, data: Path, out: Path, method: str = "lora", **training: Any) -> dict:
     """A config tree for a tiny CPU run; ``training`` entries override the training section."""
     return {

@@ -37,3 +37,13 @@ class DataError(TunesmithError):
 
 class ModelLoadError(TunesmithError):
     """A model could not be found or loaded."""
+
+
+class RunStopped(TunesmithError):
+    """Training ended before its end with the run folder in a known state: ``status`` is what the run
+    folder says (``preempted`` or ``diverged``), ``exit_code`` what the CLI exits with (143 after
+    SIGTERM/SIGUSR1, 130 after Ctrl-C, 1 for a diverged run)."""
+
+    def __init__(self, message: str, status: str, exit_code: int, step: int | None = None):
+        super().__init__(message)
+        self.status, self.exit_code, self.step = status, exit_code, step

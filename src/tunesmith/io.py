@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
+
+from tunesmith.errors import TunesmithError
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -78,3 +83,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def writing(path: Path, what: str, after: str = "") -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only folder, a missing mount) into one line that names
+    the path, what was being written and the cause; ``after`` says what is still intact and what to do."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        found = re.search(r'message: "([^"]+)"', cause)  # safetensors wraps the OS error in its own text
+        cause = found.group(1) if found else cause
+        raise TunesmithError(f"{path}: cannot write {what} ({cause}){'; ' + after if after else ''}") from None

@@ -9,6 +9,7 @@
     model/             the final model: a PEFT adapter, a bottleneck adapter, or a full model folder
     value_head/        PPO's value head (value_head.safetensors)
     summary.json       results, versions and lineage (written when the run finishes)
+    status.json        running, finished, preempted, failed or diverged, with the reason and step
     tracking.json      each tracker's ids for the run (MLflow run id and store...)
     eval-DATA/         tunesmith eval's eval.json and report.html
     harness/           tunesmith eval --harness's harness.json
@@ -21,6 +22,8 @@ adapter folders given on their own.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +42,8 @@ MODEL_DIR = "model"
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"
+BEST_DIR = "best"  # checkpoints/best/: the weights of the best eval loss (training.keep_best)
 TRACKING_FILE = "tracking.json"
 EVAL_PREFIX = "eval-"
 EVAL_FILE = "eval.json"
@@ -50,6 +55,8 @@ PEFT_ADAPTER_CONFIG = "adapter_config.json"  # peft's own name for an adapter fo
 BOTTLENECK_CONFIG = "bottleneck_config.json"  # tunesmith's bottleneck adapters (adapters/bottleneck.py)
 
 AdapterKind = Literal["peft", "bottleneck"]
+RunStatus = Literal["running", "finished", "preempted", "failed", "diverged"]
+STATUSES: tuple[str, ...] = ("running", "finished", "preempted", "failed", "diverged")
 
 
 def adapter_kind(folder: Path) -> AdapterKind | None:
@@ -133,6 +140,14 @@ class RunDir:
     def tracking_file(self) -> Path:
         return self.path / TRACKING_FILE
 
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS_FILE
+
+    @property
+    def best_dir(self) -> Path:
+        return self.checkpoints_dir / BEST_DIR
+
     def saved_config(self) -> dict[str, Any]:
         """config.yaml as the current config model reads it (an older run's other-task sections dropped)."""
         return upgrade_saved_config(self.raw_config())
@@ -189,6 +204,21 @@ class RunDir:
                     continue
         return records
 
+    def status(self) -> dict[str, Any]:
+        """status.json: ``status`` (running, finished, preempted, failed, diverged), with ``reason`` and
+        ``step`` where it has them. A run marked running whose process has gone (on this machine) reads
+        as failed: it was killed without a word (SIGKILL, the kernel's out-of-memory killer). A run
+        folder from before status.json reads as finished or failed from what it holds."""
+        record = read_json(self.status_file)
+        if not isinstance(record, dict) or record.get("status") not in STATUSES:
+            return {"status": "finished"} if self.finished else {
+                "status": "failed", "reason": "it stopped before it finished (no status.json: an older tunesmith)"}
+        if record["status"] == "running" and record.get("host") == socket.gethostname() \
+                and not _alive(record.get("pid")):
+            return {**record, "status": "failed", "reason": f"its process ({record.get('pid')}) ended without a "
+                    "word: killed (SIGKILL or out of memory); resume it with --resume"}
+        return record
+
     def data_lineage(self) -> list[dict[str, str]] | None:
         return read_json(self.data_file)
 
@@ -218,3 +248,15 @@ class RunDir:
             raise TunesmithError(f"{self.path} is a run folder without a final model ({MODEL_DIR}/): the run did "
                                  f"not finish; resume it with `tunesmith train CONFIG --resume`")
         return self.model_dir
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -86,10 +86,18 @@ class RunInfo:
         return self.config.model_dump(mode="json") if self.config is not None else self.run.raw_config()
 
     @property
+    def state(self) -> dict[str, Any]:
+        """status.json as ``RunDir.status`` reads it: status, reason, step."""
+        return self.run.status()
+
+    @property
     def status(self) -> str:
-        if self.finished:
-            return "finished"
-        return f"incomplete (step {self.last_step})" if self.records else "not started"
+        """running, finished, preempted, failed or diverged; with the step where the run is or stopped."""
+        record = self.state
+        step = record.get("step") or self.last_step
+        if record["status"] == "finished" or not step:
+            return record["status"]
+        return f"{record['status']} (step {step})"
 
     @property
     def last_step(self) -> int:
@@ -210,6 +218,8 @@ def list_table(runs: list[RunInfo]) -> str:
 def show_text(run: RunInfo) -> str:
     config, summary = run.config, run.summary or {}
     lines = [f"run        {run.path}  ({run.status})"]
+    if run.state.get("reason") and run.state["status"] != "running":
+        lines.append(f"status     {run.state['reason']}")
     if config is None:
         lines.append(f"config     {run.problem}")
     else:

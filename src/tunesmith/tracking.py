@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from tunesmith.config.schema import Config
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, RunStopped
 from tunesmith.io import write_text_atomic
 from tunesmith.quiet import known_prints_dropped
 from tunesmith.rundir import RunDir
@@ -205,14 +205,26 @@ def tracked(config: Config, run_dir: Path, accelerator: Accelerator, resumed: bo
     """The trackers' whole life around a recipe's training and final save, entered by the recipe:
     started on entry (main process; a resumed run logs into the run it started); the recipe's
     ``finish_run`` ends them with the final numbers; an error inside ends their runs as FAILED
-    (KILLED on Ctrl-C) and goes on up, as does a tracker that fails to start (its run is ended and
+    (KILLED when preempted or on Ctrl-C) and goes on up, as does a tracker that fails to start (its run is ended and
     MLflow's URI restored)."""
     try:
         start_tracking(config, run_dir, accelerator, resumed)
         yield
     except BaseException as err:
-        fail_tracking(accelerator, interrupted=isinstance(err, KeyboardInterrupt))
+        fail_tracking(accelerator, ended_as(err))
         raise
+
+
+def ended_as(err: BaseException) -> str:
+    """The run status an exception leaves: preempted (a stop signal, Ctrl-C), diverged, or failed."""
+    if isinstance(err, RunStopped):
+        return err.status
+    return "preempted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+
+
+def _mlflow_status(status: str) -> str:
+    """MLflow's name for how a run ended: a preempted run was KILLED, a failed or diverged one FAILED."""
+    return {"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED")
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -221,11 +233,13 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _end_run(tracker: GeneralTracker, status: str) -> None:
-    """End one tracker's run as failed: MLflow with ``status`` (FAILED or KILLED), W&B with exit code 1."""
+    """End one tracker's run that did not finish (``status``: preempted, failed, diverged): MLflow as KILLED
+    or FAILED with the tag ``tunesmith.status``, W&B with exit code 1."""
     if tracker.name == "mlflow":
         import mlflow
 
-        mlflow.end_run(status=status)
+        mlflow.set_tag("tunesmith.status", status)
+        mlflow.end_run(status=_mlflow_status(status))
     elif tracker.name == "wandb":
         tracker.run.finish(exit_code=1)
     else:
@@ -255,7 +269,7 @@ def _guarded(accelerator: Accelerator, tracker: GeneralTracker, what: str, actio
                     "has everything", tracker.name, what, type(err).__name__, err)
         accelerator.trackers = [t for t in accelerator.trackers if t is not tracker]
         try:
-            _end_run(tracker, "FAILED")
+            _end_run(tracker, "failed")
         except Exception as end_err:  # noqa: BLE001 - the backend is already reported as broken
             log.debug("tracking: %s also failed to end its run (%s)", tracker.name, end_err)
 
@@ -312,9 +326,17 @@ def finish_tracking(accelerator: Accelerator, run_dir: Path, summary: dict[str, 
         _guarded(accelerator, tracker, "the final numbers", lambda t=tracker: t.log(values, step=step))
         if tracker.name == "mlflow" and tracker in accelerator.trackers:  # a switched-off tracker has no run
             _guarded(accelerator, tracker, "the run's files", lambda: _mlflow_files(run_dir))
+    status = summary.get("status", "finished")
     for tracker in accelerator.trackers:
         try:
-            _finish(tracker)
+            if status == "finished":
+                if tracker.name == "mlflow":
+                    import mlflow
+
+                    mlflow.set_tag("tunesmith.status", status)
+                _finish(tracker)
+            else:  # a diverged run: its model is the last good checkpoint's, and the run did not succeed
+                _end_run(tracker, status)
         except Exception as err:  # noqa: BLE001 - the run folder is complete; only the tracker's end is lost
             log.warning("tracking: %s failed to finish (%s)", tracker.name, err)
     accelerator.trackers = []
@@ -332,12 +354,12 @@ def _mlflow_files(run_dir: Path) -> None:
     mlflow.log_text(loss_curve_svg(records), "loss.svg")
 
 
-def fail_tracking(accelerator: Accelerator, interrupted: bool) -> None:
-    """End the trackers' runs of a training that raised: MLflow marks its run FAILED (KILLED when
-    interrupted), W&B exits with code 1."""
+def fail_tracking(accelerator: Accelerator, status: str) -> None:
+    """End the trackers' runs of a training that raised (``status``: preempted, failed or diverged): MLflow
+    marks its run KILLED (preempted) or FAILED, W&B exits with code 1."""
     for tracker in accelerator.trackers:
         try:
-            _end_run(tracker, "KILLED" if interrupted else "FAILED")
+            _end_run(tracker, status)
         except Exception as err:  # noqa: BLE001 - the training's own error is the one to report
             log.warning("tracking: %s failed to end its run (%s)", tracker.name, err)
     accelerator.trackers = []

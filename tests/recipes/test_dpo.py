@@ -11,22 +11,12 @@ from tunesmith.data.pairs import collate_pairs
 from tunesmith.errors import DataError
 from tunesmith.cli.train import recipe_for
 from tunesmith.losses.logprobs import sequence_logps
-from helpers import read_metrics, tiny_tree, write_jsonl
+from helpers import counting_pairs, read_metrics, tiny_tree, write_jsonl
 
 
 def run_pairs(config):
     """The recipe `tunesmith train` picks for the config's task (dpo or reward)."""
     return recipe_for(config.task)(config)
-
-
-def counting_pairs(count=24):
-    """'Count to n': chosen counts up, rejected counts down."""
-    rows = []
-    for index in range(count):
-        n = 2 + index % 9
-        rows.append({"prompt": f"Count to {n}.", "chosen": " ".join(str(i) for i in range(1, n + 1)),
-                     "rejected": " ".join(str(i) for i in range(n, 0, -1))})
-    return rows
 
 
 @pytest.fixture

@@ -170,8 +170,8 @@ def test_a_tracker_that_fails_to_start_is_ended_and_the_error_goes_on(monkeypatc
 
     ended = []
     monkeypatch.setattr(tracking, "start_tracking", lambda *a: (_ for _ in ()).throw(RuntimeError("no store")))
-    monkeypatch.setattr(tracking, "fail_tracking", lambda accelerator, interrupted: ended.append(interrupted))
+    monkeypatch.setattr(tracking, "fail_tracking", lambda accelerator, status: ended.append(status))
     with pytest.raises(RuntimeError, match="no store"):
         with tracking.tracked(None, tmp_path, None, resumed=False):
             pass
-    assert ended == [False]
+    assert ended == ["failed"]

@@ -10,7 +10,7 @@ import sys
 from tunesmith import __version__, quiet
 from tunesmith.cli import chat, config, data, evaluate, export, methods, models, registry, reward, runs, serve, \
     train
-from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, RunStopped, TunesmithError
 
 COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods, config, models, reward)
 
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"{'stopped' if err.status == 'preempted' else 'error'}: {err}", file=sys.stderr)
+        return err.exit_code
     except TunesmithError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

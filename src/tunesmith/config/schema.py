@@ -180,6 +180,25 @@ class MethodConfig(StrictModel):
         return self
 
 
+class DivergenceConfig(StrictModel):
+    """When a step counts as diverging, and what the run does then (``training.divergence``)."""
+
+    policy: Literal["warn", "rollback", "stop"] = Field(
+        "rollback", description="warn: log it and go on; rollback: back to the last good checkpoint (the start of "
+        "the run if there is none yet) with the learning rate cut by lr_cut, at most max_rollbacks times, then "
+        "stop; stop: end the run with the last good checkpoint as its model (status diverged)")
+    loss_ratio: float | None = Field(4.0, gt=1.0, description="a step whose loss is this many times the median of "
+                                     "the recent steps (and loss_margin above it) diverges; null: off")
+    loss_margin: float = Field(1.0, ge=0.0, description="...and at least this much above that median (so a loss "
+                               "near 0 moving to 0.3 is not called a divergence)")
+    grad_norm_ratio: float | None = Field(20.0, gt=1.0, description="a step whose gradient norm (before clipping) "
+                                          "is this many times the recent median diverges; null: off")
+    window: int = Field(20, ge=2, description="recent steps whose median is the reference")
+    min_history: int = Field(5, ge=1, description="steps seen before either rule applies")
+    lr_cut: float = Field(0.5, gt=0.0, lt=1.0, description="rollback multiplies the learning rate by this")
+    max_rollbacks: int = Field(2, ge=0, description="rollbacks before the run stops as diverged")
+
+
 class TrainingConfig(StrictModel):
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "sgd"] = Field(
@@ -224,7 +243,18 @@ class TrainingConfig(StrictModel):
         None, ge=1, description="stop after this many evals without a better eval loss"
     )
     save_every: int | None = Field(500, ge=1, description="steps between checkpoints (null: none)")
+    save_every_minutes: float | None = Field(None, gt=0.0, description="also a checkpoint when this many minutes "
+                                             "have passed since the last one (long steps, spot instances)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    keep_best: bool = Field(False, description="keep the weights of the best eval loss (checkpoints/best/) and make "
+                            "them the final model, early stopping included; summary.json names the step")
+    preemption_grace_s: float = Field(20.0, ge=0.0, description="on SIGTERM/SIGUSR1/SIGINT the step in flight "
+                                      "finishes, a checkpoint is written and the run exits (143; 130 for Ctrl-C); "
+                                      "a step that would end later than this many seconds after the signal is "
+                                      "dropped instead, and the checkpoint holds the step before it")
+    nonfinite_limit: int = Field(3, ge=1, description="a NaN/inf loss or gradient norm skips the update; this many in "
+                                 "a row stop the run, whose model is then the last good step's")
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     log_every: int = Field(1, ge=1)
     seed: int = 0
 
@@ -426,6 +456,8 @@ class RunConfig(StrictModel):
                              f"{self.method.type}; use full, lora, dora, qlora, or freeze with train_embeddings: true")
         if self.training.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.early_stopping_patience needs eval data: set data.eval or data.eval_fraction")
+        if self.training.keep_best and not (self.data.eval or self.data.eval_fraction):
+            raise ValueError("training.keep_best needs eval data: set data.eval or data.eval_fraction")
         return self
 
     @property

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -41,10 +42,11 @@ from tunesmith.models.load import initialise_added_tokens, load_model, load_toke
     tokens_to_add
 from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
-from tunesmith.tracking import check_backends, finish_tracking
+from tunesmith.errors import RunStopped, TunesmithError
+from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
 from tunesmith.train.loop import TrainResult
 from tunesmith.train.optim import lr_scale_for
-from tunesmith.train.run import open_run_dir, save_final_model, write_summary
+from tunesmith.train.run import open_run_dir, save_final_model, write_status, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +75,58 @@ def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreT
     return accelerator, source, load_tokenizer(config.model, source)
 
 
+@contextlib.contextmanager
+def lifetime(config: Config, run_dir: Path, accelerator: Accelerator, resumed: bool) -> Iterator[None]:
+    """A run's life once its folder is open, entered by every recipe around training and ``finish_run``:
+    status.json says running, then how the run ended (finished, preempted, failed with the reason, or
+    diverged), and the trackers (``tracking.tracked``) end their runs to match."""
+    main = accelerator.is_main_process
+    if main:
+        write_status(run_dir, "running", "resumed" if resumed else None)
+    try:
+        with tracked(config, run_dir, accelerator, resumed):
+            yield
+    except BaseException as err:
+        if main:
+            _record_end(run_dir, err)
+        raise
+
+
+def _record_end(run_dir: Path, err: BaseException) -> None:
+    """status.json for a run that raised; a failure to write it is logged, never put in the error's place."""
+    status = ended_as(err)
+    if isinstance(err, RunStopped):
+        reason, step = str(err), err.step
+    elif isinstance(err, KeyboardInterrupt):
+        reason, step = "interrupted (a second Ctrl-C): stopped at once, without a checkpoint", None
+    elif isinstance(err, SystemExit):
+        reason, step = "a second stop signal: stopped at once, without a checkpoint", None
+    else:
+        reason, step = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", None
+    try:
+        write_status(run_dir, status, reason, step)
+    except TunesmithError as write_err:
+        log.warning("%s", write_err)
+
+
 def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                result: TrainResult, run_dir: Path, **summary: Any) -> RunResult:
-    """What every task does last, inside ``tracking.tracked``: the final model, summary.json (``summary``
-    adds task fields) and the trackers' final numbers."""
+    """What every task does last, inside ``lifetime``: the final model, summary.json (``summary`` adds task
+    fields), the trackers' final numbers and the run's status. A diverged run (its model is the last
+    good step's) then raises ``RunStopped``, so that the command exits non-zero."""
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         save_final_model(final, tokenizer, run_dir)
         summary = {**run_summary(config, final, result, run_dir), **summary}
         write_summary(run_dir, summary)
         finish_tracking(accelerator, run_dir, summary)
+        write_status(run_dir, result.status, result.reason, result.state.global_step)
         log.info("saved %s (train loss %.4f%s)", RunDir(run_dir).model_dir,
                  float("nan") if result.final_train_loss is None else result.final_train_loss,
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
+    if result.status != "finished":
+        raise RunStopped(f"{result.reason}; {RunDir(run_dir).model_dir} and summary.json were written", result.status,
+                         1, result.state.global_step)
     return RunResult(run_dir, final, result)
 
 
@@ -216,6 +257,7 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
     trainable, total = count_parameters(model)
     return {
         "name": config.run_name,
+        "task": config.task,
         "method": config.method.type,
         "steps": result.state.global_step,
         "tokens_seen": result.state.tokens_seen,
@@ -224,6 +266,15 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "final_eval_loss": result.final_eval_loss,
         **{"final_" + key: value for key, value in result.final_eval_metrics.items()},
         "stopped_early": result.stopped_early,
+        "status": result.status,
+        **({"reason": result.reason, "stopped_at_step": result.stopped_at} if result.status != "finished" else {}),
+        **({"best_step": result.best_step} if result.best_step is not None else {}),
+        "skipped_steps": result.state.skipped_steps,
+        "rollbacks": result.state.rollbacks,
+        **({"lr_factor": result.state.lr_factor} if result.state.lr_factor != 1.0 else {}),
+        **({"micro_batch_rows": math.ceil(config.training.batch_size / result.state.micro_splits)}
+           if result.state.micro_splits > 1 else {}),
+        "events": result.state.events,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_memory_mb": round(peak_memory_mb(), 1),

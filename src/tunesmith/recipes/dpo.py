@@ -17,8 +17,7 @@ from tunesmith.config.schema import DPOTaskConfig, PreferenceConfig
 from tunesmith.data.collate import count_rows
 from tunesmith.losses import preference as losses
 from tunesmith.losses.logprobs import sequence_logps
-from tunesmith.recipes.base import RunResult, eval_batches_of, finish_run, reference_scope, set_up_pairs
-from tunesmith.tracking import tracked
+from tunesmith.recipes.base import lifetime, RunResult, eval_batches_of, finish_run, reference_scope, set_up_pairs
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.tally import Tallies
 
@@ -139,7 +138,7 @@ def run_dpo(config: DPOTaskConfig, resume: bool = False, overwrite: bool = False
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed,
                           run.collate)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, run.collate)
-    with tracked(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
+    with lifetime(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
         result = train(run.model, objective, stream, eval_batches, config.training, run.run_dir, run.accelerator,
                        run.checkpoint)
         return finish_run(config, run.accelerator, run.model, run.tokenizer, result, run.run_dir, task="dpo",

@@ -29,9 +29,8 @@ from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.losses.logprobs import token_logps
 from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
-from tunesmith.recipes.base import RunResult, build_trainable_model, finish_run, reference_scope, start_run
+from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
-from tunesmith.tracking import tracked
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
@@ -41,6 +40,8 @@ log = logging.getLogger(__name__)
 class GRPOObjective:
     """Sample, score, normalise within groups, and return the summed per-completion GRPO loss
     (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
+
+    divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
                  rewards: WeightedRewards, reference, packed: bool):
@@ -115,6 +116,6 @@ def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = Fal
     objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
-    with tracked(config, run_dir, accelerator, resumed=checkpoint is not None):
+    with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

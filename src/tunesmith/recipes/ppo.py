@@ -42,11 +42,10 @@ from tunesmith.losses.logprobs import label_outputs, token_logps
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.models.modes import evaluating
-from tunesmith.recipes.base import RunResult, build_trainable_model, finish_run, reference_scope, start_run
+from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
 from tunesmith.rundir import VALUE_HEAD_FILE, RunDir
 from tunesmith.targets import load_target, resolve_target
-from tunesmith.tracking import tracked
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
@@ -121,6 +120,8 @@ def _padded(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PPOObjective:
+    divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
+
     def __init__(self, config: PPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
                  score: Scorer, reference, value_head: nn.Module, packed: bool, seed: int):
         self.config, self.tokenizer, self.prompts, self.score = config, tokenizer, prompts, score
@@ -276,7 +277,7 @@ def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False
                              config.training.seed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
-    with tracked(config, run_dir, accelerator, resumed=checkpoint is not None):
+    with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch), None,
                        config.training, run_dir, accelerator, checkpoint)
         value_head = accelerator.unwrap_model(model).value_head

@@ -12,8 +12,7 @@ from tunesmith.config.schema import RewardTaskConfig
 from tunesmith.data.collate import count_rows
 from tunesmith.losses import preference as losses
 from tunesmith.losses.logprobs import reward_scores
-from tunesmith.recipes.base import RunResult, eval_batches_of, finish_run, set_up_pairs
-from tunesmith.tracking import tracked
+from tunesmith.recipes.base import lifetime, RunResult, eval_batches_of, finish_run, set_up_pairs
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.tally import Tallies
 
@@ -46,7 +45,7 @@ def run_reward(config: RewardTaskConfig, resume: bool = False, overwrite: bool =
     stream = MicroBatches(run.train_rows.with_format(None), config.training.batch_size, config.training.seed,
                           run.collate)
     eval_batches = eval_batches_of(run.eval_rows, config.training.batch_size, run.collate)
-    with tracked(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
+    with lifetime(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
         result = train(run.model, objective, stream, eval_batches, config.training, run.run_dir, run.accelerator,
                        run.checkpoint)
         return finish_run(config, run.accelerator, run.model, run.tokenizer, result, run.run_dir, task="reward")

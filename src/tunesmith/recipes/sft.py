@@ -20,9 +20,8 @@ from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.fastpath import apply_speedups, decoder_and_head, packs_padding_free
-from tunesmith.recipes.base import Reference, RunResult, base_reference, build_trainable_model, \
+from tunesmith.recipes.base import lifetime, Reference, RunResult, base_reference, build_trainable_model, \
     build_training_data, eval_batches_of, finish_run, start_run, training_controls
-from tunesmith.tracking import tracked
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
 
@@ -103,7 +102,7 @@ def run_sft(config: SFTTaskConfig | PretrainTaskConfig, resume: bool = False, ov
     lr_scale, held = training_controls(config, model)
     samples = sample_replies(eval_rows if eval_rows is not None else train_rows, tokenizer, config.eval.samples,
                              config.eval.max_new_tokens) if config.eval.samples else None
-    with tracked(config, run_dir, accelerator, resumed=checkpoint is not None):
+    with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, stream, eval_batches, config.training, run_dir, accelerator, checkpoint,
                        lr_scale, held, samples)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir)

@@ -9,6 +9,7 @@ cleaned up. Only our own files are loaded back, and tensors with ``weights_only=
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_directory
+from tunesmith.io import atomic_directory, writing
 from tunesmith.rundir import RunDir
 
 PREFIX = "step-"
@@ -38,13 +39,23 @@ class TrainState:
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
     objective: dict = field(default_factory=dict)  # what a stateful objective needs to resume (PPO's KL coefficient)
+    best_step: int | None = None  # the step of best_eval_loss
+    best_eval_metrics: dict = field(default_factory=dict)
+    lr_factor: float = 1.0  # the learning rate's cut by rollbacks (training.divergence.lr_cut per rollback)
+    rollbacks: int = 0
+    skipped_steps: int = 0  # updates not applied: non-finite loss or gradient norm
+    nonfinite_in_row: int = 0
+    micro_splits: int = 1  # each micro-batch runs in this many pieces (halved after running out of memory)
+    recent_losses: list = field(default_factory=list)  # the divergence rules' history (healthy steps)
+    recent_grad_norms: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # what happened: skips, rollbacks, splits, resumes after preemption
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -54,7 +65,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, plain
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
@@ -79,11 +90,14 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     folder = RunDir(run_dir).checkpoints_dir
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{state.global_step:07d}"
-    with atomic_directory(target) as staging:
+    previous = list_checkpoints(run_dir)
+    intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no checkpoint was kept"
+    with writing(target, "a checkpoint", f"nothing partial was left and {intact}; free space (or choose another "
+                 "output.dir) and resume with --resume"), atomic_directory(target) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        tensors, plain = _rng_state()
+        tensors, plain = capture_rng()
         save_file(tensors, str(staging / "rng.safetensors"))
         (staging / "rng.json").write_text(json.dumps(plain))
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -97,19 +111,104 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the saved training state."""
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    restore_trainable(model, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
+    restore_rng(load_file(str(checkpoint / "rng.safetensors")), json.loads((checkpoint / "rng.json").read_text()))
+    return TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX):])
+
+
+def drop_checkpoints_after(run_dir: Path, step: int) -> None:
+    """Delete the checkpoints of steps after ``step`` (a rolled-back trajectory's)."""
+    for checkpoint in list_checkpoints(run_dir):
+        if checkpoint_step(checkpoint) > step:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+BEST_WEIGHTS = "trainable.safetensors"
+BEST_RECORD = "best.json"
+
+
+def save_best(run_dir: Path, model: nn.Module, step: int, eval_loss: float, metrics: dict) -> None:
+    """checkpoints/best/: the trainable weights of the best eval loss so far (``training.keep_best``)."""
+    target = RunDir(run_dir).best_dir
+    with writing(target, "the best checkpoint", "the previous best is intact; free space and resume with --resume"), \
+            atomic_directory(target) as staging:
+        save_file(trainable_state(model), str(staging / BEST_WEIGHTS))
+        (staging / BEST_RECORD).write_text(json.dumps({"step": step, "eval_loss": eval_loss, "metrics": metrics}))
+
+
+def load_best(run_dir: Path, model: nn.Module) -> dict | None:
+    """Put the best checkpoint's weights into ``model``; its record (step, eval loss), or None without one."""
+    folder = RunDir(run_dir).best_dir
+    if not (folder / BEST_RECORD).is_file():
+        return None
+    restore_trainable(model, load_file(str(folder / BEST_WEIGHTS)), folder)
+    return json.loads((folder / BEST_RECORD).read_text())
+
+
+def restore_trainable(model: nn.Module, weights: dict[str, torch.Tensor], source: Path | str) -> None:
     parameters = dict(model.named_parameters())
     missing = sorted(set(n for n, p in parameters.items() if p.requires_grad) - set(weights))
     unexpected = sorted(set(weights) - set(parameters))
     if missing or unexpected:
-        raise TunesmithError(f"{checkpoint}: does not match this model and method (missing {missing[:3]}, "
+        raise TunesmithError(f"{source}: does not match this model and method (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); resume with the config it was trained with, or "
                              f"start a new run (--overwrite or output.name=...)")
     with torch.no_grad():
         for name, tensor in weights.items():
             parameters[name].copy_(tensor.to(parameters[name].device))
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
-    _set_rng_state(load_file(str(checkpoint / "rng.safetensors")), json.loads((checkpoint / "rng.json").read_text()))
-    return TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+@dataclass
+class Snapshot:
+    """The start of a run held in memory (trainable weights on the CPU, the optimizer and scheduler
+    before any step, the RNG): where a rollback goes before the first checkpoint exists."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: tuple[dict[str, torch.Tensor], dict]
+    state: dict
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> Snapshot:
+        return cls({k: v.clone() for k, v in trainable_state(model).items()}, copy.deepcopy(optimizer.state_dict()),
+                   copy.deepcopy(scheduler.state_dict()), capture_rng(), copy.deepcopy(asdict(state)))
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
+        restore_trainable(model, self.weights, "the run's start")
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        scheduler.load_state_dict(copy.deepcopy(self.scheduler))
+        restore_rng(*self.rng)
+        return TrainState(**copy.deepcopy(self.state))
+
+
+# Optimizer state bytes per trainable parameter element, beside the parameter itself.
+_OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 0}
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: str) -> int:
+    """What one checkpoint takes on disk: the trainable parameters in their dtype and the optimizer's
+    state (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; SGD without momentum: none)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    return weights + sum(p.numel() for p in trainable) * _OPTIMIZER_BYTES.get(optimizer, 8) + (1 << 20)
+
+
+def final_model_bytes(model: nn.Module) -> int:
+    """What the final model folder takes: an adapter's trainable weights, or every weight of a full model."""
+    from peft import PeftModel
+
+    from tunesmith.adapters.bottleneck import is_bottleneck
+
+    parameters = model.parameters() if not (isinstance(model, PeftModel) or is_bottleneck(model)) else \
+        (p for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() * p.element_size() for p in parameters)

@@ -8,9 +8,11 @@ of loss units (label tokens for SFT), not a mean of per-micro-batch means.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,11 +28,15 @@ from tqdm import tqdm
 
 from tunesmith.config.schema import TrainingConfig
 from tunesmith.data.collate import count_rows
-from tunesmith.io import write_text_atomic
+from tunesmith.errors import RunStopped, TunesmithError
+from tunesmith.io import write_text_atomic, writing
 from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.tracking import log_record
-from tunesmith.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunesmith.train.checkpoint import Snapshot, TrainState, capture_rng, checkpoint_bytes, checkpoint_step, \
+    drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
+    restore_rng, save_checkpoint
+from tunesmith.train.guard import DivergenceWatch, StopSignals
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
@@ -41,8 +47,10 @@ Batch = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     """What a recipe trains: a loss summed over units, and the unit count used to normalise it.
-    Optional: ``take_metrics(mode)`` (what it tallied), and ``state_dict()``/``load_state_dict(d)``
-    (JSON-able state that checkpoints keep, such as PPO's adaptive KL coefficient)."""
+    Optional: ``take_metrics(mode)`` (what it tallied), ``state_dict()``/``load_state_dict(d)``
+    (JSON-able state that checkpoints keep, such as PPO's adaptive KL coefficient), and
+    ``divergence_signals`` (which of "loss" and "grad_norm" the divergence rules may judge; both by
+    default)."""
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
@@ -66,6 +74,10 @@ class TrainResult:
     final_eval_loss: float | None
     stopped_early: bool
     final_eval_metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "finished"  # or "diverged": the model is then the last good step's (``reason`` says why)
+    reason: str | None = None
+    stopped_at: int | None = None  # the step at which a diverged run stopped
+    best_step: int | None = None  # training.keep_best: the step whose weights are the model
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
@@ -98,6 +110,16 @@ class MicroBatches:
         self._replay_orders: dict[int, list[int]] = {}
 
     def __getitem__(self, position: int) -> Batch:
+        return self.collate(self._rows(position))
+
+    def pieces(self, position: int, parts: int) -> list[Batch]:
+        """The micro-batch at ``position`` as ``parts`` smaller ones, its rows in order (after running out
+        of memory): the rows, and so the step's gradient, are the same."""
+        rows = self._rows(position)
+        size = math.ceil(len(rows) / parts)
+        return [self.collate(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+    def _rows(self, position: int) -> list[dict]:
         epoch, index = divmod(position, self.per_epoch)
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(len(self.dataset), self.seed, epoch)}
@@ -105,7 +127,7 @@ class MicroBatches:
         rows = [self.dataset[i] for i in indices]
         if self.replay is not None:
             rows += [self.replay[i] for i in self._replay_indices(position)]
-        return self.collate(rows)
+        return rows
 
     def _replay_indices(self, position: int) -> list[int]:
         indices = []
@@ -208,23 +230,59 @@ class MetricsLog:
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
+        with writing(self.path, "a metrics record", "the checkpoints are intact; free space and resume with "
+                     "--resume"), self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.accelerator is not None:
             log_record(self.accelerator, record)
 
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a rollback trains them again)."""
+        kept = [json.dumps(r) + "\n" for r in RunDir(self.path.parent).metrics() if r.get("step", 0) <= step]
+        with writing(self.path, "metrics.jsonl"):
+            write_text_atomic(self.path, "".join(kept))
+
+
+class _Dropped(Exception):
+    """The step in flight was given up: a stop signal came, and finishing it would outlast the grace period."""
+
+
+Judge = Callable[[float, float | None], tuple[tuple[str, str] | None, bool]]
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # per unit, over the whole window (and every process)
+    grad_norm: float | None  # before clipping
+    tokens: int
+    rows: int
+    verdict: tuple[str, str] | None  # ("nonfinite" | "diverged", why), or None for a healthy step
+    applied: bool  # the optimizer stepped
+
+
+def _apply_all(loss: float, grad_norm: float | None) -> tuple[tuple[str, str] | None, bool]:
+    return None, True
+
 
 def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
-                optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-                held: list[nn.Parameter] = (), offload: bool = False) -> tuple[float, float | None, int, int]:
-    """One optimizer step over an accumulation window; returns (loss per unit, grad norm, tokens, rows).
-    ``held`` parameters (gradual unfreezing) lose their gradients before clipping: they do not move.
-    ``offload``: tensors saved for backward wait in pinned CPU memory (activation offloading)."""
+                optimizer: torch.optim.Optimizer, max_grad_norm: float | None, judge: Judge = _apply_all,
+                held: list[nn.Parameter] = (), offload: bool = False,
+                too_late: Callable[[float], bool] | None = None) -> StepOutcome:
+    """One optimizer step over an accumulation window. ``judge`` sees the loss and the gradient norm
+    before the update and says whether to apply it (a non-finite or diverging step is not applied:
+    weights and optimizer state stay as they were). ``held`` parameters (gradual unfreezing) lose
+    their gradients before clipping: they do not move. ``offload``: tensors saved for backward wait in
+    pinned CPU memory. ``too_late(seconds left)``: between micro-batches, whether to give the step up
+    (raises ``_Dropped``; nothing was applied)."""
     window = [{k: v.to(accelerator.device) for k, v in b.items()} for b in window]
     units = torch.tensor(float(sum(objective.units(b) for b in window)), device=accelerator.device)
     units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
     loss_total = 0.0
+    started = time.monotonic()
     for index, batch in enumerate(window):
+        if index and too_late is not None and too_late((time.monotonic() - started) / index * (len(window) - index)):
+            optimizer.zero_grad(set_to_none=True)
+            raise _Dropped
         sync = accelerator.no_sync(model) if index < len(window) - 1 else nullcontext()
         saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else nullcontext()
         with sync, accelerator.autocast(), saved:
@@ -234,14 +292,61 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
         loss_total += float(loss.detach())
     for parameter in held:
         parameter.grad = None
-    grad_norm = None
-    if max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad and p.grad is not None], max_grad_norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # The norm is measured on every step (an infinite threshold clips nothing) for the non-finite guard.
+    grad_norm = float(accelerator.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad and p.grad is not None],
+        max_grad_norm if max_grad_norm is not None else math.inf))
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
-    return loss_total, grad_norm, sum(_tokens(b) for b in window), sum(count_rows(b) for b in window)
+    verdict, apply = judge(loss_total, grad_norm)
+    if apply:
+        optimizer.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()  # fp16: the scaler unscaled these gradients for the norm; close its step
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss_total, grad_norm, sum(_tokens(b) for b in window), sum(count_rows(b) for b in window),
+                       verdict, apply)
+
+
+def _window(stream: MicroBatches, positions: list[int], end: int | None, first: int, splits: int) -> list[Batch]:
+    """A step's micro-batches; each in ``splits`` pieces after running out of memory."""
+    live = [p for p in positions if end is None or p < end]
+    if not live:
+        return [_no_loss(stream[first])]
+    if splits == 1:
+        return [stream[p] for p in live]
+    return [piece for p in live for piece in stream.pieces(p, splits)]
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_disk_space(run_dir: Path, model: nn.Module, config: TrainingConfig) -> None:
+    """Refuse to start when the run folder's disk cannot hold what the run will write: ``keep_last``
+    checkpoints (plus the next, written before the oldest goes), the best checkpoint and the final model."""
+    each = checkpoint_bytes(model, config.optimizer)
+    existing = len(list_checkpoints(run_dir))
+    count = max(1, config.keep_last + 1 - existing) if config.save_every or config.save_every_minutes else 1
+    final = final_model_bytes(model)
+    best = each if config.keep_best else 0
+    need = count * each + final + best
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        raise TunesmithError(
+            f"{run_dir}: not enough disk space: {count} checkpoint(s) of {_size(each)} (training.keep_last "
+            f"{config.keep_last}, plus the next while it is written){', a best checkpoint' if best else ''} and a "
+            f"final model of {_size(final)} need {_size(need)}, and {_size(free)} is free there; free space, lower "
+            f"training.keep_last, or choose another output.dir (nothing was trained)")
 
 
 def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
@@ -252,96 +357,332 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     """Train until max_steps/epochs or early stopping; checkpoints and metrics go to ``run_dir``, and
     every metrics record to the trackers the recipe started (``tracking.tracked``), if any.
 
+    What keeps the run alive (docs/reliability.md): a stop signal checkpoints and raises ``RunStopped``
+    (status preempted); non-finite steps are skipped and ``nonfinite_limit`` of them in a row end the
+    run with the last good weights; a diverging step follows ``training.divergence.policy``; running out
+    of memory halves the micro-batch and retries the step; the disk is checked before the first step.
+
     ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
     prompts, logged at each eval."""
-    return _train(model, objective, stream, eval_batches, config, run_dir, accelerator, resume_from, lr_scale,
-                  held, samples)
+    return _Training(model, objective, stream, eval_batches, config, run_dir, accelerator, lr_scale, held,
+                     samples).run(resume_from)
 
 
-def _train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
-           config: TrainingConfig, run_dir: Path, accelerator: Accelerator, resume_from: Path | None,
-           lr_scale: Callable[[str], float] | None, held: Callable[[int], list[nn.Parameter]] | None,
-           samples: Callable[[nn.Module], list[dict[str, str]]] | None) -> TrainResult:
-    optimizer = build_optimizer(model, config, lr_scale)
-    steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
-    scheduler = build_scheduler(optimizer, config, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mfu = MFUMeter(accelerator.unwrap_model(model), accelerator.device)
-    offload = config.offload_activations and accelerator.device.type == "cuda"
-    if config.offload_activations and not offload:
-        log.info("training.offload_activations: nothing to do on %s (activations are in host memory already)",
-                 accelerator.device.type)
-    state = TrainState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
-        if state.objective:
-            objective.load_state_dict(state.objective)
-        log.info("resumed from %s at step %d", resume_from, state.global_step)
-    metrics = MetricsLog(RunDir(run_dir).metrics_file, state.global_step, accelerator.is_main_process, accelerator)
-    progress = Progress(steps, state.global_step, accelerator.is_main_process, config.log_every)
-    per_step = config.grad_accum * accelerator.num_processes
-    end = total_micro_batches(config, stream.per_epoch)  # the data's end, when epochs set the length
-    result = TrainResult(state, None, None, stopped_early=False)
-    model.train()
-    while state.global_step < steps:
-        started = time.monotonic()
+class _Training:
+    """One run of the loop: its model, optimizer, state and guards."""
+
+    def __init__(self, model: nn.Module, objective: Objective, stream: MicroBatches, eval_batches: list[Batch] | None,
+                 config: TrainingConfig, run_dir: Path, accelerator: Accelerator,
+                 lr_scale: Callable[[str], float] | None, held: Callable[[int], list[nn.Parameter]] | None,
+                 samples: Callable[[nn.Module], list[dict[str, str]]] | None):
+        self.objective, self.stream, self.eval_batches, self.config = objective, stream, eval_batches, config
+        self.run_dir, self.accelerator, self.held, self.samples = run_dir, accelerator, held, samples
+        self.optimizer = build_optimizer(model, config, lr_scale)
+        self.steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps)
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.main = accelerator.is_main_process
+        self.state = TrainState()
+        self.start_point: Snapshot | None = None
+        self.last_saved_step: int | None = None
+
+    # saving and going back
+    def _objective_state(self) -> None:
+        self.state.objective = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+
+    def save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self._objective_state()
+        if self.main:
+            started = time.monotonic()
+            save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler, self.state,
+                            self.config.keep_last)
+            self.save_seconds = time.monotonic() - started
+        self.accelerator.wait_for_everyone()
+        self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
+        self.start_point = None  # a checkpoint now exists to go back to
+
+    def go_back(self, before_step: int) -> tuple[TrainState, str]:
+        """Restore the last good point before ``before_step``: the newest checkpoint before it, or the
+        run's start. Returns the restored state and where it came from."""
+        self.accelerator.wait_for_everyone()
+        candidates = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) < before_step]
+        if candidates:
+            restored = load_checkpoint(candidates[-1], self.unwrapped, self.optimizer, self.scheduler)
+            where = f"checkpoint {candidates[-1].name}"
+        elif self.start_point is not None:
+            restored = self.start_point.restore(self.unwrapped, self.optimizer, self.scheduler)
+            where = "the start of the run"
+        else:
+            raise TunesmithError(f"{self.run_dir}: no good checkpoint before step {before_step} to go back to")
+        if restored.objective and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(restored.objective)
+        self.objective_metrics_dropped()
+        return restored, where
+
+    def objective_metrics_dropped(self) -> None:
+        objective_metrics(self.objective, "train")  # tallies of steps that no longer count
+
+    def cut_lr(self, factor_now: float, factor_wanted: float) -> None:
+        ratio = factor_wanted / factor_now
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            group["initial_lr"] *= ratio
+
+    def event(self, record: dict[str, Any]) -> None:
+        self.state.events = (self.state.events + [record])[-100:]
+
+    # the loop
+    def run(self, resume_from: Path | None) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        mfu = MFUMeter(self.unwrapped, accelerator.device)
+        offload = config.offload_activations and accelerator.device.type == "cuda"
+        if config.offload_activations and not offload:
+            log.info("training.offload_activations: nothing to do on %s (activations are in host memory already)",
+                     accelerator.device.type)
+        if resume_from is not None:
+            self.state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler)
+            if self.state.objective:
+                self.objective.load_state_dict(self.state.objective)
+            self.last_saved_step = self.state.global_step
+            log.info("resumed from %s at step %d", resume_from, self.state.global_step)
+        if self.main:
+            check_disk_space(self.run_dir, self.unwrapped, config)
+        if config.divergence.policy != "warn" and resume_from is None:
+            self.start_point = Snapshot.take(self.unwrapped, self.optimizer, self.scheduler, self.state)
+        self.metrics = MetricsLog(RunDir(self.run_dir).metrics_file, self.state.global_step, self.main, accelerator)
+        progress = Progress(self.steps, self.state.global_step, self.main, config.log_every)
+        result = TrainResult(self.state, None, None, stopped_early=False)
+        self.last_save_time, self.save_seconds = time.monotonic(), 0.0
+        self.model.train()
+        with StopSignals(config.preemption_grace_s) as stop:
+            while self.state.global_step < self.steps:
+                started = time.monotonic()
+                outcome = self._step(stop)
+                if outcome is None:  # given up for a stop signal
+                    self._stop(stop)
+                ended = self._after_step(outcome, time.monotonic() - started, mfu, progress, result)
+                if ended:
+                    break
+                if self._agreed(stop.requested):
+                    self._stop(stop)
+        progress.close()
+        if self.eval_batches and result.final_eval_loss is None and result.status == "finished":
+            self._evaluate(result)
+        if config.keep_best and result.status == "finished":
+            self.accelerator.wait_for_everyone()
+            best = load_best(self.run_dir, self.unwrapped)
+            if best is not None:
+                result.best_step, result.final_eval_loss = best["step"], best["eval_loss"]
+                result.final_eval_metrics = best["metrics"]
+                log.info("training.keep_best: the model is step %d's (eval loss %.4f)", best["step"],
+                         best["eval_loss"])
+        result.state = self.state
+        return result
+
+    def _agreed(self, flag: bool) -> bool:
+        """Whether any process raised ``flag`` (every process then acts on it together)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "max") > 0)
+
+    def _stop(self, stop: StopSignals) -> None:
+        step = self.state.global_step
+        if self.last_saved_step != step:
+            self.save()
+        checkpoint = RunDir(self.run_dir).checkpoints_dir / f"step-{step:07d}"
+        log.warning("%s: stopped with a checkpoint at step %d of %d", stop.name or "stop signal", step, self.steps)
+        raise RunStopped(f"{stop.name or 'a stop signal'}: checkpoint {checkpoint} holds step {step} of {self.steps}; "
+                         f"`tunesmith train CONFIG --resume` continues from it with no step lost", "preempted",
+                         stop.exit_code, step)
+
+    def _judge(self, watch: DivergenceWatch) -> Judge:
+        policy = self.config.divergence.policy
+
+        def judge(loss: float, grad_norm: float | None) -> tuple[tuple[str, str] | None, bool]:
+            verdict = watch.verdict(loss, grad_norm)
+            return verdict, verdict is None or (verdict[0] == "diverged" and policy == "warn")
+        return judge
+
+    def _step(self, stop: StopSignals) -> StepOutcome | None:
+        """Run one step, halving the micro-batches and trying again when the device runs out of memory;
+        None when a stop signal made it give up."""
+        config, accelerator, state = self.config, self.accelerator, self.state
         first = state.micro_batches_done + accelerator.process_index
         positions = [first + i * accelerator.num_processes for i in range(config.grad_accum)]
-        window = [stream[p] for p in positions if end is None or p < end] or [_no_loss(stream[first])]
-        loss, grad_norm, tokens, rows = _train_step(model, objective, window, accelerator, optimizer,
-                                                    config.max_grad_norm, held(state.global_step) if held else (),
-                                                    offload)
-        lr = config.lr * scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # the base rate
-        scheduler.step()
-        elapsed = time.monotonic() - started
+        end = total_micro_batches(config, self.stream.per_epoch)
+        watch = DivergenceWatch(config.divergence, state, getattr(self.objective, "divergence_signals",
+                                                                  ("loss", "grad_norm")), accelerator.scaler is not None)
+        single = accelerator.num_processes == 1  # under DDP every process must take the same path
+        too_late = (lambda left: stop.too_late(left + self.save_seconds)) if single else None
+        while True:
+            window = _window(self.stream, positions, end, first, state.micro_splits)
+            rng = capture_rng()  # a dropped or retried step must leave the RNG as it found it (dropout, sampling)
+            out_of_memory = False
+            try:
+                return _train_step(self.model, self.objective, window, accelerator, self.optimizer,
+                                   config.max_grad_norm, self._judge(watch),
+                                   self.held(state.global_step) if self.held else (), self._offload(), too_late)
+            except _Dropped:
+                restore_rng(*rng)
+                self.objective_metrics_dropped()
+                log.warning("step %d given up: finishing it would outlast training.preemption_grace_s (%.0f s)",
+                            state.global_step + 1, config.preemption_grace_s)
+                return None
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled below, once the exception's frames (and tensors) are gone
+            if out_of_memory:
+                restore_rng(*rng)
+                self._out_of_memory(window)
+
+    def _offload(self) -> bool:
+        return self.config.offload_activations and self.accelerator.device.type == "cuda"
+
+    def _out_of_memory(self, window: list[Batch]) -> None:
+        state, config = self.state, self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective_metrics_dropped()
+        _free_memory()
+        rows = max(count_rows(b) for b in window)
+        settings = ("lower data.max_seq_len, set training.gradient_checkpointing: true (and "
+                    "training.offload_activations: true), or train with method qlora or a smaller model")
+        if rows <= 1:
+            raise TunesmithError(f"out of memory at step {state.global_step + 1} with one row per micro-batch "
+                                 f"(training.batch_size {config.batch_size} run in {state.micro_splits} pieces): "
+                                 f"{settings}")
+        if self.accelerator.num_processes > 1 or not hasattr(self.stream, "pieces"):
+            why = "several processes" if self.accelerator.num_processes > 1 else "its task samples per batch"
+            raise TunesmithError(f"out of memory at step {state.global_step + 1} with {rows} rows per micro-batch; "
+                                 f"this run cannot split its micro-batches ({why}): lower training.batch_size and "
+                                 f"raise training.grad_accum (the same effective batch), or {settings}")
+        state.micro_splits *= 2
+        size = math.ceil(config.batch_size / state.micro_splits)
+        log.warning("out of memory at step %d: retrying with micro-batches of %d rows (%d x training.grad_accum "
+                    "of them; the same rows and loss per step)", state.global_step + 1, size, state.micro_splits)
+        self.event({"step": state.global_step + 1, "event": "out_of_memory", "micro_batch_rows": size})
+
+    def _after_step(self, outcome: StepOutcome, elapsed: float, mfu: MFUMeter, progress: Progress,
+                    result: TrainResult) -> bool:
+        """Count the step, log it, evaluate, save; apply the guards. True when the run ends here."""
+        config, accelerator, state = self.config, self.accelerator, self.state
+        lr = config.lr * state.lr_factor * self.scheduler.get_last_lr()[0] / \
+            self.optimizer.param_groups[0]["initial_lr"]  # the base rate
+        self.scheduler.step()
         state.global_step += 1
-        state.micro_batches_done = min(state.micro_batches_done + per_step, end or 10**18)
-        state.tokens_seen += tokens
+        state.micro_batches_done = min(state.micro_batches_done + config.grad_accum * accelerator.num_processes,
+                                       total_micro_batches(config, self.stream.per_epoch) or 10**18)
+        state.tokens_seen += outcome.tokens
         state.elapsed_s += elapsed
-        record = {"step": state.global_step, "epoch": round(state.micro_batches_done / stream.per_epoch, 4),
-                  "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                  "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
-        utilisation = mfu(tokens, rows, elapsed)  # this process's tokens over one device's peak
+        record = {"step": state.global_step, "epoch": round(state.micro_batches_done / self.stream.per_epoch, 4),
+                  "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm, "tokens": outcome.tokens,
+                  "tokens_per_s": outcome.tokens / max(elapsed, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
+        utilisation = mfu(outcome.tokens, outcome.rows, elapsed)  # this process's tokens over one device's peak
         if utilisation is not None:
             record["mfu"] = round(utilisation, 4)
-        record.update(objective_metrics(objective, "train"))
-        result.final_train_loss = loss
-        if accelerator.is_main_process:
-            metrics.write(record)
+        record.update(objective_metrics(self.objective, "train"))
+        kind, why = outcome.verdict or (None, None)
+        if kind == "nonfinite":
+            state.skipped_steps += 1
+            state.nonfinite_in_row += 1
+            record.update(skipped=why, skipped_steps=state.skipped_steps)
+            log.warning("step %d: %s: the update was skipped (%d in a row; training.nonfinite_limit is %d)",
+                        state.global_step, why, state.nonfinite_in_row, config.nonfinite_limit)
+            self.event({"step": state.global_step, "event": "skipped", "why": why})
+        else:
+            state.nonfinite_in_row = 0
+            result.final_train_loss = outcome.loss
+            if kind is None:
+                DivergenceWatch(config.divergence, state).healthy(outcome.loss, outcome.grad_norm)
+            else:
+                record["diverged"] = why
+                log.warning("step %d diverges: %s (training.divergence.policy %s)", state.global_step, why,
+                            config.divergence.policy)
+                if config.divergence.policy == "warn":
+                    self.event({"step": state.global_step, "event": "diverging", "why": why})
+        if self.main:
+            self.metrics.write(record)
         progress.update(record)
-        last = state.global_step == steps
+        if kind == "nonfinite" and state.nonfinite_in_row >= config.nonfinite_limit:
+            good = state.global_step - state.nonfinite_in_row
+            result.status, result.stopped_at = "diverged", state.global_step
+            result.reason = (f"{state.nonfinite_in_row} non-finite steps in a row (steps {good + 1}-"
+                             f"{state.global_step}; the last: {why}); the model is step {good}'s, the last good one")
+            self.event({"step": state.global_step, "event": "stopped", "why": result.reason})
+            return True
+        if kind == "diverged" and config.divergence.policy != "warn":
+            return self._diverged(why, result)
+        last = state.global_step == self.steps
         at_eval = bool(config.eval_every) and (state.global_step % config.eval_every == 0 or last)
-        if samples is not None and at_eval and accelerator.is_main_process:
-            metrics.write({"step": state.global_step, "samples": samples(accelerator.unwrap_model(model))})
-        if eval_batches and at_eval:
-            result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
-            result.final_eval_metrics = objective_metrics(objective, "eval")
-            if accelerator.is_main_process:
-                metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss,
-                               **result.final_eval_metrics})
-            log.info("step %d: eval loss %.4f", state.global_step, result.final_eval_loss)
-            result.stopped_early = _early_stop(state, result.final_eval_loss, config.early_stopping_patience)
-        if config.save_every and (state.global_step % config.save_every == 0) and not last:
-            accelerator.wait_for_everyone()
-            state.objective = objective.state_dict() if hasattr(objective, "state_dict") else {}
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, config.keep_last)
+        if self.samples is not None and at_eval and self.main:
+            self.metrics.write({"step": state.global_step, "samples": self.samples(self.unwrapped)})
+        if self.eval_batches and at_eval:
+            self._evaluate(result)
+        periodic = bool(config.save_every) and state.global_step % config.save_every == 0
+        due = bool(config.save_every_minutes) and self._agreed(
+            time.monotonic() - self.last_save_time >= 60 * config.save_every_minutes)
+        if (periodic or due) and not last:
+            self.save()
         if result.stopped_early:
             log.info("early stopping: eval loss has not improved for %d evals", config.early_stopping_patience)
-            break
-    progress.close()
-    if eval_batches and result.final_eval_loss is None:
-        result.final_eval_loss = evaluate(model, objective, eval_batches, accelerator)
-        result.final_eval_metrics = objective_metrics(objective, "eval")
-        if accelerator.is_main_process:
-            metrics.write({"step": state.global_step, "eval_loss": result.final_eval_loss,
-                           **result.final_eval_metrics})
-    return result
+            return True
+        return False
+
+    def _diverged(self, why: str, result: TrainResult) -> bool:
+        """Roll back (and go on) or stop, as the policy says; True when the run ends."""
+        config, old = self.config.divergence, self.state
+        at = old.global_step
+        restored, where = self.go_back(at)
+        restored.events, restored.skipped_steps, restored.micro_splits = old.events, old.skipped_steps, \
+            old.micro_splits
+        restored.rollbacks, restored_factor = old.rollbacks, restored.lr_factor
+        self.state = restored
+        if config.policy == "rollback" and old.rollbacks < config.max_rollbacks:
+            restored.rollbacks += 1
+            restored.lr_factor = old.lr_factor * config.lr_cut
+            self.cut_lr(restored_factor, restored.lr_factor)
+            log.warning("rollback %d of %d: back to %s (step %d), learning rate x%.3g", restored.rollbacks,
+                        config.max_rollbacks, where, restored.global_step, restored.lr_factor)
+            self.event({"step": at, "event": "rollback", "why": why, "to_step": restored.global_step,
+                        "lr_factor": restored.lr_factor})
+            if self.main:
+                drop_checkpoints_after(self.run_dir, restored.global_step)
+                self.metrics.rewind(restored.global_step)
+                self.metrics.write({"step": restored.global_step, "event": "rollback", "from_step": at, "why": why,
+                                    "lr_factor": restored.lr_factor})
+            result.final_train_loss = None
+            return False
+        tried = f" after {old.rollbacks} rollback(s)" if config.policy == "rollback" else ""
+        result.status, result.stopped_at = "diverged", at
+        result.reason = (f"diverged at step {at}{tried}: {why}; the model is {where}'s (step "
+                         f"{restored.global_step})")
+        self.event({"step": at, "event": "stopped", "why": result.reason})
+        log.error("run stopped: %s", result.reason)
+        return True
+
+    def _evaluate(self, result: TrainResult) -> None:
+        state = self.state
+        loss = evaluate(self.model, self.objective, self.eval_batches, self.accelerator)
+        metrics = objective_metrics(self.objective, "eval")
+        result.final_eval_loss, result.final_eval_metrics = loss, metrics
+        if self.main:
+            self.metrics.write({"step": state.global_step, "eval_loss": loss, **metrics})
+        log.info("step %d: eval loss %.4f", state.global_step, loss)
+        improved = math.isfinite(loss) and (state.best_eval_loss is None or loss < state.best_eval_loss)
+        result.stopped_early = _early_stop(state, loss, self.config.early_stopping_patience)
+        if improved:
+            state.best_step, state.best_eval_metrics = state.global_step, metrics
+            if self.config.keep_best:
+                self.accelerator.wait_for_everyone()
+                if self.main:
+                    save_best(self.run_dir, self.unwrapped, state.global_step, loss, metrics)
 
 
 def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:
-    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+    if math.isfinite(eval_loss) and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
         state.best_eval_loss = eval_loss
         state.evals_without_improvement = 0
         return False

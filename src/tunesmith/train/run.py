@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config.load import dump_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_directory, sha256_of, write_text_atomic
-from tunesmith.rundir import RunDir
+from tunesmith.io import atomic_directory, sha256_of, write_text_atomic, writing
+from tunesmith.rundir import RunDir, RunStatus
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,8 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool, accelerator: Acc
         checkpoints = list_checkpoints(run_dir) if resume else []
         return run_dir, checkpoints[-1] if checkpoints else None
     try:
-        return _prepare_run_dir(config, run_dir, resume, overwrite)
+        with writing(run_dir, "the run folder", "nothing was trained; choose a writable output.dir"):
+            return _prepare_run_dir(config, run_dir, resume, overwrite)
     finally:
         if accelerator is not None:
             accelerator.wait_for_everyone()
@@ -90,7 +94,8 @@ def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_d
     from tunesmith.adapters.bottleneck import is_bottleneck, save_bottleneck
 
     target = RunDir(run_dir).model_dir
-    with atomic_directory(target) as staging:
+    with writing(target, "the final model", "nothing partial was left; the checkpoints are intact: free space "
+                 "and resume with --resume"), atomic_directory(target) as staging:
         if hasattr(model, "generation_config") and model.generation_config is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -103,4 +108,16 @@ def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_d
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_text_atomic(RunDir(run_dir).summary_file, json.dumps(summary, indent=2) + "\n")
+    path = RunDir(run_dir).summary_file
+    with writing(path, "the run's summary"):
+        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+
+
+def write_status(run_dir: Path, status: RunStatus, reason: str | None = None, step: int | None = None) -> None:
+    """status.json: what the run is doing or how it ended, with this process's id and host (so that
+    ``runs list`` can tell a running run from one killed without a word)."""
+    record: dict[str, Any] = {"status": status, "reason": reason, "step": step, "pid": os.getpid(),
+                              "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = RunDir(run_dir).status_file
+    with writing(path, "the run's status"):
+        write_text_atomic(path, json.dumps({k: v for k, v in record.items() if v is not None}, indent=2) + "\n")
