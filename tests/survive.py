@@ -33,7 +33,8 @@ def task_tree(task: str, model_dir: Path, folder: Path, **training) -> dict:
         tree["preference"] = {"loss": "dpo", "beta": 0.5}
     elif task == "grpo":
         tree["task"] = "grpo"
-        tree["grpo"] = {"rewards": ["helpers:starts_with_the"], "group_size": 3, "max_new_tokens": 4, "beta": 0.04}
+        # Longer replies score higher: the rewards differ within a group, so the policy moves from step 1.
+        tree["grpo"] = {"rewards": ["helpers:text_length"], "group_size": 3, "max_new_tokens": 4, "beta": 0.04}
     return tree
 
 
@@ -76,6 +77,14 @@ CHILD = textwrap.dedent("""
 
     def save_file(tensors, path, *a, **k):
         tick("save")
+        if calls["save"] == plan.get("fill_at"):  # another program fills the disk as this checkpoint starts
+            with open(plan["fill"], "wb") as filler:
+                try:
+                    while True:
+                        filler.write(bytes(1 << 16))
+                        filler.flush()
+                except OSError:
+                    pass
         return real_save(tensors, path, *a, **k)
     checkpoint.save_file = save_file
     from tunesmith.cli.main import main
@@ -122,3 +131,29 @@ def step_records(run_dir: Path) -> list[dict]:
 
 def status(run_dir: Path) -> dict:
     return json.loads((run_dir / "status.json").read_text())
+
+
+def plant(monkeypatch, change) -> None:
+    """Every training micro-batch's loss goes through ``change(call, loss)`` (calls count from 1; the
+    eval passes are not counted)."""
+    import tunesmith.train.loop as loop
+
+    real, calls = loop._train_step, [0]
+
+    class Planted:
+        def __init__(self, objective):
+            self.objective = objective
+
+        def __getattr__(self, name):
+            return getattr(self.objective, name)
+
+        def loss_sum(self, model, batch):
+            calls[0] += 1
+            return change(calls[0], self.objective.loss_sum(model, batch))
+
+    monkeypatch.setattr(loop, "_train_step", lambda model, objective, *a, **k: real(model, Planted(objective), *a, **k))
+
+
+def gradient_times(factor: float):
+    """A loss whose value is unchanged and whose gradient is ``factor`` times larger (a corrupt batch)."""
+    return lambda loss: loss + (factor - 1) * (loss - loss.detach())

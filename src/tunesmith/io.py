@@ -93,6 +93,8 @@ def writing(path: Path, what: str, after: str = "") -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as err:
         cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        found = re.search(r'message: "([^"]+)"', cause)  # safetensors wraps the OS error in its own text
-        cause = found.group(1) if found else cause
+        # safetensors wraps the OS error in its own text: 'I/O error: No space left on device (os error 28)'
+        # or 'IoError(Os { code: 28, ..., message: "No space left on device" })'
+        found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error', cause)
+        cause = next(group for group in found.groups() if group) if found else cause
         raise TunesmithError(f"{path}: cannot write {what} ({cause}){'; ' + after if after else ''}") from None

@@ -569,8 +569,8 @@ class _Training:
                     result: TrainResult) -> bool:
         """Count the step, log it, evaluate, save; apply the guards. True when the run ends here."""
         config, accelerator, state = self.config, self.accelerator, self.state
-        lr = config.lr * state.lr_factor * self.scheduler.get_last_lr()[0] / \
-            self.optimizer.param_groups[0]["initial_lr"]  # the base rate
+        group = self.optimizer.param_groups[0]  # the rate this step used, as a multiple of the base rate
+        lr = config.lr * state.lr_factor * group["lr"] / group["initial_lr"]
         self.scheduler.step()
         state.global_step += 1
         state.micro_batches_done = min(state.micro_batches_done + config.grad_accum * accelerator.num_processes,
@@ -635,7 +635,9 @@ class _Training:
         """Roll back (and go on) or stop, as the policy says; True when the run ends."""
         config, old = self.config.divergence, self.state
         at = old.global_step
-        restored, where = self.go_back(at)
+        # The step's loss and gradient were computed on the weights of the step before it: those are
+        # suspect too, so the point to go back to is older than that.
+        restored, where = self.go_back(at - 1)
         restored.events, restored.skipped_steps, restored.micro_splits = old.events, old.skipped_steps, \
             old.micro_splits
         restored.rollbacks, restored_factor = old.rollbacks, restored.lr_factor
