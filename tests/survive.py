@@ -20,7 +20,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def task_tree(task: str, model_dir: Path, folder: Path, **training) -> dict:
-    """A tiny LoRA run of ``task`` (sft, dpo or grpo) on data written into ``folder``."""
+    """A tiny LoRA run of ``task`` (sft, dpo, grpo or ppo) on data written into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     if task == "dpo":
         data = write_jsonl(folder / "pairs.jsonl", counting_pairs())
@@ -31,6 +31,10 @@ def task_tree(task: str, model_dir: Path, folder: Path, **training) -> dict:
     if task == "dpo":
         tree["task"] = "dpo"
         tree["preference"] = {"loss": "dpo", "beta": 0.5}
+    elif task == "ppo":  # 2 PPO epochs x 2 minibatches: a batch of rollouts is 4 steps
+        tree["task"] = "ppo"
+        tree["training"].update(batch_size=4, save_every=4)
+        tree["ppo"] = {"rewards": ["helpers:text_length"], "max_new_tokens": 6, "ppo_epochs": 2, "minibatches": 2}
     elif task == "grpo":
         tree["task"] = "grpo"
         # Longer replies score higher: the rewards differ within a group, so the policy moves from step 1.

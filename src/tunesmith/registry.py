@@ -123,6 +123,9 @@ def add(run_dir: Path | str, name: str, alias: str | None = None, uri: str | Non
     run = read_run(run_dir)
     if not run.finished:
         raise TunesmithError(f"{run.path} has no final model ({run.status}): only a finished run can be registered")
+    if run.state["status"] != "finished":  # a diverged run's model is its last good weights, not a result
+        raise TunesmithError(f"{run.path} is {run.status}: only a finished run can be registered "
+                             f"({run.state.get('reason')})")
     _config_of(run)  # a config that no longer reads: refused before anything goes to the store
     if not re.fullmatch(NAME, name):
         raise TunesmithError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it is written NAME@ALIAS)")

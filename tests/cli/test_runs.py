@@ -8,6 +8,7 @@ import pytest
 from tunesmith.cli.main import main
 from tunesmith.config.load import build_config
 from tunesmith.recipes.sft import run_sft
+from tunesmith.train.run import write_status
 from tunesmith.runs import read_run, sparkline
 from helpers import read_metrics, tiny_tree
 
@@ -42,10 +43,13 @@ def test_show_reads_an_unfinished_run_too(two_runs, tmp_path, capsys):
     losses = [r["loss"] for r in read_metrics(two_runs[1]) if "loss" in r]
     assert f"{losses[0]:.4g} → {losses[-1]:.4g}" in out and sparkline(losses) in out
     (two_runs[1] / "summary.json").rename(tmp_path / "summary.json")  # as if it were still training
+    (two_runs[1] / "status.json").rename(tmp_path / "status.json")
     try:
-        assert read_run(two_runs[1]).status == "incomplete (step 4)"
+        write_status(two_runs[1], "running")  # this process's id and host: a live run
+        assert read_run(two_runs[1]).status == "running (step 4)"
     finally:
         (tmp_path / "summary.json").rename(two_runs[1] / "summary.json")
+        (tmp_path / "status.json").rename(two_runs[1] / "status.json")
 
 
 def test_compare_shows_what_differs_and_overlays_the_curves(two_runs, tmp_path, capsys):

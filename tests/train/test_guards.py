@@ -66,6 +66,10 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_the_last_good_weights(task, 
         ids = json.loads((run_dir / "tracking.json").read_text())["mlflow"]
         tracked = mlflow.MlflowClient(ids["uri"]).get_run(ids["run_id"])
         assert tracked.info.status == "FAILED" and tracked.data.tags["tunesmith.status"] == "diverged"
+        from tunesmith import registry
+
+        with pytest.raises(TunesmithError, match=r"is diverged \(step 6\): only a finished run can be registered"):
+            registry.add(run_dir, "tiny")
 
 
 def _full_sgd_tree(tiny_model_dir, tmp_path, **divergence):

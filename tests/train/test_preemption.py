@@ -44,7 +44,8 @@ def straight(tiny_model_dir, tmp_path_factory):
     def run(task: str):
         if task not in cache:
             folder = tmp_path_factory.mktemp(f"straight-{task}")
-            tree = task_tree(task, tiny_model_dir, folder, grad_accum=ACCUM, save_every=3)
+            tree = task_tree(task, tiny_model_dir, folder, **({} if task == "ppo" else {"grad_accum": ACCUM,
+                                                                                         "save_every": 3}))
             cache[task] = recipe_for(task)(build_config(tree)).run_dir
         return cache[task]
     return run
@@ -100,6 +101,16 @@ def test_dpo_and_grpo_runs_are_preempted_and_resume_exactly(task, straight, tiny
     child = train_child(config_path, {"at": "loss", "count": 9})  # step 5's first micro-batch
     assert child.returncode == 143, child.stderr[-3000:]
     _check_preempted_then_resume(task, tree, config_path, 5, straight(task))
+
+
+def test_ppo_stops_at_the_end_of_its_batch_of_rollouts(straight, tiny_model_dir, tmp_path):
+    """A checkpoint inside a batch of rollouts could not resume (the rollouts are sampled at its first step):
+    a SIGTERM in step 2 finishes steps 2-4, without sampling, and checkpoints at step 4."""
+    tree = task_tree("ppo", tiny_model_dir, tmp_path)
+    config_path = write_config(tree, tmp_path / "run.yaml")
+    child = train_child(config_path, {"at": "loss", "count": 2})
+    assert child.returncode == 143, child.stderr[-3000:]
+    _check_preempted_then_resume("ppo", tree, config_path, 4, straight("ppo"))
 
 
 def test_a_signal_from_outside_marks_the_mlflow_run_killed(tiny_model_dir, tmp_path, capsys):

@@ -116,7 +116,8 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
     good step's) then raises ``RunStopped``, so that the command exits non-zero."""
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_final_model(final, tokenizer, run_dir)
+        if result.keep_model:
+            save_final_model(final, tokenizer, run_dir)
         summary = {**run_summary(config, final, result, run_dir), **summary}
         write_summary(run_dir, summary)
         finish_tracking(accelerator, run_dir, summary)
@@ -125,8 +126,8 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
                  float("nan") if result.final_train_loss is None else result.final_train_loss,
                  f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "")
     if result.status != "finished":
-        raise RunStopped(f"{result.reason}; {RunDir(run_dir).model_dir} and summary.json were written", result.status,
-                         1, result.state.global_step)
+        written = f"{RunDir(run_dir).model_dir} and summary.json were" if result.keep_model else "summary.json was"
+        raise RunStopped(f"{result.reason}; {written} written", result.status, 1, result.state.global_step)
     return RunResult(run_dir, final, result)
 
 
@@ -278,7 +279,7 @@ def run_summary(config: Config, model: nn.Module, result: TrainResult, run_dir: 
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "model_dir": str(RunDir(run_dir).model_dir),
+        "model_dir": str(RunDir(run_dir).model_dir) if result.keep_model else None,
         "data": RunDir(run_dir).data_lineage(),
         "versions": {"tunesmith": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

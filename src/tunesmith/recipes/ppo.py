@@ -60,6 +60,7 @@ class RepeatedBatches:
     def __init__(self, stream: MicroBatches, repeats: int):
         self.stream, self.repeats = stream, repeats
         self.per_epoch = stream.per_epoch * repeats
+        self.checkpoint_every = repeats  # the loop checkpoints (and stops for a signal) between batches of rollouts
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         rollout, step = divmod(position, self.repeats)

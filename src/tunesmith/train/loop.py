@@ -78,6 +78,7 @@ class TrainResult:
     reason: str | None = None
     stopped_at: int | None = None  # the step at which a diverged run stopped
     best_step: int | None = None  # training.keep_best: the step whose weights are the model
+    keep_model: bool = True  # False: no good weights to save (a divergence with nothing to go back to)
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
@@ -207,6 +208,12 @@ class Progress:
             log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s  eta %s", step, self.total, record["loss"],
                      record["lr"], record["tokens_per_s"], mfu, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
+    def rewind(self, step: int) -> None:
+        """Back to ``step`` (a rollback)."""
+        if not self.bar.disable:
+            self.bar.n = step
+            self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -241,6 +248,11 @@ class MetricsLog:
         kept = [json.dumps(r) + "\n" for r in RunDir(self.path.parent).metrics() if r.get("step", 0) <= step]
         with writing(self.path, "metrics.jsonl"):
             write_text_atomic(self.path, "".join(kept))
+
+
+# The most trainable bytes kept in host memory as the run's start, the point a rollback goes back to before
+# the first checkpoint: an adapter's weights, or a small model's; a large full fine-tune relies on checkpoints.
+START_POINT_LIMIT = 2 * 2**30
 
 
 class _Dropped(Exception):
@@ -387,6 +399,9 @@ class _Training:
         self.state = TrainState()
         self.start_point: Snapshot | None = None
         self.last_saved_step: int | None = None
+        # Steps between the points where a checkpoint may fall: PPO's batch of rollouts, sampled at its first
+        # step and used by the rest, cannot be cut.
+        self.every = getattr(stream, "checkpoint_every", 1)
 
     # saving and going back
     def _objective_state(self) -> None:
@@ -404,9 +419,9 @@ class _Training:
         self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
         self.start_point = None  # a checkpoint now exists to go back to
 
-    def go_back(self, before_step: int) -> tuple[TrainState, str]:
+    def go_back(self, before_step: int) -> tuple[TrainState, str] | None:
         """Restore the last good point before ``before_step``: the newest checkpoint before it, or the
-        run's start. Returns the restored state and where it came from."""
+        run's start. Returns the restored state and where it came from; None when there is neither."""
         self.accelerator.wait_for_everyone()
         candidates = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) < before_step]
         if candidates:
@@ -416,7 +431,7 @@ class _Training:
             restored = self.start_point.restore(self.unwrapped, self.optimizer, self.scheduler)
             where = "the start of the run"
         else:
-            raise TunesmithError(f"{self.run_dir}: no good checkpoint before step {before_step} to go back to")
+            return None
         if restored.objective and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(restored.objective)
         self.objective_metrics_dropped()
@@ -452,9 +467,15 @@ class _Training:
         if self.main:
             check_disk_space(self.run_dir, self.unwrapped, config)
         if config.divergence.policy != "warn" and resume_from is None:
-            self.start_point = Snapshot.take(self.unwrapped, self.optimizer, self.scheduler, self.state)
+            size = sum(p.numel() * p.element_size() for p in self.unwrapped.parameters() if p.requires_grad)
+            if size <= START_POINT_LIMIT:
+                self.start_point = Snapshot.take(self.unwrapped, self.optimizer, self.scheduler, self.state)
+            else:
+                log.info("training.divergence: the run's start is not kept in memory (%.1f GiB of trainable "
+                         "weights); a divergence before the first checkpoint stops the run without a model",
+                         size / 2**30)
         self.metrics = MetricsLog(RunDir(self.run_dir).metrics_file, self.state.global_step, self.main, accelerator)
-        progress = Progress(self.steps, self.state.global_step, self.main, config.log_every)
+        progress = self.progress = Progress(self.steps, self.state.global_step, self.main, config.log_every)
         result = TrainResult(self.state, None, None, stopped_early=False)
         self.last_save_time, self.save_seconds = time.monotonic(), 0.0
         self.model.train()
@@ -467,7 +488,7 @@ class _Training:
                 ended = self._after_step(outcome, time.monotonic() - started, mfu, progress, result)
                 if ended:
                     break
-                if self._agreed(stop.requested):
+                if self._agreed(stop.requested) and self.state.global_step % self.every == 0:
                     self._stop(stop)
         progress.close()
         if self.eval_batches and result.final_eval_loss is None and result.status == "finished":
@@ -518,7 +539,7 @@ class _Training:
         watch = DivergenceWatch(config.divergence, state, getattr(self.objective, "divergence_signals",
                                                                   ("loss", "grad_norm")), accelerator.scaler is not None)
         single = accelerator.num_processes == 1  # under DDP every process must take the same path
-        too_late = (lambda left: stop.too_late(left + self.save_seconds)) if single else None
+        too_late = (lambda left: stop.too_late(left + self.save_seconds)) if single and self.every == 1 else None
         while True:
             window = _window(self.stream, positions, end, first, state.micro_splits)
             rng = capture_rng()  # a dropped or retried step must leave the RNG as it found it (dropout, sampling)
@@ -624,7 +645,7 @@ class _Training:
         periodic = bool(config.save_every) and state.global_step % config.save_every == 0
         due = bool(config.save_every_minutes) and self._agreed(
             time.monotonic() - self.last_save_time >= 60 * config.save_every_minutes)
-        if (periodic or due) and not last:
+        if (periodic or due) and not last and state.global_step % self.every == 0:
             self.save()
         if result.stopped_early:
             log.info("early stopping: eval loss has not improved for %d evals", config.early_stopping_patience)
@@ -637,7 +658,14 @@ class _Training:
         at = old.global_step
         # The step's loss and gradient were computed on the weights of the step before it: those are
         # suspect too, so the point to go back to is older than that.
-        restored, where = self.go_back(at - 1)
+        back = self.go_back(at - 1)
+        if back is None:
+            result.status, result.stopped_at, result.keep_model = "diverged", at, False
+            result.reason = (f"diverged at step {at}: {why}; there is no checkpoint before it and the run's start "
+                             f"was not kept, so no model was written (set training.save_every lower)")
+            self.event({"step": at, "event": "stopped", "why": result.reason})
+            return True
+        restored, where = back
         restored.events, restored.skipped_steps, restored.micro_splits = old.events, old.skipped_steps, \
             old.micro_splits
         restored.rollbacks, restored_factor = old.rollbacks, restored.lr_factor
@@ -656,6 +684,7 @@ class _Training:
                 self.metrics.write({"step": restored.global_step, "event": "rollback", "from_step": at, "why": why,
                                     "lr_factor": restored.lr_factor})
             result.final_train_loss = None
+            self.progress.rewind(restored.global_step)
             return False
         tried = f" after {old.rollbacks} rollback(s)" if config.policy == "rollback" else ""
         result.status, result.stopped_at = "diverged", at
