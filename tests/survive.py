@@ -55,7 +55,7 @@ CHILD = textwrap.dedent("""
     plan = json.loads(os.environ["PLAN"])
     import tunesmith.train.checkpoint as checkpoint
     import tunesmith.train.loop as loop
-    calls = {"loss": 0, "save": 0}
+    calls = {"loss": 0, "save": 0, "final": 0}
     fired = []
 
     def tick(kind):
@@ -79,18 +79,32 @@ CHILD = textwrap.dedent("""
     real_step, real_save = loop._train_step, checkpoint.save_file
     loop._train_step = lambda model, objective, *a, **k: real_step(model, Counted(objective), *a, **k)
 
+    def fill():  # another program fills the disk
+        with open(plan["fill"], "wb") as filler:
+            try:
+                while True:
+                    filler.write(bytes(1 << 16))
+                    filler.flush()
+            except OSError:
+                pass
+
     def save_file(tensors, path, *a, **k):
         tick("save")
-        if calls["save"] == plan.get("fill_at"):  # another program fills the disk as this checkpoint starts
-            with open(plan["fill"], "wb") as filler:
-                try:
-                    while True:
-                        filler.write(bytes(1 << 16))
-                        filler.flush()
-                except OSError:
-                    pass
-        return real_save(tensors, path, *a, **k)
+        if calls["save"] == plan.get("fill_at"):  # before this file: a checkpoint's weights
+            fill()
+        written = real_save(tensors, path, *a, **k)
+        if calls["save"] == plan.get("fill_after"):  # after it: torch.save's optimizer.pt comes next
+            fill()
+        return written
     checkpoint.save_file = save_file
+
+    import tunesmith.recipes.base as base
+    real_final = base.save_final_model
+
+    def save_final_model(*a, **k):
+        tick("final")
+        return real_final(*a, **k)
+    base.save_final_model = save_final_model
     from tunesmith.cli.main import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -91,6 +91,13 @@ def writing(path: Path, what: str, after: str = "") -> Iterator[None]:
     the path, what was being written and the cause; ``after`` says what is still intact and what to do."""
     try:
         yield
+    except RuntimeError as err:
+        if not _torch_write_error(err):
+            raise
+        # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+        full = _free_bytes(path) < (1 << 20)
+        cause = "No space left on device" if full else f"torch could not write it: {str(err).splitlines()[0]}"
+        raise TunesmithError(f"{path}: cannot write {what} ({cause}){'; ' + after if after else ''}") from None
     except (OSError, SafetensorError) as err:
         cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         # safetensors wraps the OS error in its own text: 'I/O error: No space left on device (os error 28)'
@@ -98,3 +105,15 @@ def writing(path: Path, what: str, after: str = "") -> Iterator[None]:
         found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error', cause)
         cause = next(group for group in found.groups() if group) if found else cause
         raise TunesmithError(f"{path}: cannot write {what} ({cause}){'; ' + after if after else ''}") from None
+
+
+def _torch_write_error(err: RuntimeError) -> bool:
+    text = str(err)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "unexpected pos" in text
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return 0

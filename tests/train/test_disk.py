@@ -73,10 +73,13 @@ def test_a_disk_too_small_is_refused_before_the_first_step(small_disk, tiny_mode
     assert report["status"]["status"] == "failed" and "not enough disk space" in report["status"]["reason"]
 
 
-def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one(small_disk, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("when", ["fill_at", "fill_after"])
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one(when, small_disk, tiny_model_dir, tmp_path):
+    """The disk fills before the second checkpoint's weights (safetensors fails), or after them (torch.save of
+    the optimizer state fails, in its own words)."""
     tree = task_tree("sft", tiny_model_dir, tmp_path, save_every=2)
     filler = str(tmp_path / "disk" / "filler")
-    report = small_disk(tree, "16m", plan={"at": "never", "count": 0, "fill_at": 3, "fill": filler})
+    report = small_disk(tree, "16m", plan={"at": "never", "count": 0, when: 3, "fill": filler})
     assert report["rc"] == 1
     error = _the_error(report)
     assert "checkpoints/step-0000004: cannot write a checkpoint (No space left on device)" in error, error

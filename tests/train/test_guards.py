@@ -103,7 +103,17 @@ def test_a_gradient_spike_rolls_back_to_a_good_checkpoint_with_a_lower_learning_
 def test_a_loss_spike_with_policy_stop_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     """The same corrupt batch x1000 with the gradient rule off: the update lands, step 9's loss is many times
     the median, and the run stops; its model is step 6's checkpoint, not the diverged weights."""
+    import tunesmith.train.loop as loop
+
     plant(monkeypatch, lambda call, loss: gradient_times(1000)(loss) if call == 8 else loss)
+    diverged = {}
+    real = loop._Training._diverged
+
+    def seen(self, why, result):  # the weights the run had when it saw the divergence
+        diverged.update({n: p.detach().clone() for n, p in self.unwrapped.named_parameters()})
+        return real(self, why, result)
+
+    monkeypatch.setattr(loop._Training, "_diverged", seen)
     tree = _full_sgd_tree(tiny_model_dir, tmp_path, policy="stop", grad_norm_ratio=None)
     with pytest.raises(RunStopped, match="diverged at step 9: the loss .* is .*x the median") as stopped:
         recipe_for("sft")(build_config(tree))
@@ -113,8 +123,8 @@ def test_a_loss_spike_with_policy_stop_keeps_the_last_good_checkpoint(tiny_model
     good = checkpoint_weights(run_dir, 6)
     assert set(good) <= set(saved)
     assert_same_weights({k: saved[k] for k in good}, good, atol=0)
-    diverged = checkpoint_weights(run_dir, 8)  # written before step 9 showed the damage
-    assert any(not torch.equal(diverged[k], v) for k, v in good.items())
+    assert any(not torch.equal(diverged[k], v) for k, v in good.items()), "the diverged weights were saved"
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == "step-0000006", "suspect checkpoints were kept"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["stopped_at_step"] == 9
     assert "checkpoint step-0000006" in summary["reason"]
@@ -216,3 +226,20 @@ def test_runs_list_shows_each_status(tiny_model_dir, tmp_path, capsys):
     assert "failed (step 3)" in lines["killed"], "a run whose process is gone is not running"
     assert main(["runs", "show", str(finished.parent / "killed")]) == 0
     assert "ended without a word" in capsys.readouterr().out
+
+
+def test_a_rollback_past_the_best_eval_forgets_those_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """keep_best with eval_every 1: step 7's eval is the best (1.0), and step 8's gradient spike makes step 7's
+    weights suspect. The rollback to step 6 drops them; the model is the best of what was trained after it."""
+    import tunesmith.train.loop as loop
+
+    losses = iter([5.0] * 6 + [1.0] + [6.0] + [7.0] * 7)
+    monkeypatch.setattr(loop, "evaluate", lambda *args: next(losses))
+    plant(monkeypatch, lambda call, loss: gradient_times(100)(loss) if call == 8 else loss)
+    tree = _full_sgd_tree(tiny_model_dir, tmp_path)
+    tree["training"].update(eval_every=1, keep_best=True)
+    tree["data"]["eval_fraction"] = 0.25
+    run = recipe_for("sft")(build_config(tree))
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["rollbacks"] == 1
+    assert (summary["best_step"], summary["final_eval_loss"]) == (7, 6.0), "the suspect step-7 weights were kept"

@@ -13,6 +13,7 @@ import yaml
 from tunesmith.cli.train import recipe_for
 from tunesmith.config.load import build_config
 from tunesmith.train.checkpoint import list_checkpoints
+from helpers import read_metrics
 from survive import assert_same_weights, model_weights, start_child, status, step_records, task_tree, train_child, \
     write_config
 
@@ -161,3 +162,32 @@ def test_save_every_minutes_writes_checkpoints_by_the_clock(tiny_model_dir, tmp_
     tree = task_tree("sft", tiny_model_dir, tmp_path / "hourly", max_steps=4, save_every=None,
                      save_every_minutes=60, keep_last=10)
     assert list_checkpoints(recipe_for("sft")(build_config(tree)).run_dir) == []
+
+
+def test_a_stop_at_an_eval_step_evaluates_first_after_resume(tiny_model_dir, tmp_path):
+    """SIGTERM in step 4 (eval_every 2): the step finishes and is checkpointed without its eval, which is the
+    first thing --resume does; the eval losses are the uninterrupted run's."""
+    tree = task_tree("sft", tiny_model_dir, tmp_path, grad_accum=ACCUM, save_every=3, eval_every=2)
+    tree["data"]["eval_fraction"] = 0.25
+    config_path = write_config(tree, tmp_path / "run.yaml")
+    child = train_child(config_path, {"at": "loss", "count": 7})
+    assert child.returncode == 143, child.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [r["step"] for r in read_metrics(run_dir) if "eval_loss" in r] == [2]
+    recipe_for("sft")(build_config(yaml.safe_load(config_path.read_text())), resume=True)
+    tree["output"]["dir"] = str(tmp_path / "straight")
+    straight = recipe_for("sft")(build_config(tree)).run_dir
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r}
+    assert list(evals) == [2, 4, 6, 8]
+    assert evals == pytest.approx({r["step"]: r["eval_loss"] for r in read_metrics(straight) if "eval_loss" in r},
+                                  abs=1e-6)
+
+
+def test_a_signal_during_the_final_save_lets_it_finish(tiny_model_dir, tmp_path):
+    tree = task_tree("sft", tiny_model_dir, tmp_path, max_steps=3)
+    config_path = write_config(tree, tmp_path / "run.yaml")
+    child = train_child(config_path, {"at": "final", "count": 1})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "SIGTERM received" in child.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert status(run_dir)["status"] == "finished" and (run_dir / "model" / "adapter_model.safetensors").is_file()

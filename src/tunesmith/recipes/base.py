@@ -44,6 +44,7 @@ from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.errors import RunStopped, TunesmithError
 from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
+from tunesmith.train.guard import stop_signals
 from tunesmith.train.loop import TrainResult
 from tunesmith.train.optim import lr_scale_for
 from tunesmith.train.run import open_run_dir, save_final_model, write_status, write_summary
@@ -84,7 +85,9 @@ def lifetime(config: Config, run_dir: Path, accelerator: Accelerator, resumed: b
     if main:
         write_status(run_dir, "running", "resumed" if resumed else None)
     try:
-        with tracked(config, run_dir, accelerator, resumed):
+        # Stop signals are caught from here to the final save: between steps the loop checkpoints and stops;
+        # after the last step the final model is written and the run ends as finished.
+        with stop_signals(config.training.preemption_grace_s), tracked(config, run_dir, accelerator, resumed):
             yield
     except BaseException as err:
         if main:

@@ -37,7 +37,7 @@ from tunesmith.data.prompts import build_prompts, collate_prompts
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.evaluation.reward import score_conversations
 from tunesmith.generate.sample import SamplingConfig, sample_batch
-from tunesmith.io import atomic_directory
+from tunesmith.io import atomic_directory, writing
 from tunesmith.losses.logprobs import label_outputs, token_logps
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
@@ -132,6 +132,10 @@ class PPOObjective:
         self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.rollouts: Rollouts | None = None
         self.tally: defaultdict = defaultdict(float)
+
+    def forget(self) -> None:
+        """Drop the cached rollouts (a rollback restored the weights that sampled them, or older ones)."""
+        self.rollouts = None
 
     def state_dict(self) -> dict:
         return {"kl_coef": self.kl.value}
@@ -284,7 +288,9 @@ def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False
         value_head = accelerator.unwrap_model(model).value_head
         del accelerator.unwrap_model(model).value_head  # the saved model is the policy alone, as chat loads it
         if accelerator.is_main_process:
-            with atomic_directory(RunDir(run_dir).value_head_dir) as staging:
+            target = RunDir(run_dir).value_head_dir
+            with writing(target, "the value head", "the checkpoints are intact; free space and resume with "
+                         "--resume"), atomic_directory(target) as staging:
                 save_file({k: v.detach().cpu() for k, v in value_head.state_dict().items()},
                           str(staging / VALUE_HEAD_FILE))
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="ppo")

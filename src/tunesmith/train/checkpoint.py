@@ -49,6 +49,7 @@ class TrainState:
     recent_losses: list = field(default_factory=list)  # the divergence rules' history (healthy steps)
     recent_grad_norms: list = field(default_factory=list)
     events: list = field(default_factory=list)  # what happened: skips, rollbacks, splits, resumes after preemption
+    pending_eval: bool = False  # stopped for a signal at an eval step: the eval runs first after --resume
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +89,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int) -> Path:
     folder = RunDir(run_dir).checkpoints_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder, "the checkpoints folder"):
+        folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{state.global_step:07d}"
     previous = list_checkpoints(run_dir)
     intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no checkpoint was kept"
@@ -141,6 +143,17 @@ def save_best(run_dir: Path, model: nn.Module, step: int, eval_loss: float, metr
             atomic_directory(target) as staging:
         save_file(trainable_state(model), str(staging / BEST_WEIGHTS))
         (staging / BEST_RECORD).write_text(json.dumps({"step": step, "eval_loss": eval_loss, "metrics": metrics}))
+
+
+def drop_best_after(run_dir: Path, step: int, delete: bool = True) -> bool:
+    """Whether the best checkpoint is of a step after ``step`` (a rolled-back trajectory's); if so it is
+    deleted (by the process that writes, ``delete``)."""
+    record = RunDir(run_dir).best_dir / BEST_RECORD
+    if not (record.is_file() and json.loads(record.read_text())["step"] > step):
+        return False
+    if delete:
+        shutil.rmtree(RunDir(run_dir).best_dir, ignore_errors=True)
+    return True
 
 
 def load_best(run_dir: Path, model: nn.Module) -> dict | None:

@@ -6,12 +6,14 @@ so that a resumed run judges its steps as the uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 
 from tunesmith.config.schema import DivergenceConfig
@@ -71,6 +73,24 @@ class StopSignals:
     def too_late(self, remaining_s: float) -> bool:
         """A stop was asked, and finishing the step would take it past the grace period."""
         return self.requested and time.monotonic() - self.received_at + remaining_s > self.grace_s
+
+
+_active: list[StopSignals] = []
+
+
+@contextlib.contextmanager
+def stop_signals(grace_s: float) -> Iterator[StopSignals]:
+    """The run's stop handler: a new one, or the one already active (a recipe's ``lifetime`` holds one from
+    the run folder's opening to the final save, and the loop acts on it between steps)."""
+    if _active:
+        yield _active[-1]
+        return
+    with StopSignals(grace_s) as stop:
+        _active.append(stop)
+        try:
+            yield stop
+        finally:
+            _active.pop()
 
 
 def finite(value: float | None) -> bool:

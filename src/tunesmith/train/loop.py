@@ -34,9 +34,9 @@ from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.tracking import log_record
 from tunesmith.train.checkpoint import Snapshot, TrainState, capture_rng, checkpoint_bytes, checkpoint_step, \
-    drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
+    drop_best_after, drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
     restore_rng, save_checkpoint
-from tunesmith.train.guard import DivergenceWatch, StopSignals
+from tunesmith.train.guard import DivergenceWatch, StopSignals, stop_signals
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
@@ -227,14 +227,7 @@ class MetricsLog:
         if main_process and path.exists():
             # Steps after the starting point are trained again: drop their old records (and a line
             # cut short by a kill).
-            kept = []
-            for line in path.read_text().split("\n"):
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            self.rewind(start_step)
 
     def write(self, record: dict[str, Any]) -> None:
         with writing(self.path, "a metrics record", "the checkpoints are intact; free space and resume with "
@@ -311,7 +304,13 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
     verdict, apply = judge(loss_total, grad_norm)
     if apply:
-        optimizer.step()
+        try:
+            optimizer.step()
+        except torch.OutOfMemoryError:
+            # Smaller micro-batches would not help: the optimizer's state (allocated at its first step) does not fit.
+            raise TunesmithError("out of memory in the optimizer step (its state does not fit beside the model): "
+                                 "use training.optimizer adamw_8bit, a LoRA or QLoRA method, or a smaller model"
+                                 ) from None
     elif accelerator.scaler is not None:
         accelerator.scaler.update()  # fp16: the scaler unscaled these gradients for the norm; close its step
     optimizer.zero_grad(set_to_none=True)
@@ -410,14 +409,28 @@ class _Training:
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
         self._objective_state()
+        self._on_main(lambda: save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler,
+                                              self.state, self.config.keep_last), timed=True)
+        self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
+        if len(list_checkpoints(self.run_dir)) >= 2:
+            # A rollback never goes to the newest checkpoint right after it was written (its weights are
+            # suspect when the next step diverges); with an older one on disk the start is not needed.
+            self.start_point = None
+
+    def _on_main(self, write: Callable[[], Any], timed: bool = False) -> None:
+        """A write the main process does; its failure stops every process (none is left waiting)."""
+        failure = None
         if self.main:
             started = time.monotonic()
-            save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler, self.state,
-                            self.config.keep_last)
-            self.save_seconds = time.monotonic() - started
-        self.accelerator.wait_for_everyone()
-        self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
-        self.start_point = None  # a checkpoint now exists to go back to
+            try:
+                write()
+            except TunesmithError as err:
+                failure = err
+            if timed:
+                self.save_seconds = time.monotonic() - started
+        if self._agreed(failure is not None):
+            raise failure or TunesmithError("the main process failed to write to the run folder (its error "
+                                            "is in its log)")
 
     def go_back(self, before_step: int) -> tuple[TrainState, str] | None:
         """Restore the last good point before ``before_step``: the newest checkpoint before it, or the
@@ -434,7 +447,10 @@ class _Training:
             return None
         if restored.objective and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(restored.objective)
+        if hasattr(self.objective, "forget"):
+            self.objective.forget()  # PPO's rollouts, sampled by the weights just abandoned
         self.objective_metrics_dropped()
+        self.last_saved_step = None  # the state now differs (lr cut, counts) from any checkpoint's
         return restored, where
 
     def objective_metrics_dropped(self) -> None:
@@ -464,8 +480,7 @@ class _Training:
                 self.objective.load_state_dict(self.state.objective)
             self.last_saved_step = self.state.global_step
             log.info("resumed from %s at step %d", resume_from, self.state.global_step)
-        if self.main:
-            check_disk_space(self.run_dir, self.unwrapped, config)
+        check_disk_space(self.run_dir, self.unwrapped, config)  # every process: none is left waiting
         if config.divergence.policy != "warn" and resume_from is None:
             size = sum(p.numel() * p.element_size() for p in self.unwrapped.parameters() if p.requires_grad)
             if size <= START_POINT_LIMIT:
@@ -479,8 +494,12 @@ class _Training:
         result = TrainResult(self.state, None, None, stopped_early=False)
         self.last_save_time, self.save_seconds = time.monotonic(), 0.0
         self.model.train()
-        with StopSignals(config.preemption_grace_s) as stop:
-            while self.state.global_step < self.steps:
+        with stop_signals(config.preemption_grace_s) as stop:
+            self.stop = stop
+            if self.state.pending_eval:  # the run stopped for a signal where it was to evaluate
+                self.state.pending_eval = False
+                self._evaluate_and_sample(result)
+            while self.state.global_step < self.steps and not result.stopped_early:
                 started = time.monotonic()
                 outcome = self._step(stop)
                 if outcome is None:  # given up for a stop signal
@@ -492,7 +511,10 @@ class _Training:
                     self._stop(stop)
         progress.close()
         if self.eval_batches and result.final_eval_loss is None and result.status == "finished":
-            self._evaluate(result)
+            if stop.requested:  # training is complete: the final save goes ahead, its eval does not
+                log.warning("%s after the last step: the final eval is skipped, the model is saved", stop.name)
+            else:
+                self._evaluate(result)
         if config.keep_best and result.status == "finished":
             self.accelerator.wait_for_everyone()
             best = load_best(self.run_dir, self.unwrapped)
@@ -638,19 +660,18 @@ class _Training:
             return self._diverged(why, result)
         last = state.global_step == self.steps
         at_eval = bool(config.eval_every) and (state.global_step % config.eval_every == 0 or last)
-        if self.samples is not None and at_eval and self.main:
-            self.metrics.write({"step": state.global_step, "samples": self.samples(self.unwrapped)})
-        if self.eval_batches and at_eval:
-            self._evaluate(result)
+        if at_eval and (self.samples is not None or self.eval_batches) and self._agreed(self.stop.requested) \
+                and state.global_step % self.every == 0:
+            state.pending_eval = True  # a stop is asked: checkpoint now, evaluate first thing after --resume
+            return False
+        if at_eval:
+            self._evaluate_and_sample(result)
         periodic = bool(config.save_every) and state.global_step % config.save_every == 0
         due = bool(config.save_every_minutes) and self._agreed(
             time.monotonic() - self.last_save_time >= 60 * config.save_every_minutes)
         if (periodic or due) and not last and state.global_step % self.every == 0:
             self.save()
-        if result.stopped_early:
-            log.info("early stopping: eval loss has not improved for %d evals", config.early_stopping_patience)
-            return True
-        return False
+        return result.stopped_early
 
     def _diverged(self, why: str, result: TrainResult) -> bool:
         """Roll back (and go on) or stop, as the policy says; True when the run ends."""
@@ -662,7 +683,8 @@ class _Training:
         if back is None:
             result.status, result.stopped_at, result.keep_model = "diverged", at, False
             result.reason = (f"diverged at step {at}: {why}; there is no checkpoint before it and the run's start "
-                             f"was not kept, so no model was written (set training.save_every lower)")
+                             f"was not kept, so no model was written (raise training.keep_last or lower "
+                             f"training.save_every)")
             self.event({"step": at, "event": "stopped", "why": result.reason})
             return True
         restored, where = back
@@ -670,6 +692,16 @@ class _Training:
             old.micro_splits
         restored.rollbacks, restored_factor = old.rollbacks, restored.lr_factor
         self.state = restored
+        result.final_train_loss = None
+        stale_best = self.config.keep_best and drop_best_after(self.run_dir, restored.global_step, delete=False)
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+        if self.main:  # the abandoned steps' checkpoints are suspect: a --resume never sees them
+            drop_checkpoints_after(self.run_dir, restored.global_step)
+            if stale_best:
+                drop_best_after(self.run_dir, restored.global_step)
+        if stale_best:  # the best weights came from the abandoned steps: the best is chosen again from here on
+            restored.best_eval_loss, restored.best_step, restored.best_eval_metrics = None, None, {}
+            restored.evals_without_improvement = 0
         if config.policy == "rollback" and old.rollbacks < config.max_rollbacks:
             restored.rollbacks += 1
             restored.lr_factor = old.lr_factor * config.lr_cut
@@ -679,11 +711,9 @@ class _Training:
             self.event({"step": at, "event": "rollback", "why": why, "to_step": restored.global_step,
                         "lr_factor": restored.lr_factor})
             if self.main:
-                drop_checkpoints_after(self.run_dir, restored.global_step)
                 self.metrics.rewind(restored.global_step)
                 self.metrics.write({"step": restored.global_step, "event": "rollback", "from_step": at, "why": why,
                                     "lr_factor": restored.lr_factor})
-            result.final_train_loss = None
             self.progress.rewind(restored.global_step)
             return False
         tried = f" after {old.rollbacks} rollback(s)" if config.policy == "rollback" else ""
@@ -693,6 +723,14 @@ class _Training:
         self.event({"step": at, "event": "stopped", "why": result.reason})
         log.error("run stopped: %s", result.reason)
         return True
+
+    def _evaluate_and_sample(self, result: TrainResult) -> None:
+        if self.samples is not None and self.main:
+            self.metrics.write({"step": self.state.global_step, "samples": self.samples(self.unwrapped)})
+        if self.eval_batches:
+            self._evaluate(result)
+        if result.stopped_early:
+            log.info("early stopping: eval loss has not improved for %d evals", self.config.early_stopping_patience)
 
     def _evaluate(self, result: TrainResult) -> None:
         state = self.state
@@ -708,8 +746,7 @@ class _Training:
             state.best_step, state.best_eval_metrics = state.global_step, metrics
             if self.config.keep_best:
                 self.accelerator.wait_for_everyone()
-                if self.main:
-                    save_best(self.run_dir, self.unwrapped, state.global_step, loss, metrics)
+                self._on_main(lambda: save_best(self.run_dir, self.unwrapped, state.global_step, loss, metrics))
 
 
 def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:
