@@ -88,7 +88,8 @@ def diverge(folder: Path) -> None:
             print(f"  step {record['step']:>2}  loss {record['loss']:>12.4g}  grad norm {record['grad_norm']:>12.4g}"
                   f"  lr {record['lr']:.3g}{'  ' + record['diverged'] if 'diverged' in record else ''}")
         elif record.get("event"):
-            print(f"  {record['event']} from step {record.get('from_step')} to step {record['step']}")
+            print(f"  {record['event']} from step {record.get('from_step')} to step {record['step']} "
+                  f"(lr x{record.get('lr_factor')}): {record.get('why')}")
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"status {summary['status']}: {summary.get('reason')}")
     print("  " + next((line for line in done.stderr.splitlines() if line.startswith("error:")), "(no error line)"))

@@ -194,7 +194,7 @@ class DivergenceConfig(StrictModel):
     grad_norm_ratio: float | None = Field(20.0, gt=1.0, description="a step whose gradient norm (before clipping) "
                                           "is this many times the recent median diverges; null: off")
     window: int = Field(20, ge=2, description="recent steps whose median is the reference")
-    min_history: int = Field(5, ge=1, description="steps seen before either rule applies")
+    min_history: int = Field(3, ge=1, description="healthy steps seen before either rule applies")
     lr_cut: float = Field(0.5, gt=0.0, lt=1.0, description="rollback multiplies the learning rate by this")
     max_rollbacks: int = Field(2, ge=0, description="rollbacks before the run stops as diverged")
 
