@@ -511,7 +511,7 @@ class _Training:
                     self._stop(stop)
         progress.close()
         if self.eval_batches and result.final_eval_loss is None and result.status == "finished":
-            if stop.requested:  # training is complete: the final save goes ahead, its eval does not
+            if self._agreed(stop.requested):  # training is complete: the final save goes ahead, its eval does not
                 log.warning("%s after the last step: the final eval is skipped, the model is saved", stop.name)
             else:
                 self._evaluate(result)
