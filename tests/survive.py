@@ -64,6 +64,7 @@ CHILD = textwrap.dedent("""
             fired.append(calls["save"])
             os.kill(os.getpid(), getattr(signal, plan.get("signal", "SIGTERM")))
         elif fired and plan.get("second") and kind == "save" and calls["save"] > fired[0]:
+            time.sleep(0.6)  # signals closer than half a second count as one (a launcher passing one on)
             os.kill(os.getpid(), signal.SIGTERM)
 
     class Counted:
@@ -126,7 +127,9 @@ def start_child(config: Path, plan: dict) -> subprocess.Popen:
 
 
 def model_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model" / "adapter_model.safetensors"))
+    """The final model's weights: an adapter's, or a full model's."""
+    adapter = run_dir / "model" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else run_dir / "model" / "model.safetensors"))
 
 
 def checkpoint_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ ends at the uninterrupted run's weights with every step logged once."""
 import json
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from tunesmith.cli.train import recipe_for
 from tunesmith.config.load import build_config
 from tunesmith.train.checkpoint import list_checkpoints
 from helpers import read_metrics
-from survive import assert_same_weights, model_weights, start_child, status, step_records, task_tree, train_child, \
+from survive import CHILD, assert_same_weights, child_env, model_weights, start_child, status, step_records, task_tree, train_child, \
     write_config
 
 STEPS, ACCUM = 8, 2  # 16 loss_sum calls in training; checkpoints every 3 steps: 3 and 6, two files each
@@ -191,3 +193,18 @@ def test_a_signal_during_the_final_save_lets_it_finish(tiny_model_dir, tmp_path)
     assert "SIGTERM received" in child.stderr
     run_dir = tmp_path / "runs" / "tiny"
     assert status(run_dir)["status"] == "finished" and (run_dir / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_the_same_signal_twice_at_once_is_one_stop(tiny_model_dir, tmp_path):
+    """torchrun passes SIGTERM on to its workers, and a scheduler signalling the process group reaches them
+    too: two signals within half a second are one stop, with its checkpoint."""
+    tree = task_tree("sft", tiny_model_dir, tmp_path, grad_accum=ACCUM, save_every=100)
+    config_path = write_config(tree, tmp_path / "run.yaml")
+    once = 'os.kill(os.getpid(), getattr(signal, plan.get("signal", "SIGTERM")))'
+    assert once in CHILD
+    twice = CHILD.replace(once, "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM)")
+    child = subprocess.run([sys.executable, "-c", twice, "train", str(config_path)], capture_output=True, text=True,
+                           timeout=300, env=child_env({"at": "loss", "count": 5}))
+    assert child.returncode == 143, child.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert status(run_dir)["step"] == 3 and [p.name for p in list_checkpoints(run_dir)] == ["step-0000003"]

@@ -6,7 +6,10 @@ models rather than in one recipe.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from peft import PeftModel
 from torch import nn
@@ -30,12 +33,20 @@ def fast_path_model(model: nn.Module) -> bool:
             and not getattr(config, "auto_map", None))  # remote code may build its own masks
 
 
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(the decoder stack, the LM head) of a causal LM, for the chunked loss; None where it does not
-    apply: a DDP wrapper (its forward must run for gradients to sync), virtual-token methods, model
-    families outside ``FAST_PATH_MODELS``."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return None
+HIDDEN_ONLY = "tunesmith_hidden_only"  # the forward keyword that asks a wrapped model for its final hidden states
+
+
+def decoder_and_head(model: nn.Module) -> tuple[Callable[..., Any], nn.Module] | None:
+    """(a function from the model's inputs to the decoder stack's output, the LM head) of a causal LM, for
+    the chunked loss; None where it does not apply: virtual-token methods, model families outside
+    ``FAST_PATH_MODELS``.
+
+    Under DDP the wrapper's own forward must run (it prepares the gradient all-reduce), so the decoder is
+    reached through it: the wrapped model's forward learns the keyword ``tunesmith_hidden_only``, which
+    returns the decoder's output and leaves the head (and the full logits) to the chunked loss."""
+    wrapper = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    if wrapper is not None:
+        model = wrapper.module
     inner = model
     if isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:
@@ -44,7 +55,28 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if not fast_path_model(inner):
         return None
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
-    return (decoder, head) if isinstance(decoder, nn.Module) and head is not None else None
+    if not isinstance(decoder, nn.Module) or head is None:
+        return None
+    if wrapper is None:
+        return decoder, head
+    _answer_hidden_only(model, decoder)
+    return functools.partial(wrapper, **{HIDDEN_ONLY: True}), head
+
+
+def _answer_hidden_only(model: nn.Module, decoder: nn.Module) -> None:
+    """Give ``model`` (the module a DDP wrapper holds) a forward that, asked with ``tunesmith_hidden_only``,
+    runs ``decoder`` alone. An instance attribute: the class and other instances are untouched."""
+    if getattr(model, "_tunesmith_hidden_only", False):
+        return
+    plain = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop(HIDDEN_ONLY, False):
+            return decoder(*args, **kwargs)
+        return plain(*args, **kwargs)
+
+    model.forward = forward
+    model._tunesmith_hidden_only = True
 
 
 def packs_padding_free(config: Config, model: nn.Module) -> bool:
@@ -92,6 +124,8 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
             for layer in layers:
                 layer.compile()
             applied.append(f"torch.compile on {len(layers)} decoder layers")
+    if training.chunked_loss and decoder_and_head(model) is not None:
+        applied.append("chunked loss (no full logits)")
     if applied:
         log.info("fast path: %s", ", ".join(applied))
     return applied

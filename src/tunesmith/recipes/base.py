@@ -70,6 +70,9 @@ def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreT
     converts the embedded model once) and the tokenizer."""
     check_backends(config)  # a tracker that is not installed: refused before anything loads
     accelerator = build_accelerator(config)
+    if accelerator.num_processes > 1:
+        log.info("distributed: %d processes (%s, %s backend); this is process %d", accelerator.num_processes,
+                 accelerator.distributed_type.value, torch.distributed.get_backend(), accelerator.process_index)
     seed_everything(config)
     with accelerator.main_process_first():
         source = resolve_model_source(config.model)

@@ -50,6 +50,7 @@ class TrainState:
     recent_grad_norms: list = field(default_factory=list)
     events: list = field(default_factory=list)  # what happened: skips, rollbacks, splits, resumes after preemption
     pending_eval: bool = False  # stopped for a signal at an eval step: the eval runs first after --resume
+    processes: int = 1  # how many processes trained it (a resume on another number keeps the global batch)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +88,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int,
+                    other_rng: list[tuple[dict[str, torch.Tensor], dict]] = ()) -> Path:
+    """Write a checkpoint of ``state.global_step``; ``other_rng``: the RNG states of processes 1, 2, ... (this
+    process is 0), each restored by its own process on resume."""
     folder = RunDir(run_dir).checkpoints_dir
     with writing(folder, "the checkpoints folder"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +106,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         tensors, plain = capture_rng()
         save_file(tensors, str(staging / "rng.safetensors"))
         (staging / "rng.json").write_text(json.dumps(plain))
+        for rank, (tensors, plain) in enumerate(other_rng, start=1):
+            save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
+            (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -111,13 +118,17 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
-    """Restore everything ``save_checkpoint`` wrote; returns the saved training state."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> TrainState:
+    """Restore everything ``save_checkpoint`` wrote (the RNG state of process ``rank``; a process the saving
+    run did not have keeps its seeded RNG); returns the saved training state."""
     restore_trainable(model, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
-    restore_rng(load_file(str(checkpoint / "rng.safetensors")), json.loads((checkpoint / "rng.json").read_text()))
+    suffix = f"-{rank}" if rank else ""
+    if (checkpoint / f"rng{suffix}.safetensors").is_file():
+        restore_rng(load_file(str(checkpoint / f"rng{suffix}.safetensors")),
+                    json.loads((checkpoint / f"rng{suffix}.json").read_text()))
     return TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
 
 

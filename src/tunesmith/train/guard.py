@@ -25,10 +25,15 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+# Signals closer together than this are one stop: torchrun passes SIGTERM on to its workers, and a scheduler
+# that signals the whole process group reaches them directly too.
+SAME_SIGNAL_S = 0.5
+
+
 class StopSignals:
     """Inside this context SIGTERM, SIGUSR1 and SIGINT ask the run to stop after the step in flight
-    (the loop checkpoints and exits); a second one stops at once (SystemExit 143, or KeyboardInterrupt
-    for Ctrl-C). Handlers are installed only in the main thread, and the previous ones come back on exit."""
+    (the loop checkpoints and exits); a second one, half a second or more after the first, stops at once
+    (SystemExit 143, or KeyboardInterrupt for Ctrl-C). Handlers are installed only in the main thread, and the previous ones come back on exit."""
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
@@ -49,6 +54,8 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.signum is not None and time.monotonic() - self.received_at < SAME_SIGNAL_S:
+            return  # the same stop twice: a launcher (torchrun) passing on what the scheduler also sent
         if self.signum is not None:  # the second: no more waiting
             if number == signal.SIGINT:
                 raise KeyboardInterrupt

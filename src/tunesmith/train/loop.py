@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm import tqdm
 
@@ -342,6 +343,23 @@ def _size(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def elastic(config: TrainingConfig, saved: int, now: int) -> TrainingConfig:
+    """The training settings for resuming on ``now`` processes a run saved on ``saved``: grad_accum scaled so
+    that the global batch (batch_size x grad_accum x processes) and so each step's rows stay the same.
+
+    >>> elastic(TrainingConfig(grad_accum=2), saved=2, now=1).grad_accum
+    4
+    """
+    rows = config.grad_accum * saved  # micro-batches per step, over all processes
+    if rows % now:
+        raise TunesmithError(f"resuming a run of {saved} processes on {now}: its {rows} micro-batches per step "
+                             f"(training.grad_accum {config.grad_accum} x {saved}) do not divide over {now} "
+                             f"processes; resume on a number of processes that divides {rows}")
+    log.info("elastic resume: %d -> %d processes; training.grad_accum %d -> %d keeps the global batch of %d rows",
+             saved, now, config.grad_accum, rows // now, rows * config.batch_size)
+    return config.model_copy(update={"grad_accum": rows // now})
+
+
 def check_disk_space(run_dir: Path, model: nn.Module, config: TrainingConfig) -> None:
     """Refuse to start when the run folder's disk cannot hold what the run will write: ``keep_last``
     checkpoints (plus the next, written before the oldest goes), the best checkpoint and the final model."""
@@ -376,6 +394,10 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     ``lr_scale``: a learning-rate multiplier per parameter name (layer decay, LoRA+); ``held``: the
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
     prompts, logged at each eval."""
+    if resume_from is not None:  # a resume on another number of processes keeps the global batch
+        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("processes", 1)
+        if saved != accelerator.num_processes:
+            config = elastic(config, saved, accelerator.num_processes)
     return _Training(model, objective, stream, eval_batches, config, run_dir, accelerator, lr_scale, held,
                      samples).run(resume_from)
 
@@ -409,8 +431,10 @@ class _Training:
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
         self._objective_state()
+        self.state.processes = self.accelerator.num_processes
+        rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
         self._on_main(lambda: save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler,
-                                              self.state, self.config.keep_last), timed=True)
+                                              self.state, self.config.keep_last, rng[1:]), timed=True)
         self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
         if len(list_checkpoints(self.run_dir)) >= 2:
             # A rollback never goes to the newest checkpoint right after it was written (its weights are
@@ -438,7 +462,8 @@ class _Training:
         self.accelerator.wait_for_everyone()
         candidates = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) < before_step]
         if candidates:
-            restored = load_checkpoint(candidates[-1], self.unwrapped, self.optimizer, self.scheduler)
+            restored = load_checkpoint(candidates[-1], self.unwrapped, self.optimizer, self.scheduler,
+                                       self.accelerator.process_index)
             where = f"checkpoint {candidates[-1].name}"
         elif self.start_point is not None:
             restored = self.start_point.restore(self.unwrapped, self.optimizer, self.scheduler)
@@ -475,7 +500,8 @@ class _Training:
             log.info("training.offload_activations: nothing to do on %s (activations are in host memory already)",
                      accelerator.device.type)
         if resume_from is not None:
-            self.state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
+                                         accelerator.process_index)
             if self.state.objective:
                 self.objective.load_state_dict(self.state.objective)
             self.last_saved_step = self.state.global_step

@@ -1,0 +1,131 @@
+"""Two processes (DDP on the gloo backend) train what one process trains with the same global batch, with
+the fast path on; a run stopped under DDP resumes on two processes, on one, and a one-process run on two.
+
+Tolerance: the two-process gradient is the sum of two all-reduced halves, the one-process gradient one
+sum, so they differ in float order (~1e-7). Full fine-tuning stays within 1e-5. For LoRA, AdamW divides
+each update by the gradient's running RMS, and a LoRA A matrix has a zero gradient at the first step
+(its B is zero) and near-zero ones after it: there the float-order difference is amplified, so LoRA
+weights are compared at 5e-5 (the losses at 1e-5)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.cli.train import recipe_for
+from tunesmith.config.load import build_config
+from survive import CHILD, assert_same_weights, child_env, model_weights, status, step_records, task_tree, \
+    write_config
+
+TOLERANCE = {"lora": 5e-5, "full": 1e-5}
+
+
+def _tree(method, model_dir, folder, **training):
+    tree = task_tree("sft", model_dir, folder, **{"max_steps": 6, "batch_size": 2, **training})
+    tree["method"]["type"] = method
+    tree["method"]["lora"]["dropout"] = 0.0  # each process draws its own dropout masks: not one process's
+    return tree
+
+
+def _one_process(method, model_dir, folder):
+    """The reference: one process, grad_accum 4 (the global batch of two processes x grad_accum 2)."""
+    return recipe_for("sft")(build_config(_tree(method, model_dir, folder, grad_accum=4))).run_dir
+
+
+def _torchrun(config, folder, *extra, plan=None):
+    """`tunesmith train CONFIG --nproc 2`, or the signalling child of survive.py under torchrun with ``plan``."""
+    if plan is None:
+        command = [sys.executable, "-m", "tunesmith", "train", str(config), "--nproc", "2", *extra]
+    else:
+        script = folder / "child.py"
+        script.write_text(CHILD)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   str(script), "train", str(config), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=child_env(plan or {"at": "never", "count": 0}))
+
+
+def _same_run(got, expected, method):
+    assert_same_weights(model_weights(got), model_weights(expected), atol=TOLERANCE[method])
+    assert [r["loss"] for r in step_records(got)] == pytest.approx([r["loss"] for r in step_records(expected)],
+                                                                   abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_equal_one_with_the_fast_path_on(method, tiny_model_dir, tmp_path):
+    config = write_config(_tree(method, tiny_model_dir, tmp_path / "two", grad_accum=2), tmp_path / "two.yaml")
+    done = _torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1, "one process reports"
+    assert "distributed: 2 processes (MULTI_CPU, gloo backend)" in done.stderr
+    assert "chunked loss (no full logits)" in done.stderr and "per-row attention" in done.stderr
+    two = tmp_path / "two" / "runs" / "tiny"
+    assert json.loads((two / "summary.json").read_text())["steps"] == 6
+    _same_run(two, _one_process(method, tiny_model_dir, tmp_path / "one"), method)
+
+
+def test_sigterm_under_ddp_resumes_on_two_processes_and_on_one(tiny_model_dir, tmp_path):
+    """Both processes get SIGTERM in step 3 (as from a scheduler); the stop's checkpoint holds each process's
+    RNG. The stopped run resumes on two processes, and a copy of it on one (grad_accum 2 -> 4)."""
+    tree = _tree("lora", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100)
+    config = write_config(tree, tmp_path / "run.yaml")
+    stopped = _torchrun(config, tmp_path, plan={"at": "loss", "count": 5})
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    run_dir = tmp_path / "run" / "runs" / "tiny"
+    assert status(run_dir)["status"] == "preempted" and status(run_dir)["step"] == 3
+    checkpoint = run_dir / "checkpoints" / "step-0000003"
+    assert (checkpoint / "rng-1.safetensors").is_file(), "process 1's RNG state"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    resumed = _torchrun(config, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = _one_process("lora", tiny_model_dir, tmp_path / "one")
+    _same_run(run_dir, reference, "lora")
+    assert [r["step"] for r in step_records(run_dir)] == list(range(1, 7))
+
+    tree["output"]["dir"] = str(copy / "runs")
+    recipe_for("sft")(build_config(tree), resume=True)  # this process alone
+    _same_run(copy / "runs" / "tiny", reference, "lora")
+
+
+def test_a_one_process_run_resumes_on_two(tiny_model_dir, tmp_path):
+    tree = _tree("full", tiny_model_dir, tmp_path / "run", grad_accum=4, save_every=100)
+    config = write_config(tree, tmp_path / "run.yaml")
+    stopped = subprocess.run([sys.executable, "-c", CHILD, "train", str(config)], capture_output=True, text=True,
+                             timeout=300, env=child_env({"at": "loss", "count": 9}))  # step 3's first micro-batch
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = _torchrun(config, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "elastic resume: 1 -> 2 processes; training.grad_accum 4 -> 2" in resumed.stderr
+    _same_run(tmp_path / "run" / "runs" / "tiny", _one_process("full", tiny_model_dir, tmp_path / "one"), "full")
+
+
+def test_sigkill_of_one_process_under_ddp_then_resume(tiny_model_dir, tmp_path):
+    """Process 0 dies (SIGKILL) while writing the step-4 checkpoint; torchrun ends the other; --resume on two
+    processes goes on from step 2's and ends at the uninterrupted run's weights."""
+    tree = _tree("lora", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=2)
+    config = write_config(tree, tmp_path / "run.yaml")
+    killer = CHILD.replace('plan = json.loads(os.environ["PLAN"])', 'plan = json.loads(os.environ["PLAN"])\n'
+                           'if os.environ.get("RANK") == "0":\n'
+                           '    import tunesmith.train.checkpoint as _c\n'
+                           '    _real, _n = _c.save_file, []\n'
+                           '    def _die(t, p, *a, **k):\n'
+                           '        _n.append(p)\n'
+                           '        if len(_n) == 4:\n'
+                           '            os.kill(os.getpid(), signal.SIGKILL)\n'
+                           '        return _real(t, p, *a, **k)\n'
+                           '    _c.save_file = _die')
+    script = tmp_path / "killer.py"
+    script.write_text(killer)
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), "train", str(config)], capture_output=True, text=True, timeout=600,
+                            env=child_env({"at": "never", "count": 0}))
+    assert killed.returncode != 0
+    run_dir = tmp_path / "run" / "runs" / "tiny"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-0000002"]
+    resumed = _torchrun(config, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(run_dir, _one_process("lora", tiny_model_dir, tmp_path / "one"), "lora")
