@@ -49,6 +49,8 @@ def _torchrun(config, folder, *extra, plan=None):
 
 def _same_run(got, expected, method):
     assert_same_weights(model_weights(got), model_weights(expected), atol=TOLERANCE[method])
+    assert [r["tokens"] for r in step_records(got)] == [r["tokens"] for r in step_records(expected)], \
+        "the step's tokens: every process's, summed"
     assert [r["loss"] for r in step_records(got)] == pytest.approx([r["loss"] for r in step_records(expected)],
                                                                    abs=1e-5)
 
@@ -129,3 +131,22 @@ def test_sigkill_of_one_process_under_ddp_then_resume(tiny_model_dir, tmp_path):
     resumed = _torchrun(config, tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_run(run_dir, _one_process("lora", tiny_model_dir, tmp_path / "one"), "lora")
+
+
+def test_a_step_s_rows_are_dealt_over_processes_by_tokens():
+    """24 rows of 1..24 tokens, batch 3, two processes x grad_accum 2: in data order the processes would get
+    micro-batches of very different lengths; dealt, their tokens differ by at most one row's worth, every
+    row of the step is trained once, and each process keeps its micro-batches of 3 rows."""
+    from tunesmith.train.loop import MicroBatches, _balanced_window, row_tokens
+
+    rows = [{"input_ids": list(range(n)), "n": n} for n in range(1, 25)]
+    stream = MicroBatches(rows, batch_size=3, seed=0, collate=lambda batch: {"rows": batch})
+    stream.per_epoch = 8
+    stream._orders = {0: list(range(24))}  # data order = length order: the worst case for plain interleaving
+    hands = [_balanced_window(stream, 0, 2, None, process, 2, 1) for process in (0, 1)]
+    tokens = [sum(row_tokens(r) for batch in hand for r in batch["rows"]) for hand in hands]
+    plain = [sum(n for p in range(process, 4, 2) for n in range(3 * p + 1, 3 * p + 4)) for process in (0, 1)]
+    print(f"tokens per process: dealt {tokens}, in data order {plain}")
+    assert abs(tokens[0] - tokens[1]) <= 1 < abs(plain[0] - plain[1])
+    assert sorted(r["n"] for hand in hands for batch in hand for r in batch["rows"]) == list(range(1, 13))
+    assert [len(batch["rows"]) for hand in hands for batch in hand] == [3, 3, 3, 3]
