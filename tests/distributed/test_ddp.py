@@ -1,4 +1,4 @@
-"""Two processes (DDP on the gloo backend) train what one process trains with the same global batch, with
+"""Two processes (DDP or FSDP2 on the gloo backend) train what one process trains with the same global batch, with
 the fast path on; a run stopped under DDP resumes on two processes, on one, and a one-process run on two.
 
 Tolerance: the two-process gradient is the sum of two all-reduced halves, the one-process gradient one
@@ -56,13 +56,16 @@ def _same_run(got, expected, method):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_processes_equal_one_with_the_fast_path_on(method, tiny_model_dir, tmp_path):
-    config = write_config(_tree(method, tiny_model_dir, tmp_path / "two", grad_accum=2), tmp_path / "two.yaml")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_fast_path_on(strategy, method, tiny_model_dir, tmp_path):
+    tree = _tree(method, tiny_model_dir, tmp_path / "two", grad_accum=2, distributed=strategy)
+    config = write_config(tree, tmp_path / "two.yaml")
     done = _torchrun(config, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1, "one process reports"
     assert "distributed: 2 processes (MULTI_CPU, gloo backend)" in done.stderr
     assert "chunked loss (no full logits)" in done.stderr and "per-row attention" in done.stderr
+    assert ("fsdp: 2 decoder layers and the model sharded" in done.stderr) == (strategy == "fsdp")
     two = tmp_path / "two" / "runs" / "tiny"
     assert json.loads((two / "summary.json").read_text())["steps"] == 6
     _same_run(two, _one_process(method, tiny_model_dir, tmp_path / "one"), method)
@@ -150,3 +153,24 @@ def test_a_step_s_rows_are_dealt_over_processes_by_tokens():
     assert abs(tokens[0] - tokens[1]) <= 1 < abs(plain[0] - plain[1])
     assert sorted(r["n"] for hand in hands for batch in hand for r in batch["rows"]) == list(range(1, 13))
     assert [len(batch["rows"]) for hand in hands for batch in hand] == [3, 3, 3, 3]
+
+
+
+def test_fsdp_checkpoints_resume_sharded_and_on_one_process(tiny_model_dir, tmp_path):
+    """A full fine-tune sharded over two processes is stopped in step 3; its checkpoint holds whole tensors
+    (gathered), so it resumes sharded on two processes, and a copy of it unsharded on one."""
+    tree = _tree("full", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100, distributed="fsdp")
+    config = write_config(tree, tmp_path / "run.yaml")
+    stopped = _torchrun(config, tmp_path, plan={"at": "loss", "count": 5})
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    run_dir = tmp_path / "run" / "runs" / "tiny"
+    assert status(run_dir)["status"] == "preempted" and status(run_dir)["step"] == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    resumed = _torchrun(config, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = _one_process("full", tiny_model_dir, tmp_path / "one")
+    _same_run(run_dir, reference, "full")
+    tree["output"]["dir"] = str(copy / "runs")
+    recipe_for("sft")(build_config(tree), resume=True)
+    _same_run(copy / "runs" / "tiny", reference, "full")

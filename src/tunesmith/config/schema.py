@@ -199,6 +199,15 @@ class DivergenceConfig(StrictModel):
     max_rollbacks: int = Field(2, ge=0, description="rollbacks before the run stops as diverged")
 
 
+class FSDPConfig(StrictModel):
+    """FSDP2's settings (``training.distributed: fsdp``)."""
+
+    reshard_after_forward: bool = Field(True, description="free each layer's gathered weights after its forward "
+                                        "(and gather them again for backward): less memory, more communication")
+    cpu_offload: bool = Field(False, description="keep the sharded weights, gradients and optimizer state in host "
+                              "memory; the optimizer steps on the CPU")
+
+
 class TrainingConfig(StrictModel):
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "sgd"] = Field(
@@ -255,6 +264,12 @@ class TrainingConfig(StrictModel):
     nonfinite_limit: int = Field(3, ge=1, description="a NaN/inf loss or gradient norm skips the update; this many in "
                                  "a row stop the run, whose model is then the last good step's")
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under several processes (--nproc, torchrun): ddp replicates the model on every "
+        "device; fsdp (FSDP2) shards weights, gradients and optimizer state over them; auto: fsdp for full and "
+        "freeze fine-tuning on GPUs when weights, gradients and AdamW state (16 bytes a parameter) would not "
+        "fit 80% of one, else ddp")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     log_every: int = Field(1, ge=1)
     seed: int = 0
 

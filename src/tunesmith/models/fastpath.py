@@ -13,6 +13,7 @@ from typing import Any
 
 from peft import PeftModel
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from tunesmith.config.schema import Config, TrainingConfig
 from tunesmith.kernels.lora import fuse_lora, triton_usable
@@ -41,12 +42,14 @@ def decoder_and_head(model: nn.Module) -> tuple[Callable[..., Any], nn.Module] |
     the chunked loss; None where it does not apply: virtual-token methods, model families outside
     ``FAST_PATH_MODELS``.
 
-    Under DDP the wrapper's own forward must run (it prepares the gradient all-reduce), so the decoder is
-    reached through it: the wrapped model's forward learns the keyword ``tunesmith_hidden_only``, which
+    Under DDP the wrapper's own forward must run (it prepares the gradient all-reduce), and under FSDP2 the
+    model's (it gathers the weights outside the decoder layers), so the decoder is reached through it: the wrapped model's forward learns the keyword ``tunesmith_hidden_only``, which
     returns the decoder's output and leaves the head (and the full logits) to the chunked loss."""
-    wrapper = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-    if wrapper is not None:
-        model = wrapper.module
+    wrapper = None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        wrapper, model = model, model.module
+    elif isinstance(model, FSDPModule):  # its own forward gathers the weights outside the decoder layers
+        wrapper = model
     inner = model
     if isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:

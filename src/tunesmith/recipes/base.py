@@ -44,6 +44,7 @@ from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.errors import RunStopped, TunesmithError
 from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
+from tunesmith.train import shard
 from tunesmith.train.guard import stop_signals
 from tunesmith.train.loop import TrainResult
 from tunesmith.train.optim import lr_scale_for
@@ -121,9 +122,10 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
     fields), the trackers' final numbers and the run's status. A diverged run (its model is the last
     good step's) then raises ``RunStopped``, so that the command exits non-zero."""
     final = accelerator.unwrap_model(model)
+    whole = shard.full_model_state(final) if shard.is_sharded(final) and result.keep_model else None
     if accelerator.is_main_process:
         if result.keep_model:
-            save_final_model(final, tokenizer, run_dir)
+            save_final_model(final, tokenizer, run_dir, whole)
         summary = {**run_summary(config, final, result, run_dir), **summary}
         write_summary(run_dir, summary)
         finish_tracking(accelerator, run_dir, summary)

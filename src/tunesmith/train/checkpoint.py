@@ -89,9 +89,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int,
-                    other_rng: list[tuple[dict[str, torch.Tensor], dict]] = ()) -> Path:
+                    other_rng: list[tuple[dict[str, torch.Tensor], dict]] = (),
+                    weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
     """Write a checkpoint of ``state.global_step``; ``other_rng``: the RNG states of processes 1, 2, ... (this
-    process is 0), each restored by its own process on resume."""
+    process is 0), each restored by its own process on resume; ``weights`` and ``optimizer_state``: whole
+    states gathered by every process of a sharded model (else read from ``model`` and ``optimizer``)."""
     folder = RunDir(run_dir).checkpoints_dir
     with writing(folder, "the checkpoints folder"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -100,8 +102,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no checkpoint was kept"
     with writing(target, "a checkpoint", f"nothing partial was left and {intact}; free space (or choose another "
                  "output.dir) and resume with --resume"), atomic_directory(target) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        save_file(weights if weights is not None else trainable_state(model), str(staging / "trainable.safetensors"))
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                   staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         tensors, plain = capture_rng()
         save_file(tensors, str(staging / "rng.safetensors"))
@@ -118,18 +121,56 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> TrainState:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0, sharded: bool = False
+                    ) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote (the RNG state of process ``rank``; a process the saving
     run did not have keeps its seeded RNG); returns the saved training state."""
-    restore_trainable(model, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
+    if sharded:  # whole tensors into each process's shards (any number of processes saved them)
+        from tunesmith.train import shard
+
+        shard.load_weights(model, load_file(str(checkpoint / "trainable.safetensors")))
+        shard.load_optimizer_state(model, inner, saved if _keyed_by_name(saved) else _by_name(saved, inner, model))
+    else:
+        restore_trainable(model, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
+        if _keyed_by_name(saved):  # written by a sharded run
+            saved = _by_index(saved, inner, model)
+        optimizer.load_state_dict(saved)  # torch moves the state to the parameters' device
     scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
     suffix = f"-{rank}" if rank else ""
     if (checkpoint / f"rng{suffix}.safetensors").is_file():
         restore_rng(load_file(str(checkpoint / f"rng{suffix}.safetensors")),
                     json.loads((checkpoint / f"rng{suffix}.json").read_text()))
     return TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def _keyed_by_name(saved: dict) -> bool:
+    """An optimizer state keyed by parameter name (a sharded run's, from torch.distributed.checkpoint) rather
+    than by position (torch's own ``state_dict``)."""
+    return any(isinstance(p, str) for group in saved.get("param_groups", []) for p in group["params"])
+
+
+def _order(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[list[str], dict[str, int]]:
+    """The optimizer's parameters as names, in its order (the positions of torch's own state_dict)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return order, {name: index for index, name in enumerate(order)}
+
+
+def _by_name(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A positional optimizer state (a one-process or DDP run's) keyed by parameter name, for a sharded model.
+    Positions match names because every run builds its groups from the same parameters in the same order."""
+    order, _ = _order(optimizer, model)
+    return {"state": {order[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in saved["param_groups"]]}
+
+
+def _by_index(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A sharded run's optimizer state (keyed by name) by position, for a model that is not sharded."""
+    _, index = _order(optimizer, model)
+    return {"state": {index[name]: value for name, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in saved["param_groups"]]}
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -147,12 +188,13 @@ BEST_WEIGHTS = "trainable.safetensors"
 BEST_RECORD = "best.json"
 
 
-def save_best(run_dir: Path, model: nn.Module, step: int, eval_loss: float, metrics: dict) -> None:
+def save_best(run_dir: Path, model: nn.Module, step: int, eval_loss: float, metrics: dict,
+              weights: dict[str, torch.Tensor] | None = None) -> None:
     """checkpoints/best/: the trainable weights of the best eval loss so far (``training.keep_best``)."""
     target = RunDir(run_dir).best_dir
     with writing(target, "the best checkpoint", "the previous best is intact; free space and resume with --resume"), \
             atomic_directory(target) as staging:
-        save_file(trainable_state(model), str(staging / BEST_WEIGHTS))
+        save_file(weights if weights is not None else trainable_state(model), str(staging / BEST_WEIGHTS))
         (staging / BEST_RECORD).write_text(json.dumps({"step": step, "eval_loss": eval_loss, "metrics": metrics}))
 
 
@@ -167,12 +209,17 @@ def drop_best_after(run_dir: Path, step: int, delete: bool = True) -> bool:
     return True
 
 
-def load_best(run_dir: Path, model: nn.Module) -> dict | None:
+def load_best(run_dir: Path, model: nn.Module, sharded: bool = False) -> dict | None:
     """Put the best checkpoint's weights into ``model``; its record (step, eval loss), or None without one."""
     folder = RunDir(run_dir).best_dir
     if not (folder / BEST_RECORD).is_file():
         return None
-    restore_trainable(model, load_file(str(folder / BEST_WEIGHTS)), folder)
+    if sharded:
+        from tunesmith.train import shard
+
+        shard.load_weights(model, load_file(str(folder / BEST_WEIGHTS)))
+    else:
+        restore_trainable(model, load_file(str(folder / BEST_WEIGHTS)), folder)
     return json.loads((folder / BEST_RECORD).read_text())
 
 

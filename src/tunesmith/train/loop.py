@@ -37,6 +37,7 @@ from tunesmith.tracking import log_record
 from tunesmith.train.checkpoint import Snapshot, TrainState, capture_rng, checkpoint_bytes, checkpoint_step, \
     drop_best_after, drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
     restore_rng, save_checkpoint
+from tunesmith.train import shard
 from tunesmith.train.guard import DivergenceWatch, StopSignals, stop_signals
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -300,9 +301,9 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
     for parameter in held:
         parameter.grad = None
     # The norm is measured on every step (an infinite threshold clips nothing) for the non-finite guard.
-    grad_norm = float(accelerator.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad and p.grad is not None],
-        max_grad_norm if max_grad_norm is not None else math.inf))
+    grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad and p.grad is not None],
+                                            max_grad_norm if max_grad_norm is not None else math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
     loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
     verdict, apply = judge(loss_total, grad_norm)
     if apply:
@@ -450,10 +451,16 @@ class _Training:
                  samples: Callable[[nn.Module], list[dict[str, str]]] | None):
         self.objective, self.stream, self.eval_batches, self.config = objective, stream, eval_batches, config
         self.run_dir, self.accelerator, self.held, self.samples = run_dir, accelerator, held, samples
+        self.sharded = shard.strategy(config, model, accelerator) == "fsdp"
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            shard.shard(model, config)
         self.optimizer = build_optimizer(model, config, lr_scale)
         self.steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps)
-        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        if self.sharded:  # sharded by torch: accelerate would wrap it in DDP as well
+            self.model, self.optimizer = model, accelerator.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.main = accelerator.is_main_process
         self.state = TrainState()
@@ -472,8 +479,13 @@ class _Training:
         self._objective_state()
         self.state.processes = self.accelerator.num_processes
         rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
+        weights = optimizer_state = None
+        if self.sharded:  # gathered by every process; written by the main one
+            weights = shard.trainable_weights(self.unwrapped)
+            optimizer_state = shard.optimizer_state(self.unwrapped, self.optimizer.optimizer)
         self._on_main(lambda: save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler,
-                                              self.state, self.config.keep_last, rng[1:]), timed=True)
+                                              self.state, self.config.keep_last, rng[1:], weights, optimizer_state),
+                      timed=True)
         self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
         if len(list_checkpoints(self.run_dir)) >= 2:
             # A rollback never goes to the newest checkpoint right after it was written (its weights are
@@ -502,7 +514,7 @@ class _Training:
         candidates = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) < before_step]
         if candidates:
             restored = load_checkpoint(candidates[-1], self.unwrapped, self.optimizer, self.scheduler,
-                                       self.accelerator.process_index)
+                                       self.accelerator.process_index, self.sharded)
             where = f"checkpoint {candidates[-1].name}"
         elif self.start_point is not None:
             restored = self.start_point.restore(self.unwrapped, self.optimizer, self.scheduler)
@@ -540,13 +552,13 @@ class _Training:
                      accelerator.device.type)
         if resume_from is not None:
             self.state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
-                                         accelerator.process_index)
+                                         accelerator.process_index, self.sharded)
             if self.state.objective:
                 self.objective.load_state_dict(self.state.objective)
             self.last_saved_step = self.state.global_step
             log.info("resumed from %s at step %d", resume_from, self.state.global_step)
         check_disk_space(self.run_dir, self.unwrapped, config)  # every process: none is left waiting
-        if config.divergence.policy != "warn" and resume_from is None:
+        if config.divergence.policy != "warn" and resume_from is None and not self.sharded:
             size = sum(p.numel() * p.element_size() for p in self.unwrapped.parameters() if p.requires_grad)
             if size <= START_POINT_LIMIT:
                 self.start_point = Snapshot.take(self.unwrapped, self.optimizer, self.scheduler, self.state)
@@ -582,7 +594,7 @@ class _Training:
                 self._evaluate(result)
         if config.keep_best and result.status == "finished":
             self.accelerator.wait_for_everyone()
-            best = load_best(self.run_dir, self.unwrapped)
+            best = load_best(self.run_dir, self.unwrapped, self.sharded)
             if best is not None:
                 result.best_step, result.final_eval_loss = best["step"], best["eval_loss"]
                 result.final_eval_metrics = best["metrics"]
@@ -797,7 +809,7 @@ class _Training:
         return True
 
     def _evaluate_and_sample(self, result: TrainResult) -> None:
-        if self.samples is not None and self.main:
+        if self.samples is not None and self.main and not self.sharded:  # sharded: generation would be collective
             self.metrics.write({"step": self.state.global_step, "samples": self.samples(self.unwrapped)})
         if self.eval_batches:
             self._evaluate(result)
@@ -818,7 +830,9 @@ class _Training:
             state.best_step, state.best_eval_metrics = state.global_step, metrics
             if self.config.keep_best:
                 self.accelerator.wait_for_everyone()
-                self._on_main(lambda: save_best(self.run_dir, self.unwrapped, state.global_step, loss, metrics))
+                weights = shard.trainable_weights(self.unwrapped) if self.sharded else None
+                self._on_main(lambda: save_best(self.run_dir, self.unwrapped, state.global_step, loss, metrics,
+                                                weights))
 
 
 def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:

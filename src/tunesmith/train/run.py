@@ -88,9 +88,10 @@ def data_lineage(config: Config) -> list[dict[str, str]]:
             for role, path in files if Path(path).is_file()]
 
 
-def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path,
+                     state_dict: dict | None = None) -> Path:
     """Write ``model/``: a PEFT adapter folder, a bottleneck adapter folder or a full model folder, with
-    the tokenizer."""
+    the tokenizer; ``state_dict``: the whole weights of a sharded model (gathered by every process)."""
     from tunesmith.adapters.bottleneck import is_bottleneck, save_bottleneck
 
     target = RunDir(run_dir).model_dir
@@ -102,7 +103,8 @@ def save_final_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_d
         if is_bottleneck(model):
             save_bottleneck(model, staging, model.config.name_or_path)
         else:
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
     return target
 

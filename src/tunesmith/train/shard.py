@@ -1,0 +1,114 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``training.distributed: fsdp``: each decoder layer and
+the whole model sharded over the processes, and the whole-state views a checkpoint and the final model need.
+
+torch does the sharding, the gathering and the state-dict conversions (``torch.distributed.checkpoint.
+state_dict``); what is ours is when to use it and how its states meet tunesmith's checkpoint files. A
+checkpoint holds whole (gathered) tensors, written by process 0 as for one process, so a run resumes on
+any number of processes, sharded or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from peft import PeftModel
+
+from tunesmith.adapters.apply import decoder_layers
+from tunesmith.adapters.bottleneck import is_bottleneck
+from tunesmith.config.schema import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+# Bytes a parameter takes in full fine-tuning with AdamW: fp32 weight, gradient and two moments.
+FULL_BYTES_PER_PARAMETER = 16
+
+
+def strategy(training: TrainingConfig, model: nn.Module, accelerator: Accelerator) -> str | None:
+    """ddp or fsdp under several processes (None for one): ``training.distributed``, or for auto, fsdp when a
+    full or freeze fine-tune's weights, gradients and AdamW state would not fit 80% of one GPU."""
+    if accelerator.num_processes == 1:
+        return None
+    chosen = training.distributed
+    if chosen == "auto":
+        chosen = "ddp"
+        adapter = isinstance(model, PeftModel) or is_bottleneck(model)
+        if not adapter and accelerator.device.type == "cuda":
+            need = sum(p.numel() for p in model.parameters()) * FULL_BYTES_PER_PARAMETER
+            if need > 0.8 * torch.cuda.get_device_properties(accelerator.device).total_memory:
+                chosen = "fsdp"
+    return chosen
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module, training: TrainingConfig) -> nn.Module:
+    """Shard each decoder layer, then the rest of the model (embeddings, final norm, head), over all processes."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {"reshard_after_forward": training.fsdp.reshard_after_forward}
+    if training.fsdp.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    if training.mixed_precision in ("bf16", "fp16") or (
+            training.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        dtype = torch.float16 if training.mixed_precision == "fp16" else torch.bfloat16
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, **options)
+    # The root's weights (embeddings, final norm, head) stay gathered from its forward to the end of backward:
+    # the chunked loss uses the head outside the model's forward.
+    fully_shard(model, **{**options, "reshard_after_forward": False})
+    log.info("fsdp: %d decoder layers and the model sharded over the processes (reshard after forward: %s, "
+             "CPU offload: %s)", len(layers), training.fsdp.reshard_after_forward,
+             training.fsdp.cpu_offload)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters, whole, on the CPU. Every process must call it (sharded ones are gathered)."""
+    return {name: _full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state, whole (keyed by parameter name). Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole trainable weights into a sharded model (each process keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight, whole, on the CPU (process 0 has them; the others an empty dict). Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight (the head sharing the embeddings) is named once, as the model itself saves it.
+    named = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state.items() if name in named}
