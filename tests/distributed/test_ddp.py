@@ -174,3 +174,15 @@ def test_fsdp_checkpoints_resume_sharded_and_on_one_process(tiny_model_dir, tmp_
     tree["output"]["dir"] = str(copy / "runs")
     recipe_for("sft")(build_config(tree), resume=True)
     _same_run(copy / "runs" / "tiny", reference, "full")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": "grpo", "grpo": {"rewards": ["helpers:text_length"]}}, "task grpo samples inside each step"),
+    ({"method": {"type": "qlora"}}, "method qlora cannot be sharded yet"),
+])
+def test_what_fsdp_cannot_shard_yet_is_refused_before_anything_loads(change, message, tiny_model_dir, tmp_path):
+    from tunesmith.errors import ConfigError
+
+    tree = {**_tree("lora", tiny_model_dir, tmp_path, distributed="fsdp"), **change}
+    with pytest.raises(ConfigError, match=message):
+        build_config(tree)

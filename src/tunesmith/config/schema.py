@@ -471,6 +471,13 @@ class RunConfig(StrictModel):
                              f"{self.method.type}; use full, lora, dora, qlora, or freeze with train_embeddings: true")
         if self.training.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.early_stopping_patience needs eval data: set data.eval or data.eval_fraction")
+        if self.training.distributed == "fsdp":
+            if task in ("grpo", "ppo"):
+                raise ValueError(f"training.distributed fsdp: task {task} samples inside each step, and sharded "
+                                 "generation is not supported yet; use ddp (each process generates with its own copy)")
+            if self.method.type in ("qlora", "bottleneck"):
+                raise ValueError(f"training.distributed fsdp: method {self.method.type} cannot be sharded yet; "
+                                 "use ddp")
         if self.training.keep_best and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.keep_best needs eval data: set data.eval or data.eval_fraction")
         return self
