@@ -179,6 +179,7 @@ def test_fsdp_checkpoints_resume_sharded_and_on_one_process(tiny_model_dir, tmp_
 @pytest.mark.parametrize("change, message", [
     ({"task": "grpo", "grpo": {"rewards": ["helpers:text_length"]}}, "task grpo samples inside each step"),
     ({"method": {"type": "qlora"}}, "method qlora cannot be sharded yet"),
+    ({"task": "reward"}, "task reward is not sharded yet"),
 ])
 def test_what_fsdp_cannot_shard_yet_is_refused_before_anything_loads(change, message, tiny_model_dir, tmp_path):
     from tunesmith.errors import ConfigError
@@ -186,3 +187,39 @@ def test_what_fsdp_cannot_shard_yet_is_refused_before_anything_loads(change, mes
     tree = {**_tree("lora", tiny_model_dir, tmp_path, distributed="fsdp"), **change}
     with pytest.raises(ConfigError, match=message):
         build_config(tree)
+
+
+
+def test_fsdp_evaluates_keeps_the_best_and_checkpoints_after_evals(tiny_model_dir, tmp_path):
+    """Evaluation leaves the root's weights gathered (a forward without backward): the checkpoint written after
+    it and keep_best's load at the end must still see the shards."""
+    def tree(folder, **training):
+        config = _tree("full", tiny_model_dir, folder, eval_every=2, save_every=2, keep_best=True, **training)
+        config["data"]["eval_fraction"] = 0.25
+        return config
+
+    config = write_config(tree(tmp_path / "two", grad_accum=2, distributed="fsdp"), tmp_path / "two.yaml")
+    done = _torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two" / "runs" / "tiny"
+    one = recipe_for("sft")(build_config(tree(tmp_path / "one", grad_accum=4))).run_dir
+    _same_run(two, one, "full")
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (two, one)]
+    assert summaries[0]["best_step"] == summaries[1]["best_step"]
+    assert summaries[0]["final_eval_loss"] == pytest.approx(summaries[1]["final_eval_loss"], abs=1e-5)
+
+
+def test_a_reward_model_trains_under_ddp_as_on_one_process(tiny_model_dir, tmp_path):
+    """The reward head scores through the DDP wrapper's forward (its gradients are all-reduced)."""
+    def tree(folder, **training):
+        config = task_tree("dpo", tiny_model_dir, folder, **{"max_steps": 4, "batch_size": 2, **training})
+        config["task"] = "reward"
+        del config["preference"]
+        config["method"]["lora"]["dropout"] = 0.0
+        return config
+
+    config = write_config(tree(tmp_path / "two", grad_accum=2), tmp_path / "two.yaml")
+    done = _torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = recipe_for("reward")(build_config(tree(tmp_path / "one", grad_accum=4))).run_dir
+    _same_run(tmp_path / "two" / "runs" / "tiny", one, "lora")

@@ -48,7 +48,10 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs this same `tunesmith train` in ``--nproc`` processes per machine."""
     if args.nproc < 1 or args.nnodes < 1:
         raise ConfigError([f"--nproc {args.nproc} and --nnodes {args.nnodes} must be 1 or more"])
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+    # torchrun passes these signals on to the processes (SIGUSR1 too: Slurm's --signal), and waits for them to
+    # checkpoint and exit well past the grace period before it kills them.
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+               "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=600"]
     if args.nnodes == 1:
         command.append("--standalone")
     else:

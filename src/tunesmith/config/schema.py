@@ -204,8 +204,6 @@ class FSDPConfig(StrictModel):
 
     reshard_after_forward: bool = Field(True, description="free each layer's gathered weights after its forward "
                                         "(and gather them again for backward): less memory, more communication")
-    cpu_offload: bool = Field(False, description="keep the sharded weights, gradients and optimizer state in host "
-                              "memory; the optimizer steps on the CPU")
 
 
 class TrainingConfig(StrictModel):
@@ -475,6 +473,8 @@ class RunConfig(StrictModel):
             if task in ("grpo", "ppo"):
                 raise ValueError(f"training.distributed fsdp: task {task} samples inside each step, and sharded "
                                  "generation is not supported yet; use ddp (each process generates with its own copy)")
+            if task == "reward":
+                raise ValueError("training.distributed fsdp: task reward is not sharded yet; use ddp")
             if self.method.type in ("qlora", "bottleneck"):
                 raise ValueError(f"training.distributed fsdp: method {self.method.type} cannot be sharded yet; "
                                  "use ddp")

@@ -13,7 +13,7 @@ from torch import nn
 
 from tunesmith.data.collate import count_rows
 from tunesmith.data.tokenize import IGNORE_INDEX
-from tunesmith.models.fastpath import decoder_and_head
+from tunesmith.models.fastpath import decoder_and_head, through_wrapper, unwrapped_parts
 
 
 def label_outputs(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True, hidden_states: bool = False
@@ -64,8 +64,9 @@ def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     sequence's last token (its EOS), found from the attention mask (padded) or the position-id
     restarts (packed). transformers' own pooling looks for the first pad token, which is ambiguous
     where pad and EOS are one token and breaks on packed rows; this is used in training and scoring."""
+    wrapper, model = unwrapped_parts(model)  # under DDP the wrapper's forward runs (gradients sync)
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    backbone = getattr(inner, inner.base_model_prefix)
+    backbone = through_wrapper(wrapper, model, getattr(inner, inner.base_model_prefix))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (batch, seq, hidden)
     if "attention_mask" in batch:

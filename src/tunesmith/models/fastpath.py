@@ -45,11 +45,7 @@ def decoder_and_head(model: nn.Module) -> tuple[Callable[..., Any], nn.Module] |
     Under DDP the wrapper's own forward must run (it prepares the gradient all-reduce), and under FSDP2 the
     model's (it gathers the weights outside the decoder layers), so the decoder is reached through it: the wrapped model's forward learns the keyword ``tunesmith_hidden_only``, which
     returns the decoder's output and leaves the head (and the full logits) to the chunked loss."""
-    wrapper = None
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        wrapper, model = model, model.module
-    elif isinstance(model, FSDPModule):  # its own forward gathers the weights outside the decoder layers
-        wrapper = model
+    wrapper, model = unwrapped_parts(model)  # an FSDP2 root's forward gathers the weights outside its layers
     inner = model
     if isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:
@@ -60,10 +56,23 @@ def decoder_and_head(model: nn.Module) -> tuple[Callable[..., Any], nn.Module] |
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if not isinstance(decoder, nn.Module) or head is None:
         return None
+    return through_wrapper(wrapper, model, decoder), head
+
+
+def through_wrapper(wrapper: nn.Module | None, model: nn.Module, decoder: nn.Module) -> Callable[..., Any]:
+    """A call of ``decoder`` (a part of ``model``) that runs the wrapper's forward first where there is one
+    (DDP's, or an FSDP2 root's): ``wrapper(..., tunesmith_hidden_only=True)``."""
     if wrapper is None:
-        return decoder, head
+        return decoder
     _answer_hidden_only(model, decoder)
-    return functools.partial(wrapper, **{HIDDEN_ONLY: True}), head
+    return functools.partial(wrapper, **{HIDDEN_ONLY: True})
+
+
+def unwrapped_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """(the wrapper whose forward must run: DDP or an FSDP2 root, or None; the model inside it)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model, model.module
+    return (model if isinstance(model, FSDPModule) else None), model
 
 
 def _answer_hidden_only(model: nn.Module, decoder: nn.Module) -> None:

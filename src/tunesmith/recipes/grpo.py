@@ -41,6 +41,7 @@ class GRPOObjective:
     """Sample, score, normalise within groups, and return the summed per-completion GRPO loss
     (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
 
+    fsdp_ready = False  # it samples inside the step, outside the model's forward: not sharded yet (ddp instead)
     divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,

@@ -121,6 +121,7 @@ def _padded(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PPOObjective:
+    fsdp_ready = False  # it samples outside the model's forward: not sharded yet (ddp instead)
     divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
 
     def __init__(self, config: PPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,

@@ -51,6 +51,7 @@ class TrainState:
     events: list = field(default_factory=list)  # what happened: skips, rollbacks, splits, resumes after preemption
     pending_eval: bool = False  # stopped for a signal at an eval step: the eval runs first after --resume
     processes: int = 1  # how many processes trained it (a resume on another number keeps the global batch)
+    micro_per_step: int | None = None  # micro-batches a step over all processes (grad_accum x processes)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,14 +126,19 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
                     ) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote (the RNG state of process ``rank``; a process the saving
     run did not have keeps its seeded RNG); returns the saved training state."""
-    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
-    if sharded:  # whole tensors into each process's shards (any number of processes saved them)
+    if sharded:  # whole tensors read by process 0 and scattered into every process's shards
         from tunesmith.train import shard
 
-        shard.load_weights(model, load_file(str(checkpoint / "trainable.safetensors")))
-        shard.load_optimizer_state(model, inner, saved if _keyed_by_name(saved) else _by_name(saved, inner, model))
+        weights, saved = {}, {}
+        if rank == 0:
+            weights = load_file(str(checkpoint / "trainable.safetensors"))
+            saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+            saved = saved if _keyed_by_name(saved) else _by_name(saved, inner, model)
+        shard.load_weights(model, weights)
+        shard.load_optimizer_state(model, inner, saved)
     else:
+        saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
         restore_trainable(model, load_file(str(checkpoint / "trainable.safetensors")), checkpoint)
         if _keyed_by_name(saved):  # written by a sharded run
             saved = _by_index(saved, inner, model)
@@ -215,9 +221,11 @@ def load_best(run_dir: Path, model: nn.Module, sharded: bool = False) -> dict | 
     if not (folder / BEST_RECORD).is_file():
         return None
     if sharded:
+        import torch.distributed as dist
+
         from tunesmith.train import shard
 
-        shard.load_weights(model, load_file(str(folder / BEST_WEIGHTS)))
+        shard.load_weights(model, load_file(str(folder / BEST_WEIGHTS)) if dist.get_rank() == 0 else {})
     else:
         restore_trainable(model, load_file(str(folder / BEST_WEIGHTS)), folder)
     return json.loads((folder / BEST_RECORD).read_text())

@@ -362,11 +362,14 @@ def _balanced_window(stream: MicroBatches, step_first: int, micro: int, end: int
     their sum, normalised by all of their label tokens), and no process waits on the longest rows."""
     positions = [p for p in range(step_first, step_first + micro * processes) if end is None or p < end]
     rows = [row for p in positions for row in stream.rows(p)]
-    mine = deal(rows, processes, row_tokens)[process]
+    hands = deal(rows, processes, row_tokens)
+    mine = hands[process]
     if not mine:
         return [_no_loss(stream[step_first])]
-    batches = [hand for hand in deal(mine, min(micro * splits, len(mine)), row_tokens) if hand]
-    return [stream.collate(hand) for hand in batches]
+    # The same number of micro-batches on every process (FSDP gathers weights in each forward, together):
+    # at the data's end a process may have a row fewer than another.
+    count = max(1, min(micro * splits, *(len(hand) for hand in hands)))
+    return [stream.collate(hand) for hand in deal(mine, count, row_tokens)]
 
 
 def _free_memory() -> None:
@@ -383,21 +386,21 @@ def _size(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def elastic(config: TrainingConfig, saved: int, now: int) -> TrainingConfig:
-    """The training settings for resuming on ``now`` processes a run saved on ``saved``: grad_accum scaled so
-    that the global batch (batch_size x grad_accum x processes) and so each step's rows stay the same.
+def elastic(config: TrainingConfig, micro: int, saved: int, now: int) -> TrainingConfig:
+    """The training settings for resuming on ``now`` processes a run saved on ``saved`` with ``micro``
+    micro-batches a step over all its processes: grad_accum set so that the global batch (batch_size x
+    grad_accum x processes), and so each step's rows, stay the same.
 
-    >>> elastic(TrainingConfig(grad_accum=2), saved=2, now=1).grad_accum
+    >>> elastic(TrainingConfig(grad_accum=2), micro=4, saved=2, now=1).grad_accum
     4
     """
-    rows = config.grad_accum * saved  # micro-batches per step, over all processes
-    if rows % now:
-        raise TunesmithError(f"resuming a run of {saved} processes on {now}: its {rows} micro-batches per step "
-                             f"(training.grad_accum {config.grad_accum} x {saved}) do not divide over {now} "
-                             f"processes; resume on a number of processes that divides {rows}")
-    log.info("elastic resume: %d -> %d processes; training.grad_accum %d -> %d keeps the global batch of %d rows",
-             saved, now, config.grad_accum, rows // now, rows * config.batch_size)
-    return config.model_copy(update={"grad_accum": rows // now})
+    if micro % now:
+        raise TunesmithError(f"resuming a run of {saved} processes on {now}: its {micro} micro-batches per step do "
+                             f"not divide over {now} processes; resume on a number of processes that divides {micro}")
+    if micro // now != config.grad_accum:
+        log.info("elastic resume: %d -> %d processes; training.grad_accum %d -> %d keeps the global batch of %d "
+                 "rows", saved, now, config.grad_accum, micro // now, micro * config.batch_size)
+    return config.model_copy(update={"grad_accum": micro // now})
 
 
 def check_disk_space(run_dir: Path, model: nn.Module, config: TrainingConfig) -> None:
@@ -435,9 +438,11 @@ def train(model: nn.Module, objective: Objective, stream: MicroBatches, eval_bat
     parameters to keep still at a given step (gradual unfreezing); ``samples``: replies to fixed
     prompts, logged at each eval."""
     if resume_from is not None:  # a resume on another number of processes keeps the global batch
-        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("processes", 1)
-        if saved != accelerator.num_processes:
-            config = elastic(config, saved, accelerator.num_processes)
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        processes = saved.get("processes", 1)
+        micro = saved.get("micro_per_step") or config.grad_accum * processes
+        if processes != accelerator.num_processes or micro != config.grad_accum * processes:
+            config = elastic(config, micro, processes, accelerator.num_processes)
     return _Training(model, objective, stream, eval_batches, config, run_dir, accelerator, lr_scale, held,
                      samples).run(resume_from)
 
@@ -452,6 +457,10 @@ class _Training:
         self.objective, self.stream, self.eval_batches, self.config = objective, stream, eval_batches, config
         self.run_dir, self.accelerator, self.held, self.samples = run_dir, accelerator, held, samples
         self.sharded = shard.strategy(config, model, accelerator) == "fsdp"
+        if self.sharded and not getattr(objective, "fsdp_ready", True):  # auto chose it for a task that cannot
+            log.info("training.distributed auto: ddp, not fsdp (this task generates or scores outside the model's "
+                     "forward, which sharding does not support yet)")
+            self.sharded = False
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             shard.shard(model, config)
         self.optimizer = build_optimizer(model, config, lr_scale)
@@ -478,6 +487,7 @@ class _Training:
         self.accelerator.wait_for_everyone()
         self._objective_state()
         self.state.processes = self.accelerator.num_processes
+        self.state.micro_per_step = self.config.grad_accum * self.accelerator.num_processes
         rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
         weights = optimizer_state = None
         if self.sharded:  # gathered by every process; written by the main one
@@ -819,6 +829,8 @@ class _Training:
     def _evaluate(self, result: TrainResult) -> None:
         state = self.state
         loss = evaluate(self.model, self.objective, self.eval_batches, self.accelerator)
+        if self.sharded:  # a forward without backward leaves the root's weights gathered
+            self.unwrapped.reshard()
         metrics = objective_metrics(self.objective, "eval")
         result.final_eval_loss, result.final_eval_metrics = loss, metrics
         if self.main:

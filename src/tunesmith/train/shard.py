@@ -52,11 +52,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard(model: nn.Module, training: TrainingConfig) -> nn.Module:
     """Shard each decoder layer, then the rest of the model (embeddings, final norm, head), over all processes."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     options: dict[str, Any] = {"reshard_after_forward": training.fsdp.reshard_after_forward}
-    if training.fsdp.cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
     if training.mixed_precision in ("bf16", "fp16") or (
             training.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         dtype = torch.float16 if training.mixed_precision == "fp16" else torch.bfloat16
@@ -67,9 +65,8 @@ def shard(model: nn.Module, training: TrainingConfig) -> nn.Module:
     # The root's weights (embeddings, final norm, head) stay gathered from its forward to the end of backward:
     # the chunked loss uses the head outside the model's forward.
     fully_shard(model, **{**options, "reshard_after_forward": False})
-    log.info("fsdp: %d decoder layers and the model sharded over the processes (reshard after forward: %s, "
-             "CPU offload: %s)", len(layers), training.fsdp.reshard_after_forward,
-             training.fsdp.cpu_offload)
+    log.info("fsdp: %d decoder layers and the model sharded over the processes (reshard after forward: %s)",
+             len(layers), training.fsdp.reshard_after_forward)
     return model
 
 
@@ -78,14 +75,26 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters, whole, on the CPU. Every process must call it (sharded ones are gathered)."""
-    return {name: _full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters, whole, on the CPU of process 0 (the others get an empty dict). Every process
+    must call it: each parameter is gathered in turn, so no process holds more than one whole at a time."""
+    import torch.distributed as dist
+
+    model.reshard()  # a forward without backward (eval) leaves the root's weights gathered
+    keep = dist.get_rank() == 0
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            whole = _full(parameter.detach())
+            if keep:
+                weights[name] = whole.contiguous().cpu()
+    return weights
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state, whole (keyed by parameter name). Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    model.reshard()
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                cpu_offload=True))
 
@@ -94,20 +103,23 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Whole trainable weights into a sharded model (each process keeps its shard)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    model.reshard()
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                  broadcast_from_rank0=True))
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight, whole, on the CPU (process 0 has them; the others an empty dict). Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    model.reshard()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # A tied weight (the head sharing the embeddings) is named once, as the model itself saves it.
     named = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
