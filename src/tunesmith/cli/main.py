@@ -8,11 +8,11 @@ import os
 import sys
 
 from tunesmith import __version__, quiet
-from tunesmith.cli import chat, config, data, evaluate, export, methods, models, registry, reward, runs, serve, \
-    train
+from tunesmith.cli import chat, config, data, estimate, evaluate, export, methods, models, registry, reward, runs, \
+    serve, train
 from tunesmith.errors import ConfigError, DataError, RunStopped, TunesmithError
 
-COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods, config, models, reward)
+COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods, config, models, reward, estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:
