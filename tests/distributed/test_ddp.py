@@ -157,14 +157,19 @@ def test_a_step_s_rows_are_dealt_over_processes_by_tokens():
 
 
 def test_fsdp_checkpoints_resume_sharded_and_on_one_process(tiny_model_dir, tmp_path):
-    """A full fine-tune sharded over two processes is stopped in step 3; its checkpoint holds whole tensors
-    (gathered), so it resumes sharded on two processes, and a copy of it unsharded on one."""
+    """A full fine-tune sharded over two processes is stopped in step 3; its checkpoint holds each process's
+    shards (torch.distributed.checkpoint), and resumes sharded on two processes, and a copy of it unsharded
+    on one (read whole, without a process group)."""
     tree = _tree("full", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100, distributed="fsdp")
     config = write_config(tree, tmp_path / "run.yaml")
     stopped = _torchrun(config, tmp_path, plan={"at": "loss", "count": 5})
     assert stopped.returncode != 0, stopped.stderr[-3000:]
     run_dir = tmp_path / "run" / "runs" / "tiny"
     assert status(run_dir)["status"] == "preempted" and status(run_dir)["step"] == 3
+    checkpoint = run_dir / "checkpoints" / "step-0000003"
+    assert (checkpoint / "shards" / ".metadata").is_file(), "each process's shards (torch.distributed.checkpoint)"
+    assert not (checkpoint / "trainable.safetensors").exists(), "no whole copy gathered on process 0"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the staging folder was committed"
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
     resumed = _torchrun(config, tmp_path, "--resume")

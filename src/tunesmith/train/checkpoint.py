@@ -9,8 +9,10 @@ cleaned up. Only our own files are loaded back, and tensors with ``weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -91,10 +93,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep_last: int,
                     other_rng: list[tuple[dict[str, torch.Tensor], dict]] = (),
-                    weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
+                    staged: Path | None = None) -> Path:
     """Write a checkpoint of ``state.global_step``; ``other_rng``: the RNG states of processes 1, 2, ... (this
-    process is 0), each restored by its own process on resume; ``weights`` and ``optimizer_state``: whole
-    states gathered by every process of a sharded model (else read from ``model`` and ``optimizer``)."""
+    process is 0), each restored by its own process on resume; ``staged``: a staging folder every process of
+    a sharded run has written its shards into (``staging_dir``), completed here and renamed into place."""
     folder = RunDir(run_dir).checkpoints_dir
     with writing(folder, "the checkpoints folder"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,10 +104,11 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     previous = list_checkpoints(run_dir)
     intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no checkpoint was kept"
     with writing(target, "a checkpoint", f"nothing partial was left and {intact}; free space (or choose another "
-                 "output.dir) and resume with --resume"), atomic_directory(target) as staging:
-        save_file(weights if weights is not None else trainable_state(model), str(staging / "trainable.safetensors"))
-        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                   staging / "optimizer.pt")
+                 "output.dir) and resume with --resume"), \
+            (contextlib.nullcontext(staged) if staged is not None else atomic_directory(target)) as staging:
+        if staged is None:
+            save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         tensors, plain = capture_rng()
         save_file(tensors, str(staging / "rng.safetensors"))
@@ -114,6 +117,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
             (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        if staged is not None:  # complete: into place (a kill before this leaves a .tmp- folder, never picked)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staged, target)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in folder.glob(".tmp-*"):  # from a run killed while writing
@@ -127,7 +134,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     """Restore everything ``save_checkpoint`` wrote (the RNG state of process ``rank``; a process the saving
     run did not have keeps its seeded RNG); returns the saved training state."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
-    if sharded:  # whole tensors read by process 0 and scattered into every process's shards
+    if (checkpoint / "shards").is_dir():  # a sharded run's: resharded for this run, sharded or not
+        from tunesmith.train import shard
+
+        shard.load_shards(model, inner, checkpoint / shard.SHARDS)
+    elif sharded:  # whole tensors read by process 0 and scattered into every process's shards
         from tunesmith.train import shard
 
         weights, saved = {}, {}
@@ -177,6 +188,12 @@ def _by_index(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -
     _, index = _order(optimizer, model)
     return {"state": {index[name]: value for name, value in saved["state"].items()},
             "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in saved["param_groups"]]}
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the processes of a sharded run write the checkpoint of ``step`` before it is committed (a name
+    every process knows; ignored and cleaned up like any other ``.tmp-`` folder)."""
+    return RunDir(run_dir).checkpoints_dir / f".tmp-{PREFIX}{step:07d}-shards"
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -36,7 +36,7 @@ from tunesmith.rundir import RunDir
 from tunesmith.tracking import log_record
 from tunesmith.train.checkpoint import Snapshot, TrainState, capture_rng, checkpoint_bytes, checkpoint_step, \
     drop_best_after, drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
-    restore_rng, save_checkpoint
+    restore_rng, save_checkpoint, staging_dir
 from tunesmith.train import shard
 from tunesmith.train.guard import DivergenceWatch, StopSignals, stop_signals
 from tunesmith.train.mfu import MFUMeter
@@ -489,13 +489,19 @@ class _Training:
         self.state.processes = self.accelerator.num_processes
         self.state.micro_per_step = self.config.grad_accum * self.accelerator.num_processes
         rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
-        weights = optimizer_state = None
-        if self.sharded:  # gathered by every process; written by the main one
-            weights = shard.trainable_weights(self.unwrapped)
-            optimizer_state = shard.optimizer_state(self.unwrapped, self.optimizer.optimizer)
+        staged = None
+        if self.sharded:  # every process writes its shards into a staging folder; the main one commits it
+            staged = staging_dir(self.run_dir, self.state.global_step)
+
+            def prepare() -> None:
+                with writing(staged, "a checkpoint's staging folder"):
+                    shutil.rmtree(staged, ignore_errors=True)
+                    staged.mkdir(parents=True)
+            self._on_main(prepare)
+            shard.save_shards(self.unwrapped, self.optimizer.optimizer, staged / shard.SHARDS)
+            self.accelerator.wait_for_everyone()
         self._on_main(lambda: save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler,
-                                              self.state, self.config.keep_last, rng[1:], weights, optimizer_state),
-                      timed=True)
+                                              self.state, self.config.keep_last, rng[1:], staged), timed=True)
         self.last_saved_step, self.last_save_time = self.state.global_step, time.monotonic()
         if len(list_checkpoints(self.run_dir)) >= 2:
             # A rollback never goes to the newest checkpoint right after it was written (its weights are

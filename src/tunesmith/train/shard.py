@@ -3,13 +3,15 @@ the whole model sharded over the processes, and the whole-state views a checkpoi
 
 torch does the sharding, the gathering and the state-dict conversions (``torch.distributed.checkpoint.
 state_dict``); what is ours is when to use it and how its states meet tunesmith's checkpoint files. A
-checkpoint holds whole (gathered) tensors, written by process 0 as for one process, so a run resumes on
-any number of processes, sharded or not.
+sharded run's checkpoint holds each process's shards (``torch.distributed.checkpoint``), written by every
+process into the staging folder the main process then commits; it resumes on any number of processes,
+sharded or not (DCP reshards on load).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,3 +126,39 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # A tied weight (the head sharing the embeddings) is named once, as the model itself saves it.
     named = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     return {name: tensor for name, tensor in state.items() if name in named}
+
+
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint folder
+
+
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable weights and the optimizer state as torch.distributed.checkpoint saves and loads them
+    (sharded where the model is; plain tensors where it is not)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    if is_sharded(model):
+        model.reshard()  # a forward without backward (eval) leaves the root's weights gathered
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: value for name, value in get_model_state_dict(model).items() if name in trainable}
+    return {"model": weights, "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every process writes its own shards of the trainable weights and optimizer state into ``folder`` (a
+    checkpoint's staging folder; the main process commits it). Every process must call it."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_states(model, optimizer), checkpoint_id=str(folder))
+
+
+def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read a sharded checkpoint into ``model`` and ``optimizer``, whatever the number of processes that wrote
+    it and whether this model is sharded (one process without a process group reads it whole)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    states = _states(model, optimizer)
+    dcp.load(states, checkpoint_id=str(folder))
+    set_model_state_dict(model, states["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=states["optim"])
