@@ -228,3 +228,28 @@ def test_a_reward_model_trains_under_ddp_as_on_one_process(tiny_model_dir, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     one = recipe_for("reward")(build_config(tree(tmp_path / "one", grad_accum=4))).run_dir
     _same_run(tmp_path / "two" / "runs" / "tiny", one, "lora")
+
+
+
+def test_sigusr1_to_the_launcher_checkpoints_every_process(tiny_model_dir, tmp_path):
+    """Slurm's --signal sends SIGUSR1 to the process it started: `tunesmith train --nproc 2` (torchrun in
+    its place) passes it on, and the processes stop after the same step with one checkpoint."""
+    import signal
+    import time
+
+    tree = _tree("lora", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100, max_steps=200)
+    config = write_config(tree, tmp_path / "run.yaml")
+    run_dir = tmp_path / "run" / "runs" / "tiny"
+    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config), "--nproc", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=child_env({"at": "never", "count": 0}))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and launcher.poll() is None and not (
+            (run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= 2):
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGUSR1)
+    _, stderr = launcher.communicate(timeout=300)
+    record = status(run_dir)
+    assert record["status"] == "preempted", stderr[-3000:]
+    assert record["reason"].startswith("SIGUSR1") and 2 <= record["step"] < 200
+    assert (run_dir / "checkpoints" / f"step-{record['step']:07d}" / "rng-1.safetensors").is_file()

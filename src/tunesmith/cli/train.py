@@ -48,10 +48,11 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs this same `tunesmith train` in ``--nproc`` processes per machine."""
     if args.nproc < 1 or args.nnodes < 1:
         raise ConfigError([f"--nproc {args.nproc} and --nnodes {args.nnodes} must be 1 or more"])
-    # torchrun passes these signals on to the processes (SIGUSR1 too: Slurm's --signal), and waits for them to
-    # checkpoint and exit well past the grace period before it kills them.
+    # torchrun passes these signals on to the processes (SIGUSR1 too: Slurm's --signal), and waits two minutes
+    # for them to checkpoint and exit before it kills them (also the longest a crash of one process can leave
+    # the others waiting in a collective).
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-               "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=600"]
+               "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120"]
     if args.nnodes == 1:
         command.append("--standalone")
     else:
