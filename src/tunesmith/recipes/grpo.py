@@ -42,7 +42,10 @@ class GRPOObjective:
     (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
 
     fsdp_ready = False  # it samples inside the step, outside the model's forward: not sharded yet (ddp instead)
-    divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
+    # An RL loss sits near zero with either sign, and its gradient norm swings by orders of magnitude with the
+    # spread of the rewards (a batch of equal rewards leaves only the KL's): neither tells a divergence. Only
+    # non-finite steps are caught.
+    divergence_signals: tuple[str, ...] = ()
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
                  rewards: WeightedRewards, reference, packed: bool):

@@ -122,7 +122,10 @@ def _padded(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PPOObjective:
     fsdp_ready = False  # it samples outside the model's forward: not sharded yet (ddp instead)
-    divergence_signals = ("grad_norm",)  # an RL loss sits near zero with either sign: only gradient norms judge it
+    # An RL loss sits near zero with either sign, and its gradient norm swings by orders of magnitude with the
+    # spread of the rewards (a batch of equal rewards leaves only the KL's): neither tells a divergence. Only
+    # non-finite steps are caught.
+    divergence_signals: tuple[str, ...] = ()
 
     def __init__(self, config: PPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
                  score: Scorer, reference, value_head: nn.Module, packed: bool, seed: int):
