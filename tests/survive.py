@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ CHILD = textwrap.dedent("""
                 while True:
                     filler.write(bytes(1 << 16))
                     filler.flush()
-            except OSError:
+            except OSError:  # the disk is full: what the test wants
                 pass
 
     def save_file(tensors, path, *a, **k):
@@ -178,3 +179,11 @@ def plant(monkeypatch, change) -> None:
 def gradient_times(factor: float):
     """A loss whose value is unchanged and whose gradient is ``factor`` times larger (a corrupt batch)."""
     return lambda loss: loss + (factor - 1) * (loss - loss.detach())
+
+
+def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeout: float) -> None:
+    """Wait until ``run_dir``'s metrics.jsonl logs ``steps`` steps (or the process ends, or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None and not (
+            (run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= steps):
+        time.sleep(0.05)

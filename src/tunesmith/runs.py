@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,16 +167,26 @@ def _duration(seconds: Any) -> str:
     return f"{hours}h{minute:02d}m" if hours else f"{minute}m{second:02d}s"
 
 
-def table(rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell; the first row is the header, underlined.
+def table(rows: list[list[str]], numbers_right: bool = False) -> str:
+    """Columns padded to their widest cell; the first row is the header, underlined. ``numbers_right``: a
+    column whose every cell below the header is a number (``1,024``, ``2.5``, ``12%``, ``0.05s``) is
+    aligned to the right.
 
     >>> print(table([["run", "loss"], ["a", "1.5"]]))
     run  loss
     ---  ----
     a    1.5
+    >>> print(table([["part", "GiB"], ["weights", "1.00"], ["activations", "12.50"]], numbers_right=True))
+    part           GiB
+    -----------  -----
+    weights       1.00
+    activations  12.50
     """
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    right = [numbers_right and all(re.match(r"^[-+]?[0-9.,]+[a-z%]*$", row[i]) for row in rows[1:])
+             for i in range(len(widths))]
+    lines = ["  ".join(cell.rjust(width) if flush else cell.ljust(width)
+                       for cell, width, flush in zip(row, widths, right)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

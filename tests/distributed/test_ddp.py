@@ -17,7 +17,7 @@ import pytest
 from tunesmith.cli.train import recipe_for
 from tunesmith.config.load import build_config
 from survive import CHILD, assert_same_weights, child_env, model_weights, status, step_records, task_tree, \
-    write_config
+    wait_for_steps, write_config
 
 TOLERANCE = {"lora": 5e-5, "full": 1e-5}
 
@@ -71,29 +71,41 @@ def test_two_processes_equal_one_with_the_fast_path_on(strategy, method, tiny_mo
     _same_run(two, _one_process(method, tiny_model_dir, tmp_path / "one"), method)
 
 
-def test_sigterm_under_ddp_resumes_on_two_processes_and_on_one(tiny_model_dir, tmp_path):
-    """Both processes get SIGTERM in step 3 (as from a scheduler); the stop's checkpoint holds each process's
-    RNG. The stopped run resumes on two processes, and a copy of it on one (grad_accum 2 -> 4)."""
-    tree = _tree("lora", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100)
+def _stopped_in_step_3(method, model_dir, tmp_path, **training):
+    """Two processes with grad_accum 2, both given SIGTERM in step 3 (as from a scheduler): the config tree,
+    its file, and the run folder, which says preempted at step 3."""
+    tree = _tree(method, model_dir, tmp_path / "run", grad_accum=2, save_every=100, **training)
     config = write_config(tree, tmp_path / "run.yaml")
     stopped = _torchrun(config, tmp_path, plan={"at": "loss", "count": 5})
     assert stopped.returncode != 0, stopped.stderr[-3000:]
     run_dir = tmp_path / "run" / "runs" / "tiny"
     assert status(run_dir)["status"] == "preempted" and status(run_dir)["step"] == 3
-    checkpoint = run_dir / "checkpoints" / "step-0000003"
-    assert (checkpoint / "rng-1.safetensors").is_file(), "process 1's RNG state"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
+    return tree, config, run_dir
+
+
+def _resume_on_two_and_on_one(tree, config, run_dir, method, model_dir, tmp_path):
+    """Resume the stopped run on two processes, and a copy of it on this process alone: both end at the
+    one-process run's weights."""
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
     resumed = _torchrun(config, tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = _one_process("lora", tiny_model_dir, tmp_path / "one")
-    _same_run(run_dir, reference, "lora")
+    reference = _one_process(method, model_dir, tmp_path / "one")
+    _same_run(run_dir, reference, method)
     assert [r["step"] for r in step_records(run_dir)] == list(range(1, 7))
-
     tree["output"]["dir"] = str(copy / "runs")
-    recipe_for("sft")(build_config(tree), resume=True)  # this process alone
-    _same_run(copy / "runs" / "tiny", reference, "lora")
+    recipe_for("sft")(build_config(tree), resume=True)
+    _same_run(copy / "runs" / "tiny", reference, method)
+
+
+def test_sigterm_under_ddp_resumes_on_two_processes_and_on_one(tiny_model_dir, tmp_path):
+    """The stop's checkpoint holds each process's RNG and the process count; the run resumes on two
+    processes, and a copy of it on one (grad_accum 2 -> 4)."""
+    tree, config, run_dir = _stopped_in_step_3("lora", tiny_model_dir, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step-0000003"
+    assert (checkpoint / "rng-1.safetensors").is_file(), "process 1's RNG state"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
+    _resume_on_two_and_on_one(tree, config, run_dir, "lora", tiny_model_dir, tmp_path)
 
 
 def test_a_one_process_run_resumes_on_two(tiny_model_dir, tmp_path):
@@ -160,25 +172,12 @@ def test_fsdp_checkpoints_resume_sharded_and_on_one_process(tiny_model_dir, tmp_
     """A full fine-tune sharded over two processes is stopped in step 3; its checkpoint holds each process's
     shards (torch.distributed.checkpoint), and resumes sharded on two processes, and a copy of it unsharded
     on one (read whole, without a process group)."""
-    tree = _tree("full", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100, distributed="fsdp")
-    config = write_config(tree, tmp_path / "run.yaml")
-    stopped = _torchrun(config, tmp_path, plan={"at": "loss", "count": 5})
-    assert stopped.returncode != 0, stopped.stderr[-3000:]
-    run_dir = tmp_path / "run" / "runs" / "tiny"
-    assert status(run_dir)["status"] == "preempted" and status(run_dir)["step"] == 3
+    tree, config, run_dir = _stopped_in_step_3("full", tiny_model_dir, tmp_path, distributed="fsdp")
     checkpoint = run_dir / "checkpoints" / "step-0000003"
     assert (checkpoint / "shards" / ".metadata").is_file(), "each process's shards (torch.distributed.checkpoint)"
     assert not (checkpoint / "trainable.safetensors").exists(), "no whole copy gathered on process 0"
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the staging folder was committed"
-    copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "run", copy)
-    resumed = _torchrun(config, tmp_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = _one_process("full", tiny_model_dir, tmp_path / "one")
-    _same_run(run_dir, reference, "full")
-    tree["output"]["dir"] = str(copy / "runs")
-    recipe_for("sft")(build_config(tree), resume=True)
-    _same_run(copy / "runs" / "tiny", reference, "full")
+    _resume_on_two_and_on_one(tree, config, run_dir, "full", tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -192,7 +191,6 @@ def test_what_fsdp_cannot_shard_yet_is_refused_before_anything_loads(change, mes
     tree = {**_tree("lora", tiny_model_dir, tmp_path, distributed="fsdp"), **change}
     with pytest.raises(ConfigError, match=message):
         build_config(tree)
-
 
 
 def test_fsdp_evaluates_keeps_the_best_and_checkpoints_after_evals(tiny_model_dir, tmp_path):
@@ -235,7 +233,6 @@ def test_sigusr1_to_the_launcher_checkpoints_every_process(tiny_model_dir, tmp_p
     """Slurm's --signal sends SIGUSR1 to the process it started: `tunesmith train --nproc 2` (torchrun in
     its place) passes it on, and the processes stop after the same step with one checkpoint."""
     import signal
-    import time
 
     tree = _tree("lora", tiny_model_dir, tmp_path / "run", grad_accum=2, save_every=100, max_steps=200)
     config = write_config(tree, tmp_path / "run.yaml")
@@ -243,10 +240,7 @@ def test_sigusr1_to_the_launcher_checkpoints_every_process(tiny_model_dir, tmp_p
     launcher = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config), "--nproc", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=child_env({"at": "never", "count": 0}))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and launcher.poll() is None and not (
-            (run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= 2):
-        time.sleep(0.05)
+    wait_for_steps(launcher, run_dir, 2, timeout=300)
     launcher.send_signal(signal.SIGUSR1)
     _, stderr = launcher.communicate(timeout=300)
     record = status(run_dir)

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -16,8 +15,8 @@ from tunesmith.cli.train import recipe_for
 from tunesmith.config.load import build_config
 from tunesmith.train.checkpoint import list_checkpoints
 from helpers import read_metrics
-from survive import CHILD, assert_same_weights, child_env, model_weights, start_child, status, step_records, task_tree, train_child, \
-    write_config
+from survive import CHILD, assert_same_weights, child_env, model_weights, start_child, status, step_records, task_tree, \
+    train_child, wait_for_steps, write_config
 
 STEPS, ACCUM = 8, 2  # 16 loss_sum calls in training; checkpoints every 3 steps: 3 and 6, two files each
 
@@ -125,10 +124,7 @@ def test_a_signal_from_outside_marks_the_mlflow_run_killed(tiny_model_dir, tmp_p
     config_path = write_config(tree, tmp_path / "run.yaml")
     run_dir = tmp_path / "runs" / "tiny"
     child = start_child(config_path, {"at": "never", "count": 0, "sleep": 0.2})
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and child.poll() is None and not (
-            (run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= 2):
-        time.sleep(0.05)
+    wait_for_steps(child, run_dir, 2, timeout=240)
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 143, stderr[-3000:]

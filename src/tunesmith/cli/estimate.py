@@ -9,6 +9,8 @@ import dataclasses
 import json
 import re
 
+from tunesmith.runs import table
+
 GIB, MIB = 2 ** 30, 2 ** 20
 COMPONENTS = ("weights", "4-bit constants", "LoRA adapters", "gradients", "optimizer state", "optimizer scratch",
               "activations", "logits and loss", "reference model", "generation KV cache", "FSDP gathered",
@@ -116,24 +118,6 @@ def _duration(seconds: float) -> str:
     return f"{minutes:.0f}m" if hours < 1 else f"{hours:.1f}h" if hours < 48 else f"{hours / 24:.1f}d"
 
 
-def table(rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell, numeric columns to the right; the first row is the header,
-    underlined.
-
-    >>> print(table([["part", "GiB"], ["weights", "1.00"], ["activations", "12.50"]]))
-    part           GiB
-    -----------  -----
-    weights       1.00
-    activations  12.50
-    """
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    numeric = [all(re.match(r"^[-+]?[0-9.,]+[a-z%]*$", row[i]) for row in rows[1:]) for i in range(len(widths))]
-    lines = ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _describe(plan) -> str:
     accum = f" x {plan.grad_accum} accumulated" if plan.grad_accum > 1 else ""
     where = f"{plan.gpus} x {plan.strategy.upper()}" if plan.gpus > 1 else f"1 {plan.device}"
@@ -151,7 +135,8 @@ def render(report) -> str:
     parts = [["per device, at the peak", unit[0]]]
     parts += [[name, _size(memory.parts[name], unit)] for name in COMPONENTS if memory.parts.get(name)]
     parts.append([f"peak ({memory.moment})", _size(memory.peak, unit)])
-    lines += [table(parts), f"activations: {_size(memory.activations_without_checkpointing, unit)} {unit[0]} "
+    lines += [table(parts, numbers_right=True),
+              f"activations: {_size(memory.activations_without_checkpointing, unit)} {unit[0]} "
               f"without checkpointing, {_size(memory.activations_with_checkpointing, unit)} {unit[0]} with it",
               f"{'fits' if written.fits else 'does NOT fit'} in {report.gpu_memory / GIB:,.0f} GiB per device", ""]
     cost = f", cost {timing.cost:,.2f}" if timing.cost is not None else ""
@@ -166,7 +151,7 @@ def render(report) -> str:
                      "on" if plan.checkpointing else "off", _size(option.memory.peak, unit), "yes" if option.fits else "no",
                      _duration(run.seconds_per_step), _duration(run.seconds), f"{run.gpu_hours:,.2f}",
                      *([f"{run.cost:,.2f}"] if run.cost is not None else [])])
-    lines += ["alternatives (same global batch; fitting first, then fastest)", table(rows), ""]
+    lines += ["alternatives (same global batch; fitting first, then fastest)", table(rows, numbers_right=True), ""]
     best = report.recommended
     same = best is not None and best.plan == written.plan
     lines.append(f"recommended {_describe(best.plan)}: {_size(best.memory.peak, unit)} {unit[0]}, "

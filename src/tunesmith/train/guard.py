@@ -110,23 +110,23 @@ class DivergenceWatch:
     A step diverges when its loss is ``loss_ratio`` times the median of the recent healthy steps'
     losses and ``loss_margin`` above it, or its gradient norm (before clipping) is ``grad_norm_ratio``
     times theirs; neither rule applies before ``min_history`` healthy steps. ``signals`` names what
-    the objective's numbers can be judged by: RL losses (GRPO, PPO) sit near zero with either sign,
-    so only their gradient norms are."""
+    the objective's numbers can be judged by (GRPO and PPO: neither; only non-finite steps are caught).
+    The history is the run's ``TrainState`` (checkpoints keep it; a rollback restores an older one)."""
 
-    def __init__(self, config: DivergenceConfig, state: TrainState, signals: tuple[str, ...] = ("loss", "grad_norm"),
+    def __init__(self, config: DivergenceConfig, signals: tuple[str, ...] = ("loss", "grad_norm"),
                  scaled_gradients: bool = False):
-        self.config, self.state, self.signals = config, state, signals
+        self.config, self.signals = config, signals
         # fp16's loss scaler overflows on purpose while it finds its scale, and skips those steps itself.
         self.scaled_gradients = scaled_gradients
 
-    def verdict(self, loss: float, grad_norm: float | None) -> tuple[str, str] | None:
+    def verdict(self, state: TrainState, loss: float, grad_norm: float | None) -> tuple[str, str] | None:
         """None for a healthy step; else (kind, why) with kind "nonfinite" or "diverged"."""
         if not math.isfinite(loss):
             return "nonfinite", f"the loss is {loss}"
         if not finite(grad_norm) and not self.scaled_gradients:
             return "nonfinite", f"the gradient norm is {grad_norm}"
         config = self.config
-        losses, norms = self.state.recent_losses, self.state.recent_grad_norms
+        losses, norms = state.recent_losses, state.recent_grad_norms
         if "loss" in self.signals and config.loss_ratio and len(losses) >= config.min_history:
             median = statistics.median(losses)
             if median > 0 and loss > config.loss_ratio * median and loss - median > config.loss_margin:
@@ -140,9 +140,9 @@ class DivergenceWatch:
                                     f"{median:.4g} of the last {len(norms)} steps")
         return None
 
-    def healthy(self, loss: float, grad_norm: float | None) -> None:
-        """Add a healthy step to the history."""
+    def healthy(self, state: TrainState, loss: float, grad_norm: float | None) -> None:
+        """Add a healthy step to ``state``'s history."""
         window = self.config.window
-        self.state.recent_losses = (self.state.recent_losses + [loss])[-window:]
+        state.recent_losses = (state.recent_losses + [loss])[-window:]
         if grad_norm is not None and math.isfinite(grad_norm):
-            self.state.recent_grad_norms = (self.state.recent_grad_norms + [grad_norm])[-window:]
+            state.recent_grad_norms = (state.recent_grad_norms + [grad_norm])[-window:]

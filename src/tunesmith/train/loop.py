@@ -475,6 +475,9 @@ class _Training:
         self.state = TrainState()
         self.start_point: Snapshot | None = None
         self.last_saved_step: int | None = None
+        self.offload = config.offload_activations and accelerator.device.type == "cuda"
+        self.watch = DivergenceWatch(config.divergence, getattr(objective, "divergence_signals", ("loss", "grad_norm")),
+                                     accelerator.scaler is not None)
         # Steps between the points where a checkpoint may fall: PPO's batch of rollouts, sampled at its first
         # step and used by the rest, cannot be cut.
         self.every = getattr(stream, "checkpoint_every", 1)
@@ -562,8 +565,7 @@ class _Training:
     def run(self, resume_from: Path | None) -> TrainResult:
         config, accelerator = self.config, self.accelerator
         mfu = MFUMeter(self.unwrapped, accelerator.device)
-        offload = config.offload_activations and accelerator.device.type == "cuda"
-        if config.offload_activations and not offload:
+        if config.offload_activations and not self.offload:
             log.info("training.offload_activations: nothing to do on %s (activations are in host memory already)",
                      accelerator.device.type)
         if resume_from is not None:
@@ -636,13 +638,10 @@ class _Training:
                          f"`tunesmith train CONFIG --resume` continues from it with no step lost", "preempted",
                          stop.exit_code, step)
 
-    def _judge(self, watch: DivergenceWatch) -> Judge:
-        policy = self.config.divergence.policy
-
-        def judge(loss: float, grad_norm: float | None) -> tuple[tuple[str, str] | None, bool]:
-            verdict = watch.verdict(loss, grad_norm)
-            return verdict, verdict is None or (verdict[0] == "diverged" and policy == "warn")
-        return judge
+    def _judge(self, loss: float, grad_norm: float | None) -> tuple[tuple[str, str] | None, bool]:
+        """The step's verdict, and whether its update is applied (healthy, or diverging under policy warn)."""
+        verdict = self.watch.verdict(self.state, loss, grad_norm)
+        return verdict, verdict is None or (verdict[0] == "diverged" and self.config.divergence.policy == "warn")
 
     def _step(self, stop: StopSignals) -> StepOutcome | None:
         """Run one step, halving the micro-batches and trying again when the device runs out of memory;
@@ -651,8 +650,6 @@ class _Training:
         first = state.micro_batches_done + accelerator.process_index
         positions = [first + i * accelerator.num_processes for i in range(config.grad_accum)]
         end = total_micro_batches(config, self.stream.per_epoch)
-        watch = DivergenceWatch(config.divergence, state, getattr(self.objective, "divergence_signals",
-                                                                  ("loss", "grad_norm")), accelerator.scaler is not None)
         single = accelerator.num_processes == 1  # under DDP every process must take the same path
         too_late = (lambda left: stop.too_late(left + self.save_seconds)) if single and self.every == 1 else None
         while True:
@@ -665,8 +662,8 @@ class _Training:
             out_of_memory = False
             try:
                 return _train_step(self.model, self.objective, window, accelerator, self.optimizer,
-                                   config.max_grad_norm, self._judge(watch),
-                                   self.held(state.global_step) if self.held else (), self._offload(), too_late)
+                                   config.max_grad_norm, self._judge,
+                                   self.held(state.global_step) if self.held else (), self.offload, too_late)
             except _Dropped:
                 restore_rng(*rng)
                 self.objective_metrics_dropped()
@@ -678,9 +675,6 @@ class _Training:
             if out_of_memory:
                 restore_rng(*rng)
                 self._out_of_memory(window)
-
-    def _offload(self) -> bool:
-        return self.config.offload_activations and self.accelerator.device.type == "cuda"
 
     def _out_of_memory(self, window: list[Batch]) -> None:
         state, config = self.state, self.config
@@ -739,7 +733,7 @@ class _Training:
             state.nonfinite_in_row = 0
             result.final_train_loss = outcome.loss
             if kind is None:
-                DivergenceWatch(config.divergence, state).healthy(outcome.loss, outcome.grad_norm)
+                self.watch.healthy(state, outcome.loss, outcome.grad_norm)
             else:
                 record["diverged"] = why
                 log.warning("step %d diverges: %s (training.divergence.policy %s)", state.global_step, why,
