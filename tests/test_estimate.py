@@ -328,6 +328,12 @@ def test_generation_cache_and_fsdp_sharding():
     assert sharded.parts["weights"] == single.parts["weights"] / 8
     assert sharded.parts["optimizer state"] == single.parts["optimizer state"] / 8
     assert replicated.peak > single.peak > sharded.peak
+    zero2 = est.estimate_memory(arch, dataclasses.replace(full, gpus=8, strategy="zero2"))
+    zero3 = est.estimate_memory(arch, dataclasses.replace(full, gpus=8, strategy="zero3"))
+    assert zero2.parts["weights"] == single.parts["weights"], "ZeRO-2 replicates the weights"
+    assert zero2.parts["optimizer state"] == sharded.parts["optimizer state"] and "DDP buckets" not in zero2.parts
+    assert zero3.parts == sharded.parts, "ZeRO-3 shards as FSDP2 does"
+    assert replicated.peak > zero2.peak > zero3.peak
 
 
 def test_recommendation_fits_where_the_config_does_not(tmp_path):
@@ -380,6 +386,12 @@ def test_command_prints_the_breakdown_alternatives_and_json(tiny_model_dir, tmp_
     report = json.loads(capsys.readouterr().out)
     assert report["as_written"]["time"]["steps"] == 50 and report["recommended"]["fits"]
     assert report["as_written"]["memory"]["peak_bytes"] == sum(report["as_written"]["memory"]["parts_bytes"].values())
+    # The config's own strategy is the one estimated: DeepSpeed's stage 3, with its stages among the alternatives.
+    assert main(["estimate", str(config), "--json", "--gpus", "2", "training.distributed=deepspeed",
+                 "training.deepspeed.stage=3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["as_written"]["plan"]["strategy"] == "zero3"
+    assert {"zero2", "zero3", "fsdp"} <= {o["plan"]["strategy"] for o in report["alternatives"]}
 
 
 def test_bad_input_names_the_field(tiny_model_dir, tmp_path, capsys):

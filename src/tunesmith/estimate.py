@@ -19,13 +19,16 @@ each term and the measurements that check it):
 The peak is the largest of four moments: the loss (every activation saved, the loss's buffers
 live), the bottom of backward (gradients of every layer above), the optimizer step (every gradient
 and the optimizer's temporaries) and generation. DDP replicates everything (plus its gradient
-buckets); FSDP2 shards weights, gradients and optimizer state over the devices and gathers the root
-(embeddings, head) and two decoder layers at a time.
+buckets); FSDP2 and DeepSpeed ZeRO-3 shard weights, gradients and optimizer state over the devices
+and gather the root (embeddings, head) and two decoder layers at a time; ZeRO-2 shards the gradients
+and optimizer state and replicates the weights. CPU offload (FSDP's, ZeRO's) is not modelled: the
+figures are those without it, an upper bound for GPU memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -47,6 +50,15 @@ LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate"
 # that has only imported tunesmith (tokenizer, datasets, allocator pools, kernels' code pages),
 # measured with the tiny model (tests/test_estimate.py prints it). The one calibrated constant.
 RUNTIME_BYTES = {"cuda": 256 * MiB, "cpu": 48 * MiB}
+# Where DeepSpeed is installed, accelerate and transformers import it in every run (their unwrap_model looks
+# for its engine): host memory only, measured as the RSS `import deepspeed` adds (59 MiB, deepspeed 0.19).
+DEEPSPEED_IMPORT_BYTES = 59 * MiB
+
+
+def runtime_bytes(device: str) -> float:
+    """RUNTIME_BYTES of ``device``, with DeepSpeed's import on CPU where it is installed."""
+    extra = DEEPSPEED_IMPORT_BYTES if device == "cpu" and importlib.util.find_spec("deepspeed") else 0
+    return float(RUNTIME_BYTES[device] + extra)
 START_POINT_LIMIT = 2 * GiB  # train.loop keeps the run's start in host memory up to this many trainable bytes
 FIT_SHARE = 0.92  # "fits" leaves 8% of the device for the CUDA context and the allocator's fragmentation
 CHUNK = 1024  # tokens per chunk of the chunked loss without Liger (losses.chunked)
@@ -158,7 +170,23 @@ def load_architecture(model: ModelConfig) -> Architecture:
     return read_architecture(tree, f"{folder}/{gguf}" if gguf else folder)
 
 
-Strategy = Literal["single", "ddp", "fsdp"]
+Strategy = Literal["single", "ddp", "fsdp", "zero2", "zero3"]  # zero2, zero3: DeepSpeed ZeRO's stages
+WEIGHTS_SHARDED = ("fsdp", "zero3")
+STATE_SHARDED = ("fsdp", "zero2", "zero3")  # gradients and optimizer state
+
+
+def _shards(plan: Plan) -> tuple[int, int]:
+    """(what the weights are divided by, what the gradients and optimizer state are divided by)."""
+    return (plan.gpus if plan.strategy in WEIGHTS_SHARDED else 1,
+            plan.gpus if plan.strategy in STATE_SHARDED else 1)
+
+
+def strategy_of(config: Config) -> Strategy | None:
+    """The strategy ``training.distributed`` names (None for auto)."""
+    chosen = config.training.distributed
+    if chosen == "deepspeed":
+        return "zero3" if config.training.deepspeed.stage == 3 else "zero2"
+    return None if chosen == "auto" else chosen
 Loss = Literal["chunked", "liger", "logits", "transformers", "labels", "score"]
 
 
@@ -561,17 +589,18 @@ def _fixed_parts(arch: Architecture, plan: Plan) -> dict[str, float]:
     """What every moment holds: weights, adapters, optimizer state, reference copy, runtime; sharded
     over the devices under FSDP, which also gathers the root (embeddings, head) and two layers. On CPU
     the run's start (a copy of the trainable weights, for a rollback) is in the same memory."""
-    shards = plan.gpus if plan.strategy == "fsdp" else 1
+    shards, state_shards = _shards(plan)
     weights, constants = weight_bytes(arch, plan)
     trainable, grad = trainable_params(arch, plan), 4 if plan.adapters else plan.param_bytes
     parts = {"weights": weights / shards, "4-bit constants": constants / shards,
              "LoRA adapters": adapter_params(arch, plan) * 4 / shards,
-             "optimizer state": optimizer_state_bytes(trainable, grad, plan.optimizer) / shards,
+             "optimizer state": optimizer_state_bytes(trainable, grad, plan.optimizer) / state_shards,
              "reference model": (weights + constants) / shards if plan.reference == "copy" else 0.0,
-             "runtime": float(RUNTIME_BYTES[plan.device])}
-    if plan.device == "cpu" and plan.snapshot and plan.strategy != "fsdp" and trainable * grad <= START_POINT_LIMIT:
+             "runtime": runtime_bytes(plan.device)}
+    if plan.device == "cpu" and plan.snapshot and plan.strategy in ("single", "ddp") \
+            and trainable * grad <= START_POINT_LIMIT:
         parts["rollback snapshot"] = trainable * grad
-    if plan.strategy == "fsdp":
+    if plan.strategy in WEIGHTS_SHARDED:
         layer = weights * (arch.layers * arch.layer_params / arch.params) / arch.layers
         root = (arch.embedding_params + arch.head_params) * plan.param_bytes
         parts["FSDP gathered"] = root + 2 * layer + trainable_layer_params(arch, plan) * grad
@@ -581,7 +610,7 @@ def _fixed_parts(arch: Architecture, plan: Plan) -> dict[str, float]:
 def estimate_memory(arch: Architecture, plan: Plan) -> Memory:
     """Peak bytes per device of a training step of ``plan``."""
     fixed = _fixed_parts(arch, plan)
-    shards = plan.gpus if plan.strategy == "fsdp" else 1
+    _, shards = _shards(plan)  # gradients
     buckets = plan.strategy == "ddp"  # DDP's buckets: a second copy of the gradients
     trainable, grad = trainable_params(arch, plan), 4 if plan.adapters else plan.param_bytes
     acts = activation_bytes(arch, plan)
@@ -717,7 +746,8 @@ def variants(plan: Plan) -> list[Plan]:
     strategy, checkpointing and micro-batch (halved down to 1, accumulation raised to match)."""
     methods = [plan.method] + [m for m in ("lora", "qlora") if m != plan.method and plan.method in (
         "full", "freeze", "lora", "dora")]
-    strategies = ["ddp", "fsdp"] if plan.gpus > 1 else ["single"]
+    strategies = ["single"] if plan.gpus == 1 else ["ddp", "fsdp"] + (
+        ["zero2", "zero3"] if plan.strategy in ("zero2", "zero3") else [])  # DeepSpeed's where the config asks for it
     batches, size = [], plan.micro_batch
     while size >= 1:
         batches.append(size)
@@ -757,7 +787,7 @@ def estimate(arch: Architecture, plan: Plan, steps: int, gpu_memory: float, peak
     written = option(plan)
     options = sorted((option(p) for p in variants(plan)),
                      key=lambda o: (not o.fits, o.plan.method != plan.method, o.timing.seconds,
-                                    o.plan.strategy == "fsdp", o.memory.peak))
+                                    o.plan.strategy != "ddp", o.memory.peak))
     fitting = [o for o in options if o.fits]
     return Report(arch, written, options, fitting[0] if fitting else None, gpu_memory,
                   assumptions(plan, mfu, peak_tflops), notes(arch, plan, written.memory))
@@ -787,5 +817,5 @@ def assumptions(plan: Plan, mfu: float | None, peak_tflops: float) -> list[str]:
             "reference model's forward; communication is taken to overlap with compute",
             f"fits: peak <= {FIT_SHARE:.0%} of the device (the CUDA context and fragmentation are outside it); "
             "DDP keeps a second copy of the gradients in its buckets",
-            f"runtime: {RUNTIME_BYTES[plan.device] / MiB:.0f} MiB outside the account (the one calibrated "
-            "constant; docs/estimate.md)"]
+            f"runtime: {runtime_bytes(plan.device) / MiB:.0f} MiB outside the account (the one calibrated "
+            "constant, with DeepSpeed's import on CPU where it is installed; docs/estimate.md)"]

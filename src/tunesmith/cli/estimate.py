@@ -33,9 +33,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--price-per-gpu-hour", type=float, metavar="X", help="price of one device for an hour")
     parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: training.max_steps, "
                                                                "else epochs over the counted training rows)")
-    parser.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
-                        help="with --gpus > 1: auto is DDP for adapter methods, FSDP2 for full fine-tuning that "
-                             "does not fit under DDP")
+    parser.add_argument("--strategy", choices=["auto", "ddp", "fsdp", "zero2", "zero3"],
+                        help="with --gpus > 1 (default: training.distributed; zero2, zero3: DeepSpeed's stages): "
+                             "auto is DDP for adapter methods, FSDP2 for full fine-tuning that does not fit under "
+                             "DDP")
     parser.add_argument("--row-tokens", type=float, metavar="N", help="mean tokens per row, for the time "
                                                                       "(default: data.max_seq_len)")
     parser.add_argument("--mfu", type=float, help="utilisation to assume instead of the stated model (0-1]")
@@ -88,9 +89,10 @@ def run_estimate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     arch = model.load_architecture(config.model)
     plan = model.plan_from_config(config, arch, args.gpus)
+    chosen = args.strategy or model.strategy_of(config) or "auto"
     plan = dataclasses.replace(plan, mean_row_tokens=args.row_tokens,
-                               strategy=model.auto_strategy(arch, plan, memory) if args.strategy == "auto"
-                               else args.strategy if args.gpus > 1 else "single")
+                               strategy=model.auto_strategy(arch, plan, memory) if chosen == "auto"
+                               else chosen if args.gpus > 1 else "single")
     steps = args.steps or model.count_steps(config, args.gpus)
     rollouts = config.ppo.steps_per_batch if config.task == "ppo" else 1
     report = model.estimate(arch, plan, steps, memory, args.peak_tflops or model.PEAK_TFLOPS, args.mfu,

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 from tunesmith.config.load import load_config
+from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
+from tunesmith.rundir import RunDir
 
 # task -> the recipe that trains it ("module:function"), imported only when training (heavy imports).
 RECIPES = {
@@ -65,14 +71,38 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     return command + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
 
 
+def launch(command: list[str], config: Config) -> int:
+    """Run torchrun and exit as the run ended: torchrun exits 1 whenever a process did not exit 0, so a run
+    that was preempted (143, 130 for Ctrl-C) or diverged (1) is read from the status.json it wrote in this
+    launch. The stop signals a scheduler sends this process (SIGTERM, Slurm's SIGUSR1) are passed on to
+    torchrun, which passes them on to the processes; torchrun has its own process group, so Ctrl-C in a
+    terminal reaches it once, from here."""
+    status_file = RunDir.of(config).status_file
+    started = time.time()
+    child = subprocess.Popen(command, process_group=0)
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
+    previous = {s: signal.signal(s, lambda number, _frame: child.send_signal(number)) for s in forwarded}
+    try:
+        code = child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if code != 0 and status_file.is_file() and status_file.stat().st_mtime >= started:
+        try:
+            recorded = json.loads(status_file.read_text()).get("exit_code")
+        except (OSError, ValueError):
+            recorded = None  # unreadable: torchrun's own code stands
+        if isinstance(recorded, int):
+            return recorded
+    return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-        load_config(args.config, args.overrides)  # a bad config is refused here, not once per process
-        command = torchrun_command(args)
+        config = load_config(args.config, args.overrides)  # a bad config is refused here, not once per process
         sys.stdout.flush()
         sys.stderr.flush()
-        # torchrun takes this process's place, so that a scheduler's SIGTERM reaches it (it passes it on).
-        os.execv(command[0], command)
+        return launch(torchrun_command(args), config)
     config = load_config(args.config, args.overrides)
     run_dir = recipe_for(config.task)(config, resume=args.resume, overwrite=args.overwrite).run_dir
     use = f"tunesmith reward score {run_dir} --file ROWS" if config.task == "reward" else f"tunesmith chat {run_dir}"

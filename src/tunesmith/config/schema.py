@@ -204,6 +204,25 @@ class FSDPConfig(StrictModel):
 
     reshard_after_forward: bool = Field(True, description="free each layer's gathered weights after its forward "
                                         "(and gather them again for backward): less memory, more communication")
+    cpu_offload: bool = Field(False, description="keep the shards of weights, gradients and optimizer state in CPU "
+                              "memory (the optimizer steps on the CPU); each layer's weights come to the GPU for its "
+                              "forward and backward: a model too large for the GPUs' memory trains, slowly")
+
+
+class DeepSpeedConfig(StrictModel):
+    """DeepSpeed ZeRO's settings (``training.distributed: deepspeed``, the ``deepspeed`` extra)."""
+
+    stage: Literal[2, 3] = Field(2, description="2: gradients and optimizer state partitioned over the processes; "
+                                 "3: the weights too (gathered layer by layer in forward and backward)")
+    offload_optimizer: bool = Field(False, description="optimizer state and step in CPU memory (ZeRO-Offload)")
+    offload_params: bool = Field(False, description="stage 3: the weights' partitions in CPU memory too")
+
+    @model_validator(mode="after")
+    def _stage_3_offloads_weights(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("training.deepspeed.offload_params needs stage 3 (stage 2 keeps every weight on every "
+                             "device)")
+        return self
 
 
 class TrainingConfig(StrictModel):
@@ -262,12 +281,13 @@ class TrainingConfig(StrictModel):
     nonfinite_limit: int = Field(3, ge=1, description="a NaN/inf loss or gradient norm skips the update; this many in "
                                  "a row stop the run, whose model is then the last good step's")
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
-    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
         "auto", description="under several processes (--nproc, torchrun): ddp replicates the model on every "
-        "device; fsdp (FSDP2) shards weights, gradients and optimizer state over them; auto: fsdp for full and "
-        "freeze fine-tuning on GPUs when weights, gradients and AdamW state (16 bytes a parameter) would not "
-        "fit 80% of one, else ddp")
+        "device; fsdp (FSDP2) shards weights, gradients and optimizer state over them; deepspeed: DeepSpeed ZeRO "
+        "(training.deepspeed; pip install 'tunesmith[deepspeed]'); auto: fsdp for full and freeze fine-tuning on "
+        "GPUs when weights, gradients and AdamW state (16 bytes a parameter) would not fit 80% of one, else ddp")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     log_every: int = Field(1, ge=1)
     seed: int = 0
 
@@ -478,6 +498,19 @@ class RunConfig(StrictModel):
             if self.method.type in ("qlora", "bottleneck"):
                 raise ValueError(f"training.distributed fsdp: method {self.method.type} cannot be sharded yet; "
                                  "use ddp")
+        if self.training.distributed == "deepspeed":
+            if task in ("grpo", "ppo", "reward"):
+                raise ValueError(f"training.distributed deepspeed: task {task} is not run under DeepSpeed yet; use "
+                                 "ddp")
+            if self.method.type in ("qlora", "bottleneck"):
+                raise ValueError(f"training.distributed deepspeed: method {self.method.type} is not run under "
+                                 "DeepSpeed yet; use ddp")
+            if self.training.keep_best:
+                raise ValueError("training.keep_best: not under DeepSpeed yet (its weights live in the ZeRO "
+                                 "optimizer's partitions); use ddp or fsdp, or keep checkpoints with save_every")
+            if self.training.optimizer in ("adamw_8bit", "sgd") and self.training.deepspeed.offload_optimizer:
+                raise ValueError(f"training.deepspeed.offload_optimizer steps on the CPU with torch's AdamW; "
+                                 f"training.optimizer {self.training.optimizer} cannot be offloaded")
         if self.training.keep_best and not (self.data.eval or self.data.eval_fraction):
             raise ValueError("training.keep_best needs eval data: set data.eval or data.eval_fraction")
         return self

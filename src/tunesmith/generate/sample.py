@@ -94,6 +94,18 @@ def _cut_at_stop(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
     return [row[:next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in rows]
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded over processes (FSDP2, DeepSpeed ZeRO-3): then every process runs the same
+    generation, and transformers keeps them in step until the last one is done (``synced_gpus``; it does not
+    see our ``fully_shard`` or accelerate's ZeRO-3 on its own)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules()) or any(
+        hasattr(p, "ds_id") for p in model.parameters())
+
+
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
                  sampling: SamplingConfig) -> list[list[int]]:
     """One sampled completion of each prompt (token ids; greedy at temperature 0), all generated in
@@ -107,7 +119,7 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     with evaluating(model):
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **_decoding(sampling),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
-                                pad_token_id=pad)
+                                pad_token_id=pad, synced_gpus=_sharded(model))
     return _cut_at_stop(output[:, width:].tolist(), eos)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,7 @@ def decoder_and_head(model: nn.Module) -> tuple[Callable[..., Any], nn.Module] |
         if model.peft_config[model.active_adapter].is_prompt_learning:
             return None
         inner = model.get_base_model()
-    if not fast_path_model(inner):
+    if not fast_path_model(inner) or zero3_partitioned(model):  # ZeRO-3: the head is gathered only in its forward
         return None
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if not isinstance(decoder, nn.Module) or head is None:
@@ -68,9 +69,21 @@ def through_wrapper(wrapper: nn.Module | None, model: nn.Module, decoder: nn.Mod
     return functools.partial(wrapper, **{HIDDEN_ONLY: True})
 
 
+def is_deepspeed_engine(model: nn.Module) -> bool:
+    """A DeepSpeed engine (accelerate's prepare under DeepSpeed), told by its class: deepspeed is optional."""
+    return type(model).__name__ == "DeepSpeedEngine" and type(model).__module__.startswith("deepspeed")
+
+
+def zero3_partitioned(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are partitioned by DeepSpeed ZeRO stage 3 (each holds only its shard outside
+    the forward of the module that owns it)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def unwrapped_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
-    """(the wrapper whose forward must run: DDP or an FSDP2 root, or None; the model inside it)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    """(the wrapper whose forward must run: DDP, a DeepSpeed engine or an FSDP2 root, or None; the model
+    inside it)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_deepspeed_engine(model):
         return model, model.module
     return (model if isinstance(model, FSDPModule) else None), model
 
@@ -108,10 +121,14 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
     switch in ``training``); logs and returns what was switched on."""
     applied = []
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    # DeepSpeed ZeRO-3 (partitioning comes later, in accelerate's prepare) gathers a module's weights only for
+    # its own forward: fused LoRA and the chunked loss read weights outside it.
+    zero3 = training.distributed == "deepspeed" and training.deepspeed.stage == 3 and \
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
     if padding_free and training.varlen_attention and inner.config._attn_implementation == "sdpa":
         inner.set_attn_implementation(varlen.NAME)
         applied.append("per-row attention (sdpa_varlen)")
-    if training.fused_lora != "off":
+    if training.fused_lora != "off" and not zero3:
         kernel = training.fused_lora
         if kernel == "triton" and not triton_usable(next(model.parameters())):
             log.info("training.fused_lora: triton runs on CUDA only here; the blas kernel instead")
@@ -136,7 +153,7 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
             for layer in layers:
                 layer.compile()
             applied.append(f"torch.compile on {len(layers)} decoder layers")
-    if training.chunked_loss and decoder_and_head(model) is not None:
+    if training.chunked_loss and decoder_and_head(model) is not None and not zero3:
         applied.append("chunked loss (no full logits)")
     if applied:
         log.info("fast path: %s", ", ".join(applied))

@@ -8,6 +8,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-
 import torch
 import transformers
 from accelerate import Accelerator
@@ -37,14 +37,14 @@ from tunesmith.data.pack import packed_dataset
 from tunesmith.data.pairs import build_pair_datasets, collate_pairs
 from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
 from tunesmith.models.device import select_device, select_mixed_precision
-from tunesmith.models.fastpath import apply_speedups, packs_padding_free
+from tunesmith.models.fastpath import apply_speedups, packs_padding_free, zero3_partitioned
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
     tokens_to_add
 from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.errors import RunStopped, TunesmithError
 from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
-from tunesmith.train import shard
+from tunesmith.train import shard, zero
 from tunesmith.train.guard import stop_signals
 from tunesmith.train.loop import TrainResult
 from tunesmith.train.optim import lr_scale_for
@@ -62,8 +62,17 @@ class RunResult:
 
 def build_accelerator(config: Config) -> Accelerator:
     device = select_device(config.model.device)
-    return Accelerator(mixed_precision=select_mixed_precision(config.training.mixed_precision, device),
-                       cpu=device.type == "cpu")
+    precision = select_mixed_precision(config.training.mixed_precision, device)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.training.distributed == "deepspeed" and processes > 1:
+        zero.require_installed()  # before anything loads; the loop starts the engine (train.zero says why)
+    if device.type == "cuda" and processes > 1 and config.training.fsdp.cpu_offload \
+            and not torch.distributed.is_initialized():
+        # FSDP's CPU offload reduces gradients and clips their norm on CPU tensors: the process group needs a CPU
+        # backend beside NCCL (accelerate, finding it initialised, keeps it).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="cuda:nccl,cpu:gloo")
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreTrainedTokenizerBase]:
@@ -101,9 +110,9 @@ def lifetime(config: Config, run_dir: Path, accelerator: Accelerator, resumed: b
 
 def _record_end(run_dir: Path, err: BaseException) -> None:
     """status.json for a run that raised; a failure to write it is logged, never put in the error's place."""
-    status = ended_as(err)
+    status, code = ended_as(err), None
     if isinstance(err, RunStopped):
-        reason, step = str(err), err.step
+        reason, step, code = str(err), err.step, err.exit_code
     elif isinstance(err, KeyboardInterrupt):
         reason, step = "interrupted (a second Ctrl-C): stopped at once, without a checkpoint", None
     elif isinstance(err, SystemExit):
@@ -111,7 +120,7 @@ def _record_end(run_dir: Path, err: BaseException) -> None:
     else:
         reason, step = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", None
     try:
-        write_status(run_dir, status, reason, step)
+        write_status(run_dir, status, reason, step, code)
     except TunesmithError as write_err:
         log.warning("%s", write_err)
 
@@ -122,7 +131,11 @@ def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, token
     fields), the trackers' final numbers and the run's status. A diverged run (its model is the last
     good step's) then raises ``RunStopped``, so that the command exits non-zero."""
     final = accelerator.unwrap_model(model)
-    whole = shard.full_model_state(final) if shard.is_sharded(final) and result.keep_model else None
+    whole = None
+    if result.keep_model and shard.is_sharded(final):
+        whole = shard.full_model_state(final)
+    elif result.keep_model and zero3_partitioned(final):
+        whole = zero.full_model_state(zero.engine_of(final), final)
     if accelerator.is_main_process:
         if result.keep_model:
             save_final_model(final, tokenizer, run_dir, whole)

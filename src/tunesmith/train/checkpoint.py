@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,12 +130,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0, sharded: bool = False
-                    ) -> TrainState:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0, sharded: bool = False,
+                    engine: Callable[[Path], None] | None = None) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote (the RNG state of process ``rank``; a process the saving
-    run did not have keeps its seeded RNG); returns the saved training state."""
+    run did not have keeps its seeded RNG); returns the saved training state. ``engine``: a DeepSpeed run's
+    reader of the engine's own files (weights and optimizer state)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
-    if (checkpoint / "shards").is_dir():  # a sharded run's: resharded for this run, sharded or not
+    if engine is not None:
+        engine(checkpoint / "deepspeed")
+    elif (checkpoint / "shards").is_dir():  # a sharded run's: resharded for this run, sharded or not
         from tunesmith.train import shard
 
         shard.load_shards(model, inner, checkpoint / shard.SHARDS)

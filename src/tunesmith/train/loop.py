@@ -31,13 +31,14 @@ from tunesmith.config.schema import TrainingConfig
 from tunesmith.data.collate import count_rows
 from tunesmith.errors import RunStopped, TunesmithError
 from tunesmith.io import write_text_atomic, writing
+from tunesmith.models.fastpath import zero3_partitioned
 from tunesmith.models.modes import evaluating
 from tunesmith.rundir import RunDir
 from tunesmith.tracking import log_record
 from tunesmith.train.checkpoint import Snapshot, TrainState, capture_rng, checkpoint_bytes, checkpoint_step, \
     drop_best_after, drop_checkpoints_after, final_model_bytes, list_checkpoints, load_best, load_checkpoint, save_best, \
     restore_rng, save_checkpoint, staging_dir
-from tunesmith.train import shard
+from tunesmith.train import shard, zero
 from tunesmith.train.guard import DivergenceWatch, StopSignals, stop_signals
 from tunesmith.train.mfu import MFUMeter
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -275,13 +276,14 @@ def _apply_all(loss: float, grad_norm: float | None) -> tuple[tuple[str, str] | 
 def _train_step(model: nn.Module, objective: Objective, window: list[Batch], accelerator: Accelerator,
                 optimizer: torch.optim.Optimizer, max_grad_norm: float | None, judge: Judge = _apply_all,
                 held: list[nn.Parameter] = (), offload: bool = False,
-                too_late: Callable[[float], bool] | None = None) -> StepOutcome:
+                too_late: Callable[[float], bool] | None = None, engine: bool = False) -> StepOutcome:
     """One optimizer step over an accumulation window. ``judge`` sees the loss and the gradient norm
     before the update and says whether to apply it (a non-finite or diverging step is not applied:
     weights and optimizer state stay as they were). ``held`` parameters (gradual unfreezing) lose
     their gradients before clipping: they do not move. ``offload``: tensors saved for backward wait in
     pinned CPU memory. ``too_late(seconds left)``: between micro-batches, whether to give the step up
-    (raises ``_Dropped``; nothing was applied)."""
+    (raises ``_Dropped``; nothing was applied). ``engine``: ``model`` is a DeepSpeed engine, which reduces,
+    clips and steps itself (``zero``); a diverging step is then applied, and undone by the rollback."""
     window = [{k: v.to(accelerator.device) for k, v in b.items()} for b in window]
     units = torch.tensor(float(sum(objective.units(b) for b in window)), device=accelerator.device)
     units = accelerator.reduce(units, "sum").clamp(min=1)  # across processes too
@@ -291,13 +293,23 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
         if index and too_late is not None and too_late((time.monotonic() - started) / index * (len(window) - index)):
             optimizer.zero_grad(set_to_none=True)
             raise _Dropped
-        sync = accelerator.no_sync(model) if index < len(window) - 1 else nullcontext()
+        last = index == len(window) - 1
+        sync = accelerator.no_sync(model) if not last and not engine else nullcontext()
         saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else nullcontext()
         with sync, accelerator.autocast(), saved:
             loss = objective.loss_sum(model, batch) / units
-            # DDP averages gradients over processes; the normaliser already counts all of them.
-            accelerator.backward(loss * accelerator.num_processes)
+            # DDP (and DeepSpeed) average gradients over processes; the normaliser already counts all of them.
+            if engine:
+                zero.backward(model, loss * accelerator.num_processes, last)
+            else:
+                accelerator.backward(loss * accelerator.num_processes)
         loss_total += float(loss.detach())
+    if engine:
+        grad_norm = zero.step(model)
+        loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
+        verdict, apply = judge(loss_total, grad_norm)
+        return StepOutcome(loss_total, grad_norm, sum(_tokens(b) for b in window),
+                           sum(count_rows(b) for b in window), verdict, apply)
     for parameter in held:
         parameter.grad = None
     # The norm is measured on every step (an infinite threshold clips nothing) for the non-finite guard.
@@ -456,7 +468,11 @@ class _Training:
                  samples: Callable[[nn.Module], list[dict[str, str]]] | None):
         self.objective, self.stream, self.eval_batches, self.config = objective, stream, eval_batches, config
         self.run_dir, self.accelerator, self.held, self.samples = run_dir, accelerator, held, samples
-        self.sharded = shard.strategy(config, model, accelerator) == "fsdp"
+        chosen = shard.strategy(config, model, accelerator)
+        self.sharded, self.engine = chosen == "fsdp", chosen == "deepspeed"
+        if self.engine and held is not None:
+            raise TunesmithError("gradual unfreezing (method.freeze's schedule) is not run under DeepSpeed yet: its "
+                                 "held parameters' gradients are in ZeRO's partitions; use ddp or fsdp")
         if self.sharded and not getattr(objective, "fsdp_ready", True):  # auto chose it for a task that cannot
             log.info("training.distributed auto: ddp, not fsdp (this task generates or scores outside the model's "
                      "forward, which sharding does not support yet)")
@@ -466,12 +482,18 @@ class _Training:
         self.optimizer = build_optimizer(model, config, lr_scale)
         self.steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps)
+        self.main = accelerator.is_main_process
         if self.sharded:  # sharded by torch: accelerate would wrap it in DDP as well
             self.model, self.optimizer = model, accelerator.prepare(self.optimizer)
+        elif self.engine:  # the engine steps the optimizer; the scheduler (built above) sets its rates
+            self.model, self.optimizer, engine_config = zero.initialize(
+                model, self.optimizer, config, accelerator.num_processes, accelerator.mixed_precision)
+            if self.main:  # the configuration the engine runs with, to read or reuse
+                with writing(run_dir / zero.CONFIG_FILE, "the DeepSpeed configuration"):
+                    write_text_atomic(run_dir / zero.CONFIG_FILE, json.dumps(engine_config, indent=2) + "\n")
         else:
             self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
-        self.main = accelerator.is_main_process
         self.state = TrainState()
         self.start_point: Snapshot | None = None
         self.last_saved_step: int | None = None
@@ -493,7 +515,7 @@ class _Training:
         self.state.micro_per_step = self.config.grad_accum * self.accelerator.num_processes
         rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
         staged = None
-        if self.sharded:  # every process writes its shards into a staging folder; the main one commits it
+        if self.sharded or self.engine:  # every process writes its part into a staging folder; the main one commits
             staged = staging_dir(self.run_dir, self.state.global_step)
 
             def prepare() -> None:
@@ -501,7 +523,10 @@ class _Training:
                     shutil.rmtree(staged, ignore_errors=True)
                     staged.mkdir(parents=True)
             self._on_main(prepare)
-            shard.save_shards(self.unwrapped, self.optimizer.optimizer, staged / shard.SHARDS)
+            if self.engine:
+                zero.save(self.model, staged / zero.ENGINE_DIR)
+            else:
+                shard.save_shards(self.unwrapped, self.optimizer.optimizer, staged / shard.SHARDS)
             self.accelerator.wait_for_everyone()
         self._on_main(lambda: save_checkpoint(self.run_dir, self.unwrapped, self.optimizer, self.scheduler,
                                               self.state, self.config.keep_last, rng[1:], staged), timed=True)
@@ -510,6 +535,10 @@ class _Training:
             # A rollback never goes to the newest checkpoint right after it was written (its weights are
             # suspect when the next step diverges); with an older one on disk the start is not needed.
             self.start_point = None
+
+    def _engine_loader(self) -> Callable[[Path], None] | None:
+        """How a DeepSpeed run reads its checkpoints' engine files (every process), else None."""
+        return (lambda folder: zero.load(self.model, folder)) if self.engine else None
 
     def _on_main(self, write: Callable[[], Any], timed: bool = False) -> None:
         """A write the main process does; its failure stops every process (none is left waiting)."""
@@ -533,7 +562,7 @@ class _Training:
         candidates = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) < before_step]
         if candidates:
             restored = load_checkpoint(candidates[-1], self.unwrapped, self.optimizer, self.scheduler,
-                                       self.accelerator.process_index, self.sharded)
+                                       self.accelerator.process_index, self.sharded, self._engine_loader())
             where = f"checkpoint {candidates[-1].name}"
         elif self.start_point is not None:
             restored = self.start_point.restore(self.unwrapped, self.optimizer, self.scheduler)
@@ -570,13 +599,13 @@ class _Training:
                      accelerator.device.type)
         if resume_from is not None:
             self.state = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler,
-                                         accelerator.process_index, self.sharded)
+                                         accelerator.process_index, self.sharded, self._engine_loader())
             if self.state.objective:
                 self.objective.load_state_dict(self.state.objective)
             self.last_saved_step = self.state.global_step
             log.info("resumed from %s at step %d", resume_from, self.state.global_step)
         check_disk_space(self.run_dir, self.unwrapped, config)  # every process: none is left waiting
-        if config.divergence.policy != "warn" and resume_from is None and not self.sharded:
+        if config.divergence.policy != "warn" and resume_from is None and not (self.sharded or self.engine):
             size = sum(p.numel() * p.element_size() for p in self.unwrapped.parameters() if p.requires_grad)
             if size <= START_POINT_LIMIT:
                 self.start_point = Snapshot.take(self.unwrapped, self.optimizer, self.scheduler, self.state)
@@ -663,7 +692,8 @@ class _Training:
             try:
                 return _train_step(self.model, self.objective, window, accelerator, self.optimizer,
                                    config.max_grad_norm, self._judge,
-                                   self.held(state.global_step) if self.held else (), self.offload, too_late)
+                                   self.held(state.global_step) if self.held else (), self.offload, too_late,
+                                   self.engine)
             except _Dropped:
                 restore_rng(*rng)
                 self.objective_metrics_dropped()
@@ -819,8 +849,15 @@ class _Training:
         return True
 
     def _evaluate_and_sample(self, result: TrainResult) -> None:
-        if self.samples is not None and self.main and not self.sharded:  # sharded: generation would be collective
-            self.metrics.write({"step": self.state.global_step, "samples": self.samples(self.unwrapped)})
+        collective = self.sharded or (self.engine and zero3_partitioned(self.unwrapped))
+        if self.samples is not None and (self.main or collective):
+            # Sharded, every process generates the same replies together (each forward gathers the weights);
+            # the main process writes them.
+            replies = self.samples(self.unwrapped)
+            if self.sharded:
+                self.unwrapped.reshard()
+            if self.main:
+                self.metrics.write({"step": self.state.global_step, "samples": replies})
         if self.eval_batches:
             self._evaluate(result)
         if result.stopped_early:

@@ -21,6 +21,7 @@ from tunesmith.config.schema import Config
 from tunesmith.errors import TunesmithError
 from tunesmith.io import atomic_directory, sha256_of, write_text_atomic, writing
 from tunesmith.rundir import RunDir, RunStatus
+from tunesmith.train import zero
 from tunesmith.train.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,29 @@ def open_run_dir(config: Config, resume: bool, overwrite: bool, accelerator: Acc
     Under several processes the main one prepares the folder and the others wait for it.
     """
     run_dir = RunDir.of(config).path
+    processes = accelerator.num_processes if accelerator is not None else 1
     if accelerator is not None and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         checkpoints = list_checkpoints(run_dir) if resume else []
+        if checkpoints:  # refused here as on the main process: no process goes on alone
+            _check_resume(config, checkpoints[-1], processes)
         return run_dir, checkpoints[-1] if checkpoints else None
     try:
         with writing(run_dir, "the run folder", "nothing was trained; choose a writable output.dir"):
-            return _prepare_run_dir(config, run_dir, resume, overwrite)
+            return _prepare_run_dir(config, run_dir, resume, overwrite, processes)
     finally:
         if accelerator is not None:
             accelerator.wait_for_everyone()
 
 
-def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+def _check_resume(config: Config, checkpoint: Path, processes: int) -> None:
+    """A resume the checkpoint's strategy cannot do is refused before the folder is touched."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes", 1)
+    zero.check_resume(checkpoint, config.training.distributed == "deepspeed" and processes > 1, processes, saved)
+
+
+def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool, processes: int
+                     ) -> tuple[Path, Path | None]:
     run = RunDir(run_dir)
     if run_dir.exists() and not resume:
         if not run.config_file.is_file():
@@ -72,6 +83,8 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: boo
         checkpoint = checkpoints[-1] if checkpoints else None
         if checkpoint is None:
             log.warning("%s has no complete checkpoint: training starts from the beginning", run_dir)
+        else:
+            _check_resume(config, checkpoint, processes)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.config_file, dump_config(config))
     if checkpoint is None or not run.data_file.is_file():  # a resumed run keeps what it first read
@@ -115,10 +128,13 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
-def write_status(run_dir: Path, status: RunStatus, reason: str | None = None, step: int | None = None) -> None:
+def write_status(run_dir: Path, status: RunStatus, reason: str | None = None, step: int | None = None,
+                 exit_code: int | None = None) -> None:
     """status.json: what the run is doing or how it ended, with this process's id and host (so that
-    ``runs list`` can tell a running run from one killed without a word)."""
-    record: dict[str, Any] = {"status": status, "reason": reason, "step": step, "pid": os.getpid(),
+    ``runs list`` can tell a running run from one killed without a word), and for a stopped run the exit
+    code it stopped with (``tunesmith train --nproc`` exits with it: torchrun's own is 1)."""
+    record: dict[str, Any] = {"status": status, "reason": reason, "step": step, "exit_code": exit_code,
+                              "pid": os.getpid(),
                               "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = RunDir(run_dir).status_file
     with writing(path, "the run's status"):

@@ -54,9 +54,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard(model: nn.Module, training: TrainingConfig) -> nn.Module:
     """Shard each decoder layer, then the rest of the model (embeddings, final norm, head), over all processes."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     options: dict[str, Any] = {"reshard_after_forward": training.fsdp.reshard_after_forward}
+    if training.fsdp.cpu_offload:  # pinned host memory where there is a GPU to copy to
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     if training.mixed_precision in ("bf16", "fp16") or (
             training.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         dtype = torch.float16 if training.mixed_precision == "fp16" else torch.bfloat16
@@ -67,8 +69,8 @@ def shard(model: nn.Module, training: TrainingConfig) -> nn.Module:
     # The root's weights (embeddings, final norm, head) stay gathered from its forward to the end of backward:
     # the chunked loss uses the head outside the model's forward.
     fully_shard(model, **{**options, "reshard_after_forward": False})
-    log.info("fsdp: %d decoder layers and the model sharded over the processes (reshard after forward: %s)",
-             len(layers), training.fsdp.reshard_after_forward)
+    log.info("fsdp: %d decoder layers and the model sharded over the processes (reshard after forward: %s, "
+             "CPU offload: %s)", len(layers), training.fsdp.reshard_after_forward, training.fsdp.cpu_offload)
     return model
 
 
