@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import resource
 import sys
@@ -149,8 +150,22 @@ class PathRunner:
         return loss.detach()
 
 
+def micro_batches(path: str, args: argparse.Namespace, rows: list[dict]) -> list[list[dict]]:
+    """The micro-batches a path trains: ``--batch`` rows each, or on the tunesmith path with
+    ``--batch-tokens`` whole rows packed up to that many tokens (``training.batch_tokens``)."""
+    if path == "tunesmith" and args.batch_tokens:
+        from tunesmith.train.loop import pack_by_tokens
+
+        packs = pack_by_tokens([len(r["input_ids"]) for r in rows], args.batch_tokens, list(range(len(rows))))
+        return [[rows[i] for i in pack] for pack in packs]
+    return [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]
+
+
 def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torch.device) -> dict:
     runner = PathRunner(path, args, device)
+    batches = micro_batches(path, args, rows)
+    if len(batches) < args.warmup + args.steps:
+        raise SystemExit(f"{path}: {len(batches)} micro-batches from {len(rows)} rows, fewer than --warmup + --steps")
     tokens = measured = 0
     started = time.perf_counter()
     for step in range(args.warmup + args.steps):
@@ -159,7 +174,7 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
             tokens = measured = 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        chunk = rows[step * args.batch:(step + 1) * args.batch]
+        chunk = batches[step]
         loss = runner.step(chunk)
         tokens += sum(len(r["input_ids"]) for r in chunk)
         measured += 1
@@ -169,6 +184,9 @@ def run_path(path: str, args: argparse.Namespace, rows: list[dict], device: torc
     tokens_per_s = tokens / elapsed
     peak = peak_flops(device)
     result = {"path": path, "shape": args.shape, "method": args.method, "seq": args.seq, "batch": args.batch,
+              "batch_tokens": args.batch_tokens if path == "tunesmith" else None,
+              "rows_per_micro_batch": round(sum(len(b) for b in batches[args.warmup:args.warmup + args.steps])
+                                            / args.steps, 1),
               "steps": measured, "tokens_per_s": round(tokens_per_s, 1), "final_loss": round(float(loss), 4),
               "mfu": round(tokens_per_s * flops / peak, 4) if peak else None, "mfu_formula": formula,
               "peak_tflops": peak / 1e12 if peak else None, "fast_path": runner.applied,
@@ -234,6 +252,10 @@ def find_max_seq(args: argparse.Namespace, device: torch.device) -> None:
     if device.type != "cuda":
         raise SystemExit("--find-max-seq measures GPU memory: run it on a CUDA machine")
     vocab = 49152 if args.shape == "smollm2-135m" else SHAPES[args.shape][5]
+    total = torch.cuda.get_device_properties(device).total_memory
+    if args.memory_cap_gb * 2**30 < total:  # a larger card measured as the 80 GB one the targets name
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / total, device)
+        print(f"memory capped at {args.memory_cap_gb} GiB of {total / 2**30:.0f}", flush=True)
     results = []
     for path in ("baseline", "tunesmith"):
         results.append(longest_context(path, args, device, vocab))
@@ -252,6 +274,9 @@ def main() -> None:
     parser.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch-tokens", type=int, metavar="N",
+                        help="the tunesmith path packs whole rows into micro-batches of up to N tokens "
+                             "(training.batch_tokens); the baseline keeps --batch rows")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--data", type=Path, default=SHARED / "alpaca_cleaned_sample.json")
@@ -264,6 +289,8 @@ def main() -> None:
     parser.add_argument("--find-max-seq", action="store_true",
                         help="instead of throughput: the longest row each path trains at batch 1 (CUDA)")
     parser.add_argument("--max-probe", type=int, default=1 << 20, help="--find-max-seq stops doubling here")
+    parser.add_argument("--memory-cap-gb", type=float, default=80.0,
+                        help="--find-max-seq: the memory both paths may use (GiB; default 80, the targets' card)")
     args = parser.parse_args()
     fast_config(args.fast)  # a bad setting fails here, before anything runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,7 +300,12 @@ def main() -> None:
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found: pass --data with an Alpaca-style JSON/JSONL file")
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = load_rows(args.data, args.seq, args.batch * (args.warmup + args.steps), args.tokenizer)
+    wanted = args.batch * (args.warmup + args.steps)
+    rows = load_rows(args.data, args.seq, wanted, args.tokenizer)
+    if args.batch_tokens:  # enough rows for the packed micro-batches too (the baseline uses the first ones)
+        mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
+        packed = math.ceil(1.2 * (args.warmup + args.steps) * args.batch_tokens / mean) + args.batch
+        rows = load_rows(args.data, args.seq, max(wanted, packed), args.tokenizer)
     padded = sum(max(len(r["input_ids"]) for r in rows[i:i + args.batch]) * len(rows[i:i + args.batch])
                  for i in range(0, len(rows), args.batch))
     real = sum(len(r["input_ids"]) for r in rows)

@@ -220,7 +220,8 @@ def _bench_estimate(shape: str, method: str, path: str, seq: int, batch: int, ch
         lengths = tuple(len(r["input_ids"]) for r in chunk)
         plan = est.Plan(task="sft", method=method, device="cuda", gpus=1, strategy="single", micro_batch=batch,
                         grad_accum=1, seq_len=seq, checkpointing=checkpointing, param_bytes=2, autocast=False,
-                        optimizer="adamw_fused" if fast and fused_adamw else "adamw", padding_free=fast,
+                        optimizer="adamw_fused" if fast and fused_adamw else "adamw" if fast else "adamw_foreach",
+                        padding_free=fast,
                         loss="liger" if fast else "transformers", liger=fast, fused_lora=fast and method == "lora",
                         trains_embeddings=method == "full", trains_head=method == "full",
                         rows=lengths, mean_row_tokens=sum(lengths) / len(lengths),

@@ -51,8 +51,10 @@ LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate"
 # measured with the tiny model (tests/test_estimate.py prints it). The one calibrated constant.
 RUNTIME_BYTES = {"cuda": 256 * MiB, "cpu": 48 * MiB}
 # Where DeepSpeed is installed, accelerate and transformers import it in every run (their unwrap_model looks
-# for its engine): host memory only, measured as the RSS `import deepspeed` adds (59 MiB, deepspeed 0.19).
-DEEPSPEED_IMPORT_BYTES = 59 * MiB
+# for its engine): host memory only. Calibrated like RUNTIME_BYTES, on the tiny LoRA run: its increase is
+# 167-170 MiB with deepspeed 0.19 installed against 133 without (`import deepspeed` alone adds 59 MiB to a
+# bare process, part of it what the run loads anyway).
+DEEPSPEED_IMPORT_BYTES = 36 * MiB
 
 
 def runtime_bytes(device: str) -> float:
@@ -263,9 +265,12 @@ def plan_from_config(config: Config, arch: Architecture, gpus: int = 1, strategy
     virtual = method.type in ("prefix", "prompt")
     fast = arch.fast_path and not virtual
     kl = config.regularization.kl_to_base if config.task in ("sft", "pretrain") else 0.0
+    rows, seq_len = training.batch_size, config.data.max_seq_len
+    if isinstance(training.batch_tokens, int):  # whole rows packed up to that many tokens
+        rows, seq_len = tokens_as_rows(training.batch_tokens, seq_len)
     plan = Plan(task=config.task, method=method.type, device=device, gpus=gpus,
-                strategy=strategy if gpus > 1 else "single", micro_batch=training.batch_size,
-                grad_accum=training.grad_accum, seq_len=config.data.max_seq_len,
+                strategy=strategy if gpus > 1 else "single", micro_batch=rows,
+                grad_accum=training.grad_accum, seq_len=seq_len,
                 checkpointing=training.gradient_checkpointing, param_bytes=4 if dtype == "float32" else 2,
                 autocast=autocast, optimizer=training.optimizer, padding_free=fast and training.padding_free,
                 loss="chunked", liger=fast and training.liger and device == "cuda",
@@ -280,6 +285,32 @@ def plan_from_config(config: Config, arch: Architecture, gpus: int = 1, strategy
                 snapshot=training.divergence.policy != "warn")
     return dataclasses.replace(plan, loss=_loss_path(config, plan, fast and training.chunked_loss and not kl),
                                **_task_fields(config, plan))
+
+
+def tokens_as_rows(tokens: int, max_seq_len: int) -> tuple[int, int]:
+    """A micro-batch of ``tokens`` packed tokens as (rows, tokens per row) of the plan: rows of
+    ``max_seq_len`` (the worst case for per-row attention), or one row of them all.
+
+    >>> tokens_as_rows(8192, 2048), tokens_as_rows(1000, 2048)
+    ((4, 2048), (1, 1000))
+    """
+    return (tokens // max_seq_len, max_seq_len) if tokens >= max_seq_len else (1, tokens)
+
+
+BATCH_TOKEN_CHOICES = tuple(2 ** k for k in range(10, 19))  # 1,024 to 262,144 tokens per micro-batch
+
+
+def fitting_batch_tokens(arch: Architecture, plan: Plan, max_seq_len: int, device_memory: float) -> int | None:
+    """The most tokens per micro-batch (of ``BATCH_TOKEN_CHOICES``) whose step fits ``FIT_SHARE`` of
+    ``device_memory``; None when not even the fewest does."""
+    fitting = None
+    for tokens in BATCH_TOKEN_CHOICES:
+        rows, seq_len = tokens_as_rows(tokens, max_seq_len)
+        if estimate_memory(arch, dataclasses.replace(plan, micro_batch=rows, seq_len=seq_len)).peak \
+                > FIT_SHARE * device_memory:
+            break
+        fitting = tokens
+    return fitting
 
 
 def _loss_path(config: Config, plan: Plan, chunked: bool) -> Loss:
@@ -373,12 +404,14 @@ def optimizer_state_bytes(trainable: float, state_bytes: int, optimizer: str) ->
 
 
 def optimizer_temporary_bytes(arch: Architecture, plan: Plan, trainable: float, state_bytes: int) -> float:
-    """Scratch of the optimizer step: torch's foreach AdamW (CUDA) makes one copy of the second moment;
-    the per-tensor loop (CPU) two copies of the largest tensor; fused and 8-bit AdamW about none."""
-    if plan.optimizer != "adamw":
+    """Scratch of the optimizer step: torch's default foreach AdamW on a GPU (``adamw_foreach``: what plain
+    transformers + peft runs) makes one copy of the second moment; the per-tensor loop (CPU) two copies of
+    the largest tensor; fused AdamW (adamw_fused, and adamw on a GPU, which tunesmith runs fused:
+    train.optim.fused_adamw) and 8-bit AdamW about none."""
+    if plan.optimizer not in ("adamw", "adamw_foreach"):
         return 0.0
     if plan.device == "cuda":
-        return trainable * state_bytes
+        return trainable * state_bytes if plan.optimizer == "adamw_foreach" else 0.0
     largest = arch.embedding_params if plan.trains_embeddings or plan.trains_head else (
         max(i * o for _, i, o, _ in arch.linears()) if plan.method in ("full", "freeze")
         else max(plan.lora_r * max(i, o) for _, i, o, _ in arch.linears()))
@@ -697,9 +730,11 @@ def estimate_time(arch: Architecture, plan: Plan, steps: int, peak_tflops: float
 # ---- the config as written, the alternatives that fit, a recommendation ----
 
 
-def count_steps(config: Config, gpus: int) -> int:
+def count_steps(config: Config, gpus: int, batch_tokens: int | None = None, mean_row_tokens: float | None = None
+                ) -> int:
     """Optimizer steps of the run: ``training.max_steps``, else epochs over the training rows (counted,
-    not tokenized) at the global batch (PPO: times its updates per batch of rollouts)."""
+    not tokenized) at the global batch (PPO: times its updates per batch of rollouts). With ``batch_tokens``
+    a micro-batch holds budget / ``mean_row_tokens`` rows (default: rows of data.max_seq_len)."""
     from tunesmith.data.readers import read_rows
 
     if config.training.max_steps:
@@ -707,7 +742,10 @@ def count_steps(config: Config, gpus: int) -> int:
     rows = sum(sum(1 for _ in read_rows(dataset.path)) for dataset in config.data.train)
     if not config.data.eval:
         rows -= int(rows * config.data.eval_fraction)
-    batch = config.training.batch_size * config.training.grad_accum * gpus
+    per_micro = config.training.batch_size
+    if batch_tokens:
+        per_micro = max(1, int(batch_tokens // (mean_row_tokens or config.data.max_seq_len)))
+    batch = per_micro * config.training.grad_accum * gpus
     steps = math.ceil(config.training.epochs * rows / batch)
     return steps * (config.ppo.steps_per_batch if config.task == "ppo" else 1)
 

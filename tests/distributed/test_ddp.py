@@ -30,9 +30,9 @@ def _tree(method, model_dir, folder, **training):
     return tree
 
 
-def _one_process(method, model_dir, folder):
+def _one_process(method, model_dir, folder, **training):
     """The reference: one process, grad_accum 4 (the global batch of two processes x grad_accum 2)."""
-    return recipe_for("sft")(build_config(_tree(method, model_dir, folder, grad_accum=4))).run_dir
+    return recipe_for("sft")(build_config(_tree(method, model_dir, folder, grad_accum=4, **training))).run_dir
 
 
 def _torchrun(config, folder, *extra, plan=None):
@@ -57,13 +57,15 @@ def _same_run(got, expected, method):
 
 
 @pytest.mark.parametrize("strategy, method", [("ddp", "lora"), ("ddp", "full"), ("fsdp", "lora"), ("fsdp", "full"),
-                                              ("fsdp-offload", "full")])
+                                              ("fsdp-offload", "full"), ("ddp-tokens", "lora")])
 def test_two_processes_equal_one_with_the_fast_path_on(strategy, method, tiny_model_dir, tmp_path):
     """fsdp-offload: the shards in CPU memory and the optimizer stepping there (CPUOffloadPolicy; on this CPU
-    machine the offload's copies are no-ops, the code path is the one a GPU takes)."""
+    machine the offload's copies are no-ops, the code path is the one a GPU takes). ddp-tokens: micro-batches
+    packed by tokens (training.batch_tokens), the same packs on one process and on two."""
     offload = strategy == "fsdp-offload"
+    tokens = {"batch_tokens": 100} if strategy == "ddp-tokens" else {}
     tree = _tree(method, tiny_model_dir, tmp_path / "two", grad_accum=2, distributed=strategy.split("-")[0],
-                 fsdp={"cpu_offload": offload})
+                 fsdp={"cpu_offload": offload}, **tokens)
     config = write_config(tree, tmp_path / "two.yaml")
     done = _torchrun(config, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +76,9 @@ def test_two_processes_equal_one_with_the_fast_path_on(strategy, method, tiny_mo
     assert (f"CPU offload: {offload})" in done.stderr) == strategy.startswith("fsdp")
     two = tmp_path / "two" / "runs" / "tiny"
     assert json.loads((two / "summary.json").read_text())["steps"] == 6
-    _same_run(two, _one_process(method, tiny_model_dir, tmp_path / "one"), method)
+    _same_run(two, _one_process(method, tiny_model_dir, tmp_path / "one", **tokens), method)
+    assert [r["rows"] for r in step_records(two)] == [r["rows"] for r in step_records(tmp_path / "one" / "runs" /
+                                                                                     "tiny")]
 
 
 def _stopped_in_step_3(method, model_dir, tmp_path, **training):

@@ -178,3 +178,13 @@ def test_packed_rows_in_bf16_take_flash_varlen_and_match_each_row_alone(monkeypa
             start += len(row["input_ids"])
     assert len(calls) == 2  # one call per layer for all rows
 
+
+
+def test_plain_adamw_runs_fused_on_the_gpu():
+    """training.optimizer adamw is torch's fused kernel on a GPU (not with an offload)."""
+    from tunesmith.train.optim import build_optimizer
+
+    model = torch.nn.Linear(8, 8).to(CUDA)
+    assert build_optimizer(model, TrainingConfig()).defaults["fused"] is True
+    offloaded = TrainingConfig(distributed="fsdp", fsdp={"cpu_offload": True})
+    assert not build_optimizer(model, offloaded).defaults["fused"]

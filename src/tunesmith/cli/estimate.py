@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import re
 
 from tunesmith.runs import table
@@ -93,7 +94,16 @@ def run_estimate(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, mean_row_tokens=args.row_tokens,
                                strategy=model.auto_strategy(arch, plan, memory) if chosen == "auto"
                                else chosen if args.gpus > 1 else "single")
-    steps = args.steps or model.count_steps(config, args.gpus)
+    budget = config.training.batch_tokens
+    if budget == "auto":  # what a run on these GPUs would pick (recipes.base.batch_tokens_for)
+        budget = None
+        if plan.device == "cuda" and config.task not in ("grpo", "ppo") and not config.data.replay:
+            budget = model.fitting_batch_tokens(arch, plan, config.data.max_seq_len, memory)
+        if budget:
+            rows, seq_len = model.tokens_as_rows(budget, config.data.max_seq_len)
+            plan = dataclasses.replace(plan, micro_batch=rows, seq_len=seq_len)
+            print(f"training.batch_tokens auto: {budget:,} tokens per micro-batch on these GPUs", file=sys.stderr)
+    steps = args.steps or model.count_steps(config, args.gpus, budget, args.row_tokens)
     rollouts = config.ppo.steps_per_batch if config.task == "ppo" else 1
     report = model.estimate(arch, plan, steps, memory, args.peak_tflops or model.PEAK_TFLOPS, args.mfu,
                             args.price_per_gpu_hour, rollouts)

@@ -71,18 +71,38 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     return command + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
 
 
+def _die_with_parent() -> None:
+    """In torchrun before it starts: SIGTERM when this launcher dies (killed, or its terminal closed), so that
+    torchrun checkpoints and stops its processes instead of training on without anyone to report to."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def launch(command: list[str], config: Config) -> int:
     """Run torchrun and exit as the run ended: torchrun exits 1 whenever a process did not exit 0, so a run
     that was preempted (143, 130 for Ctrl-C) or diverged (1) is read from the status.json it wrote in this
-    launch. The stop signals a scheduler sends this process (SIGTERM, Slurm's SIGUSR1) are passed on to
-    torchrun, which passes them on to the processes; torchrun has its own process group, so Ctrl-C in a
-    terminal reaches it once, from here."""
+    launch. The stop signals a scheduler sends this process (SIGTERM, Slurm's SIGUSR1) and Ctrl-C are passed
+    on to torchrun, which passes them on to the processes; torchrun has its own process group, so Ctrl-C in a
+    terminal reaches it once, from here. A signal that comes while torchrun starts is passed on once it has."""
     status_file = RunDir.of(config).status_file
     started = time.time()
-    child = subprocess.Popen(command, process_group=0)
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
-    previous = {s: signal.signal(s, lambda number, _frame: child.send_signal(number)) for s in forwarded}
+    child: subprocess.Popen | None = None
+    pending: list[int] = []
+
+    def forward(number: int, _frame: object) -> None:
+        if child is None:
+            pending.append(number)
+        else:
+            child.send_signal(number)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
+        child = subprocess.Popen(command, process_group=0,
+                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        for number in pending:
+            child.send_signal(number)
         code = child.wait()
     finally:
         for number, handler in previous.items():
@@ -97,6 +117,21 @@ def launch(command: list[str], config: Config) -> int:
     return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
 
 
+def close_distributed(model) -> None:
+    """Under torchrun, end the DeepSpeed engine and the process group before the interpreter exits: their
+    threads torn down at exit instead crashed a process now and then (SIGABRT after the final save)."""
+    import torch.distributed
+
+    from tunesmith.train import zero
+
+    engine = zero.engine_of(model)
+    if engine is not None:
+        engine.destroy()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         config = load_config(args.config, args.overrides)  # a bad config is refused here, not once per process
@@ -104,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         return launch(torchrun_command(args), config)
     config = load_config(args.config, args.overrides)
-    run_dir = recipe_for(config.task)(config, resume=args.resume, overwrite=args.overwrite).run_dir
+    result = recipe_for(config.task)(config, resume=args.resume, overwrite=args.overwrite)
+    close_distributed(result.model)
+    run_dir = result.run_dir
     use = f"tunesmith reward score {run_dir} --file ROWS" if config.task == "reward" else f"tunesmith chat {run_dir}"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process says it
         print(f"run folder: {run_dir}\nuse it: {use}")

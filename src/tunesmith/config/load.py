@@ -212,5 +212,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML (what a run folder keeps)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what a run folder keeps). With training.batch_tokens auto, batch_size is
+    left out: read back, a batch_size written in the config would mean rows (TrainingConfig's validator)."""
+    tree = config.model_dump(mode="json")
+    if tree.get("training", {}).get("batch_tokens") == "auto":
+        del tree["training"]["batch_size"]
+    return yaml.safe_dump(tree, sort_keys=False)

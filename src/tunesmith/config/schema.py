@@ -242,7 +242,12 @@ class TrainingConfig(StrictModel):
     warmup_ratio: float | None = Field(None, ge=0.0, le=1.0)
     epochs: float = Field(1.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
+    batch_size: int = Field(4, ge=1, description="rows per micro-batch (without batch_tokens)")
+    batch_tokens: int | Literal["auto"] | None = Field(
+        "auto", description="tokens per micro-batch: whole rows packed up to this many (a longer row is a "
+        "micro-batch of its own), so short rows fill the device as long ones do; auto: on a GPU, when "
+        "batch_size is not set, the most tokens the memory estimate fits (92% of the device), else batch_size "
+        "rows; null: batch_size rows")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
@@ -259,6 +264,10 @@ class TrainingConfig(StrictModel):
         "into the base GEMM's output; triton: one Triton kernel, CUDA only); off: peft's own forward")
     liger: bool = Field(True, description="fast path on CUDA where liger-kernel is installed: its RMSNorm, RoPE "
                         "and SwiGLU kernels and its fused linear cross-entropy")
+    chunked_mlp: int | None = Field(None, ge=16, description="long context: each decoder layer's MLP runs over "
+                                    "this many tokens at a time, each chunk recomputed in backward, so its "
+                                    "intermediate activations (tokens x intermediate size, several of them) never "
+                                    "exist for the whole sequence; null: the whole sequence at once")
     compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; the first "
                           "steps are slow while it compiles)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
@@ -300,6 +309,16 @@ class TrainingConfig(StrictModel):
     def _check_combinations(self) -> TrainingConfig:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+        if self.batch_tokens == "auto" and "batch_size" in self.model_fields_set:
+            # A batch_size written in the config is what the user wants: rows. (A saved config leaves
+            # batch_size out while batch_tokens is auto, so that this holds on reading it back; config.load.)
+            self.batch_tokens = None
+        if self.fsdp.cpu_offload and self.distributed in ("ddp", "deepspeed"):
+            raise ValueError(f"training.fsdp.cpu_offload: FSDP's setting, and training.distributed is "
+                             f"{self.distributed} (for DeepSpeed: training.deepspeed.offload_optimizer)")
+        if self.deepspeed != DeepSpeedConfig() and self.distributed != "deepspeed":
+            raise ValueError("training.deepspeed is set but training.distributed is not deepspeed: set "
+                             "training.distributed: deepspeed, or remove training.deepspeed")
         return self
 
 
@@ -498,6 +517,16 @@ class RunConfig(StrictModel):
             if self.method.type in ("qlora", "bottleneck"):
                 raise ValueError(f"training.distributed fsdp: method {self.method.type} cannot be sharded yet; "
                                  "use ddp")
+        if isinstance(self.training.batch_tokens, int):
+            if self.training.batch_tokens < 16:
+                raise ValueError(f"training.batch_tokens {self.training.batch_tokens}: at least 16 (a micro-batch "
+                                 "holds whole rows)")
+            if task in ("grpo", "ppo"):
+                raise ValueError(f"training.batch_tokens: task {task} batches prompts (training.batch_size); set "
+                                 "batch_tokens: null")
+            if self.data.replay:
+                raise ValueError("training.batch_tokens with data.replay: replay takes a share of each batch's rows; "
+                                 "set batch_tokens: null and a batch_size")
         if self.training.distributed == "deepspeed":
             if task in ("grpo", "ppo", "reward"):
                 raise ValueError(f"training.distributed deepspeed: task {task} is not run under DeepSpeed yet; use "
@@ -505,6 +534,9 @@ class RunConfig(StrictModel):
             if self.method.type in ("qlora", "bottleneck"):
                 raise ValueError(f"training.distributed deepspeed: method {self.method.type} is not run under "
                                  "DeepSpeed yet; use ddp")
+            if self.method.type == "freeze" and self.method.freeze.unfreeze_every:
+                raise ValueError("method.freeze.unfreeze_every (gradual unfreezing) is not run under DeepSpeed yet: "
+                                 "the held layers' gradients are in ZeRO's partitions; use ddp or fsdp")
             if self.training.keep_best:
                 raise ValueError("training.keep_best: not under DeepSpeed yet (its weights live in the ZeRO "
                                  "optimizer's partitions); use ddp or fsdp, or keep checkpoints with save_every")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from peft import PeftModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.fsdp import FSDPModule
 
 from tunesmith.config.schema import Config, TrainingConfig
@@ -104,6 +107,28 @@ def _answer_hidden_only(model: nn.Module, decoder: nn.Module) -> None:
     model._tunesmith_hidden_only = True
 
 
+def chunk_mlp(mlp: nn.Module, tokens: int) -> None:
+    """Run ``mlp`` over at most ``tokens`` positions at a time, each chunk under activation checkpointing:
+    backward recomputes one chunk at a time, so the MLP's intermediates (gate, up, their product: tokens x
+    intermediate size each, 3.5x the hidden size in Llama) exist for one chunk only. The MLP is
+    position-wise, so the chunks' outputs are exactly the whole sequence's. An instance attribute: the class
+    and other instances are untouched."""
+    if getattr(mlp, "_tunesmith_chunked", None) is None:
+        # Bound to the module (not a closure over it): a deep copy (a DPO reference model) runs its own weights.
+        mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
+    mlp._tunesmith_chunked = tokens
+
+
+def _chunked_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plain = functools.partial(type(self).forward, self)
+    size = self._tunesmith_chunked
+    if x.shape[-2] <= size:
+        return plain(x)
+    if not torch.is_grad_enabled():  # nothing is kept for backward: one chunk's intermediates at a time
+        return torch.cat([plain(piece) for piece in x.split(size, dim=-2)], dim=-2)
+    return torch.cat([checkpoint(plain, piece, use_reentrant=False) for piece in x.split(size, dim=-2)], dim=-2)
+
+
 def packs_padding_free(config: Config, model: nn.Module) -> bool:
     """Whether micro-batches are packed padding-free: asked for, and exact for this model and method
     (where not, the log says why)."""
@@ -145,6 +170,15 @@ def apply_speedups(model: nn.Module, training: TrainingConfig, padding_free: boo
             _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                             fused_linear_cross_entropy=False)
             applied.append("Liger RMSNorm, RoPE and SwiGLU")
+    if training.chunked_mlp:
+        layers = getattr(getattr(inner, "model", None), "layers", None) or []
+        chunked = [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), nn.Module)]
+        for mlp in chunked:
+            chunk_mlp(mlp, training.chunked_mlp)
+        if chunked:
+            applied.append(f"chunked MLP ({training.chunked_mlp} tokens) in {len(chunked)} layers")
+        else:
+            log.info("training.chunked_mlp: no decoder layers with an mlp on %s; not chunked", type(inner).__name__)
     if training.compile:
         layers = getattr(getattr(inner, "model", None), "layers", None)
         if layers is None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -46,7 +48,7 @@ from tunesmith.errors import RunStopped, TunesmithError
 from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
 from tunesmith.train import shard, zero
 from tunesmith.train.guard import stop_signals
-from tunesmith.train.loop import TrainResult
+from tunesmith.train.loop import MicroBatches, TrainResult
 from tunesmith.train.optim import lr_scale_for
 from tunesmith.train.run import open_run_dir, save_final_model, write_status, write_summary
 
@@ -73,6 +75,41 @@ def build_accelerator(config: Config) -> Accelerator:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend="cuda:nccl,cpu:gloo")
     return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+
+
+def batch_tokens_for(config: Config, model: nn.Module, accelerator: Accelerator, checkpoint: Path | None = None
+                     ) -> int | None:
+    """``training.batch_tokens`` for this run: the number set, or for auto on a GPU (batch_size not set: the
+    config's validator turns auto into null when it is) the most tokens per micro-batch the memory estimate
+    fits on each device under the run's strategy; None: batch_size rows. A resumed run keeps the budget its
+    checkpoint was trained with (its data position counts those micro-batches)."""
+    chosen, training, device = config.training.batch_tokens, config.training, accelerator.device
+    if chosen != "auto":
+        return chosen
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("batch_tokens")
+        log.info("training.batch_tokens auto: %s, as the checkpoint was trained", f"{saved} tokens per micro-batch"
+                 if saved else "batch_size rows")
+        return saved
+    if device.type != "cuda" or config.task in ("grpo", "ppo") or config.data.replay:
+        return None
+    from tunesmith import estimate
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    arch = estimate.read_architecture(inner.config.to_dict(), config.model.name_or_path)
+    memory = torch.cuda.get_device_properties(device).total_memory
+    plan = estimate.plan_from_config(config, arch, gpus=accelerator.num_processes, device="cuda")
+    strategy = estimate.strategy_of(config) or estimate.auto_strategy(arch, plan, memory)
+    plan = dataclasses.replace(plan, strategy=strategy if accelerator.num_processes > 1 else "single")
+    tokens = estimate.fitting_batch_tokens(arch, plan, config.data.max_seq_len, memory)
+    if tokens is None:
+        log.info("training.batch_tokens auto: no micro-batch of %d tokens fits the estimate; %d rows instead",
+                 estimate.BATCH_TOKEN_CHOICES[0], training.batch_size)
+        return None
+    log.info("training.batch_tokens auto: %d tokens per micro-batch (the most the memory estimate fits in "
+             "%.0f%% of %.0f GiB; set training.batch_tokens or batch_size to choose)", tokens,
+             100 * estimate.FIT_SHARE, memory / 2**30)
+    return tokens
 
 
 def start_run(config: Config) -> tuple[Accelerator, tuple[str, str | None], PreTrainedTokenizerBase]:
@@ -114,9 +151,10 @@ def _record_end(run_dir: Path, err: BaseException) -> None:
     if isinstance(err, RunStopped):
         reason, step, code = str(err), err.step, err.exit_code
     elif isinstance(err, KeyboardInterrupt):
-        reason, step = "interrupted (a second Ctrl-C): stopped at once, without a checkpoint", None
+        reason, step, code = "interrupted (a second Ctrl-C): stopped at once, without a checkpoint", None, 130
     elif isinstance(err, SystemExit):
         reason, step = "a second stop signal: stopped at once, without a checkpoint", None
+        code = err.code if isinstance(err.code, int) else 1
     else:
         reason, step = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", None
     try:
@@ -320,6 +358,13 @@ class PairRun:
     checkpoint: Path | None
     model: nn.Module
     collate: Callable
+    packed: bool  # micro-batches packed padding-free (else padded to their longest sequence)
+
+    def micro_batches(self, config: Config, rows: datasets.Dataset) -> MicroBatches:
+        """The training stream of these pairs: batch_size pairs, or pairs packed by tokens."""
+        return MicroBatches(rows.with_format(None), config.training.batch_size, config.training.seed, self.collate,
+                            batch_tokens=batch_tokens_for(config, self.model, self.accelerator, self.checkpoint),
+                            padded=not self.packed)
 
 
 def set_up_pairs(config: Config, resume: bool, overwrite: bool, unpaired: bool = False) -> PairRun:
@@ -335,4 +380,4 @@ def set_up_pairs(config: Config, resume: bool, overwrite: bool, unpaired: bool =
     packed = packs_padding_free(config, model)
     apply_speedups(model, config.training, packed)
     collate = functools.partial(collate_pairs, packed=packed, pad_token_id=tokenizer.pad_token_id)
-    return PairRun(accelerator, tokenizer, train_rows, eval_rows, run_dir, checkpoint, model, collate)
+    return PairRun(accelerator, tokenizer, train_rows, eval_rows, run_dir, checkpoint, model, collate, packed)

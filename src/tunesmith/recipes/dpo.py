@@ -17,8 +17,9 @@ from tunesmith.config.schema import DPOTaskConfig, PreferenceConfig
 from tunesmith.data.collate import count_rows
 from tunesmith.losses import preference as losses
 from tunesmith.losses.logprobs import sequence_logps
-from tunesmith.recipes.base import lifetime, RunResult, eval_batches_of, finish_run, reference_scope, set_up_pairs
-from tunesmith.train.loop import MicroBatches, train
+from tunesmith.recipes.base import lifetime, RunResult, eval_batches_of, finish_run, reference_scope, \
+    set_up_pairs
+from tunesmith.train.loop import train
 from tunesmith.train.tally import Tallies
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,7 @@ def run_dpo(config: DPOTaskConfig, resume: bool = False, overwrite: bool = False
         if eval_rows is not None:
             eval_rows = precompute_reference(eval_rows, run.collate, objective, device, size)
         log.info("reference log-probabilities computed once for %d pairs", len(train_rows) + len(eval_rows or []))
-    stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed,
-                          run.collate)
+    stream = run.micro_batches(config, train_rows)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, run.collate)
     with lifetime(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
         result = train(run.model, objective, stream, eval_batches, config.training, run.run_dir, run.accelerator,

@@ -13,7 +13,7 @@ from tunesmith.data.collate import count_rows
 from tunesmith.losses import preference as losses
 from tunesmith.losses.logprobs import reward_scores
 from tunesmith.recipes.base import lifetime, RunResult, eval_batches_of, finish_run, set_up_pairs
-from tunesmith.train.loop import MicroBatches, train
+from tunesmith.train.loop import train
 from tunesmith.train.tally import Tallies
 
 
@@ -44,8 +44,7 @@ def run_reward(config: RewardTaskConfig, resume: bool = False, overwrite: bool =
     """Validate the pairs, train the scoring head (and the method's parameters), write the run folder."""
     run = set_up_pairs(config, resume, overwrite)
     objective = RewardObjective(config.reward.margin)
-    stream = MicroBatches(run.train_rows.with_format(None), config.training.batch_size, config.training.seed,
-                          run.collate)
+    stream = run.micro_batches(config, run.train_rows)
     eval_batches = eval_batches_of(run.eval_rows, config.training.batch_size, run.collate)
     with lifetime(config, run.run_dir, run.accelerator, resumed=run.checkpoint is not None):
         result = train(run.model, objective, stream, eval_batches, config.training, run.run_dir, run.accelerator,

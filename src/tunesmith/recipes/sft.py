@@ -20,7 +20,7 @@ from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.losses.chunked import chunked_loss_sum
 from tunesmith.losses.sft import count_label_tokens, kl_to_reference_sum, sft_loss_sum
 from tunesmith.models.fastpath import apply_speedups, decoder_and_head, packs_padding_free
-from tunesmith.recipes.base import lifetime, Reference, RunResult, base_reference, build_trainable_model, \
+from tunesmith.recipes.base import lifetime, Reference, RunResult, base_reference, batch_tokens_for, build_trainable_model, \
     build_training_data, eval_batches_of, finish_run, start_run, training_controls
 from tunesmith.train.loop import MicroBatches, train
 from tunesmith.train.run import open_run_dir
@@ -97,7 +97,8 @@ def run_sft(config: SFTTaskConfig | PretrainTaskConfig, resume: bool = False, ov
         log.info("training.chunked_loss: full logits instead (%s)", "kl_to_base compares full distributions"
                  if config.regularization.kl_to_base else "not available for this model or method")
     stream = MicroBatches(train_rows.with_format(None), config.training.batch_size, config.training.seed, collate,
-                          replay_rows, config.data.replay.share if config.data.replay else 0.0)
+                          replay_rows, config.data.replay.share if config.data.replay else 0.0,
+                          batch_tokens_for(config, model, accelerator, checkpoint), collate is not collate_padding_free)
     eval_batches = eval_batches_of(eval_rows, config.training.batch_size, collate)
     lr_scale, held = training_controls(config, model)
     samples = sample_replies(eval_rows if eval_rows is not None else train_rows, tokenizer, config.eval.samples,

@@ -55,6 +55,7 @@ class TrainState:
     pending_eval: bool = False  # stopped for a signal at an eval step: the eval runs first after --resume
     processes: int = 1  # how many processes trained it (a resume on another number keeps the global batch)
     micro_per_step: int | None = None  # micro-batches a step over all processes (grad_accum x processes)
+    batch_tokens: int | None = None  # the token budget of its micro-batches (None: batch_size rows)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -295,12 +296,14 @@ class Snapshot:
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_fused": 8, "adamw_8bit": 2, "sgd": 0}
 
 
-def checkpoint_bytes(model: nn.Module, optimizer: str) -> int:
+def checkpoint_bytes(model: nn.Module, optimizer: str, deepspeed: bool = False) -> int:
     """What one checkpoint takes on disk: the trainable parameters in their dtype and the optimizer's
-    state (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; SGD without momentum: none)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in trainable)
-    return weights + sum(p.numel() for p in trainable) * _OPTIMIZER_BYTES.get(optimizer, 8) + (1 << 20)
+    state (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; SGD without momentum: none);
+    ``deepspeed``: ZeRO's fp32 master copy of them too."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.element_size()) for p in model.parameters() if p.requires_grad]
+    count = sum(n for n, _ in sizes)
+    per_parameter = _OPTIMIZER_BYTES.get(optimizer, 8) + (4 if deepspeed else 0)
+    return sum(n * size for n, size in sizes) + count * per_parameter + (1 << 20)
 
 
 def final_model_bytes(model: nn.Module) -> int:
@@ -311,4 +314,4 @@ def final_model_bytes(model: nn.Module) -> int:
 
     parameters = model.parameters() if not (isinstance(model, PeftModel) or is_bottleneck(model)) else \
         (p for p in model.parameters() if p.requires_grad)
-    return sum(p.numel() * p.element_size() for p in parameters)
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters)

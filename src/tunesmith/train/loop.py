@@ -94,27 +94,122 @@ def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(rows, generator=generator).tolist()
 
 
+PACKING_WINDOW = 64  # micro-batches open to a row at once while packing by tokens (first fit among them)
+
+
+def pack_by_tokens(lengths: list[int], budget: int, order: list[int], padded: bool = False) -> list[list[int]]:
+    """Rows (their indices, taken in ``order``) packed whole into micro-batches of at most ``budget`` tokens;
+    a row of ``budget`` tokens or more is a micro-batch of its own. Each row goes into the first of the last
+    ``PACKING_WINDOW`` micro-batches with room for it, else starts a new one: the fill of first fit, in
+    linear time, and the rows of a micro-batch stay a random draw (not sorted by length). Deterministic.
+    ``padded``: the micro-batch is padded to its longest row, so it costs rows x the longest, not the sum.
+
+    >>> pack_by_tokens([5, 3, 9, 2, 4, 12], budget=10, order=[0, 1, 2, 3, 4, 5])
+    [[0, 1, 3], [2], [4], [5]]
+    >>> pack_by_tokens([5, 3, 9, 2, 4, 12], budget=10, order=[0, 1, 2, 3, 4, 5], padded=True)
+    [[0, 1], [2], [3, 4], [5]]
+    """
+    packs: list[list[int]] = []
+    used: list[int] = []  # tokens of each pack (the sum; padded: rows x the longest)
+    longest: list[int] = []
+    window: list[int] = []  # the packs still open, oldest first
+
+    def cost(pack: int, size: int) -> int:
+        if padded:
+            return (len(packs[pack]) + 1) * max(longest[pack], size)
+        return used[pack] + size
+
+    for index in order:
+        size = lengths[index]
+        if size >= budget:
+            packs.append([index])
+            used.append(size)
+            longest.append(size)
+            continue
+        slot = next((p for p in window if cost(p, size) <= budget), None)
+        if slot is None:
+            slot = len(packs)
+            packs.append([])
+            used.append(0)
+            longest.append(0)
+            window.append(slot)
+            if len(window) > PACKING_WINDOW:
+                window.pop(0)
+        used[slot] = cost(slot, size)
+        longest[slot] = max(longest[slot], size)
+        packs[slot].append(index)
+        if used[slot] == budget:
+            window.remove(slot)
+    return packs
+
+
+def _row_lengths(dataset: Any, padded: bool = False) -> list[int]:
+    """``row_tokens`` of every row, read from the Arrow columns where the dataset has them (no row is built).
+    ``padded``: a row's width in a padded batch instead: its longest sequence x its sequences (a preference
+    pair is two sequences, each padded to the batch's longest)."""
+    columns = [name for name in getattr(dataset, "column_names", []) if name.endswith("input_ids")]
+    table = getattr(dataset, "data", None)
+    if table is None or not columns or getattr(dataset, "_indices", None) is not None:  # a selection: by row
+        sides = [[len(value) for key, value in dataset[i].items() if key.endswith("input_ids")]
+                 for i in range(len(dataset))]
+    else:
+        import pyarrow.compute as pc
+
+        per_column = [[count or 0 for count in pc.list_value_length(table.column(name)).to_pylist()]
+                      for name in columns]
+        sides = [list(counts) for counts in zip(*per_column)]
+    return [len(row) * max(row) if padded else sum(row) or 1 for row in sides]
+
+
 class MicroBatches:
     """The stream of micro-batches over epochs, addressable by its position (so a resumed run sees
     exactly the batches the interrupted one would have).
+
+    ``batch_size`` rows each, or with ``batch_tokens`` whole rows packed up to that many tokens
+    (``pack_by_tokens``, once, in a seeded order; each epoch then shuffles the micro-batches): short rows
+    fill a micro-batch as long ones do, and every epoch has the same micro-batches, so epochs, the
+    schedule and resuming count them as before.
 
     With ``replay`` (forgetting mitigation), ``round(replay_share x batch_size)`` rows of each
     micro-batch (at least one) come from the replay dataset, cycled in its own shuffled order; the
     rest from ``dataset``, whose epochs are counted as before."""
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, collate: Callable[[list[dict]], Batch],
-                 replay: Any = None, replay_share: float = 0.0):
+                 replay: Any = None, replay_share: float = 0.0, batch_tokens: int | None = None,
+                 padded: bool = False):
         self.dataset, self.seed, self.collate, self.replay = dataset, seed, collate, replay
         self.replay_rows = 0 if replay is None else max(1, round(replay_share * batch_size))
         self.batch_size = batch_size - self.replay_rows  # rows of ``dataset`` per micro-batch
         if self.batch_size < 1:
             raise ValueError(f"batch size {batch_size} leaves no room for training rows beside the replay rows")
-        self.per_epoch = math.ceil(len(dataset) / self.batch_size)
+        self.packs: list[list[int]] | None = None
+        self.batch_tokens = batch_tokens
+        if batch_tokens:
+            lengths = _row_lengths(dataset, padded)
+            self.packs = pack_by_tokens(lengths, batch_tokens, epoch_order(len(dataset), seed, -1), padded)
+            self.pack_tokens = [sum(lengths[i] for i in pack) if not padded else
+                                len(pack) * max(lengths[i] for i in pack) for pack in self.packs]
+            log.info("training.batch_tokens %d: %d micro-batches an epoch, %.1f rows and %.0f tokens each on "
+                     "average (%.0f%% full)", batch_tokens, len(self.packs), len(dataset) / len(self.packs),
+                     sum(lengths) / len(self.packs), 100 * sum(lengths) / len(self.packs) / batch_tokens)
+        self.per_epoch = len(self.packs) if self.packs is not None else math.ceil(len(dataset) / self.batch_size)
         self._orders: dict[int, list[int]] = {}
         self._replay_orders: dict[int, list[int]] = {}
 
     def __getitem__(self, position: int) -> Batch:
         return self.collate(self.rows(position))
+
+    def tokens(self, position: int) -> int:
+        """The tokens of the packed micro-batch at ``position`` (``batch_tokens``' measure)."""
+        epoch, index = divmod(position, self.per_epoch)
+        return self.pack_tokens[self._order(epoch)[index]]
+
+    def _order(self, epoch: int) -> list[int]:
+        """The shuffled order of ``epoch``: of the packs with ``batch_tokens``, else of the rows."""
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.packs) if self.packs is not None else len(self.dataset),
+                                               self.seed, epoch)}
+        return self._orders[epoch]
 
     def pieces(self, position: int, parts: int) -> list[Batch]:
         """The micro-batch at ``position`` as ``parts`` smaller ones, its rows in order (after running out
@@ -126,9 +221,11 @@ class MicroBatches:
     def rows(self, position: int) -> list[dict]:
         """The rows of the micro-batch at ``position``, not yet collated."""
         epoch, index = divmod(position, self.per_epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.dataset), self.seed, epoch)}
-        indices = self._orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
+        order = self._order(epoch)
+        if self.packs is not None:
+            indices = self.packs[order[index]]
+        else:
+            indices = order[index * self.batch_size:(index + 1) * self.batch_size]
         rows = [self.dataset[i] for i in indices]
         if self.replay is not None:
             rows += [self.replay[i] for i in self._replay_indices(position)]
@@ -203,14 +300,15 @@ class Progress:
         if not self.bar.disable:
             self.bar.update(1)
             extra = {"mfu": f"{100 * record['mfu']:.1f}%"} if record.get("mfu") is not None else {}
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}", **extra)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", rows=record.get("rows"),
+                                 tokens=record["tokens"], tok_s=f"{record['tokens_per_s']:.0f}", **extra)
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start
             eta = (time.monotonic() - self.started) / max(done, 1) * (self.total - step)
             mfu = f"  MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s  eta %s", step, self.total, record["loss"],
-                     record["lr"], record["tokens_per_s"], mfu, time.strftime("%H:%M:%S", time.gmtime(eta)))
+            log.info("step %d/%d  loss %.4f  lr %.2e  %s rows, %d tokens  %.0f tok/s%s  eta %s", step, self.total,
+                     record["loss"], record["lr"], record.get("rows", "?"), record["tokens"], record["tokens_per_s"],
+                     mfu, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def rewind(self, step: int) -> None:
         """Back to ``step`` (a rollback)."""
@@ -384,6 +482,23 @@ def _balanced_window(stream: MicroBatches, step_first: int, micro: int, end: int
     return [stream.collate(hand) for hand in deal(mine, count, row_tokens)]
 
 
+def _packed_window(stream: MicroBatches, step_first: int, micro: int, end: int | None, process: int,
+                   processes: int) -> list[Batch]:
+    """This process's micro-batches of a step under several processes when micro-batches are packed by tokens:
+    the step's packs (its ``micro`` x ``processes`` micro-batches of the data order) dealt whole over the
+    processes by tokens, so none exceeds the budget and the processes' tokens match (the packs are nearly
+    full). The step trains the same rows as on one process. Every process gets the same number of
+    micro-batches (FSDP gathers weights in each forward, together): at the data's end, a process short of
+    packs runs one without loss in their place."""
+    positions = [p for p in range(step_first, step_first + micro * processes) if end is None or p < end]
+    hands = deal(positions, processes, stream.tokens)
+    count = max(1, max(len(hand) for hand in hands))
+    mine = [stream[p] for p in hands[process]]
+    if len(mine) < count:
+        mine += [_no_loss(stream[step_first])] * (count - len(mine))
+    return mine
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -415,10 +530,10 @@ def elastic(config: TrainingConfig, micro: int, saved: int, now: int) -> Trainin
     return config.model_copy(update={"grad_accum": micro // now})
 
 
-def check_disk_space(run_dir: Path, model: nn.Module, config: TrainingConfig) -> None:
+def check_disk_space(run_dir: Path, model: nn.Module, config: TrainingConfig, deepspeed: bool = False) -> None:
     """Refuse to start when the run folder's disk cannot hold what the run will write: ``keep_last``
     checkpoints (plus the next, written before the oldest goes), the best checkpoint and the final model."""
-    each = checkpoint_bytes(model, config.optimizer)
+    each = checkpoint_bytes(model, config.optimizer, deepspeed)
     existing = len(list_checkpoints(run_dir))
     count = max(1, config.keep_last + 1 - existing) if config.save_every or config.save_every_minutes else 1
     final = final_model_bytes(model)
@@ -488,9 +603,11 @@ class _Training:
         elif self.engine:  # the engine steps the optimizer; the scheduler (built above) sets its rates
             self.model, self.optimizer, engine_config = zero.initialize(
                 model, self.optimizer, config, accelerator.num_processes, accelerator.mixed_precision)
-            if self.main:  # the configuration the engine runs with, to read or reuse
+
+            def write_engine_config() -> None:  # the configuration the engine runs with, to read or reuse
                 with writing(run_dir / zero.CONFIG_FILE, "the DeepSpeed configuration"):
                     write_text_atomic(run_dir / zero.CONFIG_FILE, json.dumps(engine_config, indent=2) + "\n")
+            self._on_main(write_engine_config)
         else:
             self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
@@ -513,6 +630,7 @@ class _Training:
         self._objective_state()
         self.state.processes = self.accelerator.num_processes
         self.state.micro_per_step = self.config.grad_accum * self.accelerator.num_processes
+        self.state.batch_tokens = getattr(self.stream, "batch_tokens", None)
         rng = gather_object([capture_rng()]) if self.accelerator.num_processes > 1 else [None]  # every process's
         staged = None
         if self.sharded or self.engine:  # every process writes its part into a staging folder; the main one commits
@@ -604,7 +722,7 @@ class _Training:
                 self.objective.load_state_dict(self.state.objective)
             self.last_saved_step = self.state.global_step
             log.info("resumed from %s at step %d", resume_from, self.state.global_step)
-        check_disk_space(self.run_dir, self.unwrapped, config)  # every process: none is left waiting
+        check_disk_space(self.run_dir, self.unwrapped, config, self.engine)  # every process: none is left waiting
         if config.divergence.policy != "warn" and resume_from is None and not (self.sharded or self.engine):
             size = sum(p.numel() * p.element_size() for p in self.unwrapped.parameters() if p.requires_grad)
             if size <= START_POINT_LIMIT:
@@ -682,7 +800,10 @@ class _Training:
         single = accelerator.num_processes == 1  # under DDP every process must take the same path
         too_late = (lambda left: stop.too_late(left + self.save_seconds)) if single and self.every == 1 else None
         while True:
-            if accelerator.num_processes > 1 and hasattr(self.stream, "rows"):
+            if accelerator.num_processes > 1 and getattr(self.stream, "packs", None) is not None:
+                window = _packed_window(self.stream, state.micro_batches_done, config.grad_accum, end,
+                                        accelerator.process_index, accelerator.num_processes)
+            elif accelerator.num_processes > 1 and hasattr(self.stream, "rows"):
                 window = _balanced_window(self.stream, state.micro_batches_done, config.grad_accum, end,
                                           accelerator.process_index, accelerator.num_processes, state.micro_splits)
             else:
@@ -739,13 +860,14 @@ class _Training:
         state.global_step += 1
         state.micro_batches_done = min(state.micro_batches_done + config.grad_accum * accelerator.num_processes,
                                        total_micro_batches(config, self.stream.per_epoch) or 10**18)
-        tokens = outcome.tokens  # every process's, summed: the step's throughput (MFU below stays per device)
+        tokens, rows = outcome.tokens, outcome.rows  # every process's, summed (MFU below stays per device)
         if accelerator.num_processes > 1:
-            tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+            summed = accelerator.reduce(torch.tensor([tokens, rows], device=accelerator.device), "sum")
+            tokens, rows = (int(value) for value in summed.tolist())
         state.tokens_seen += tokens
         state.elapsed_s += elapsed
         record = {"step": state.global_step, "epoch": round(state.micro_batches_done / self.stream.per_epoch, 4),
-                  "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm, "tokens": tokens,
+                  "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm, "tokens": tokens, "rows": rows,
                   "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
         utilisation = mfu(outcome.tokens, outcome.rows, elapsed)  # this process's tokens over one device's peak
         if utilisation is not None:

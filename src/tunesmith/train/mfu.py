@@ -20,8 +20,9 @@ class FlopCount:
     """The model's sizes, counted once; training FLOPs per token at any sequence length."""
 
     def __init__(self, model: nn.Module):
-        self.total = sum(p.numel() for p in model.parameters())
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ds_numel: a DeepSpeed ZeRO-3 parameter holds only its partition (numel() is 0 outside its forward)
+        self.total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         self.layers, self.hidden = config.num_hidden_layers, config.hidden_size
 

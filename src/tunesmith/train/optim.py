@@ -75,7 +75,18 @@ def build_optimizer(model: nn.Module, config: TrainingConfig,
 
         return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-                             fused=config.optimizer == "adamw_fused" or None)
+                             fused=fused_adamw(model, config) or None)
+
+
+def fused_adamw(model: nn.Module, config: TrainingConfig) -> bool:
+    """torch's single-kernel AdamW: asked for (adamw_fused), or plain adamw with every trainable parameter on
+    a GPU, where it is one kernel a step instead of a dozen per group (and no foreach scratch copy). Not where
+    an offload steps the optimizer on CPU copies (FSDP's cpu_offload, DeepSpeed's offload_optimizer)."""
+    if config.optimizer == "adamw_fused":
+        return True
+    offloaded = config.fsdp.cpu_offload or config.deepspeed.offload_optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return config.optimizer == "adamw" and not offloaded and bool(trainable) and all(p.is_cuda for p in trainable)
 
 
 def warmup_steps(config: TrainingConfig, total_steps: int) -> int:

@@ -52,7 +52,9 @@ def require_installed() -> None:
 
 def deepspeed_config(training: TrainingConfig, processes: int, mixed_precision: str) -> dict[str, Any]:
     """The DeepSpeed configuration of ``training`` on ``processes`` processes; ``mixed_precision``: no, bf16 or
-    fp16 (as chosen for the run's device)."""
+    fp16 (as chosen for the run's device). DeepSpeed wants a micro-batch in rows: the loop feeds it its own
+    micro-batches, so the figure (batch_size, also under training.batch_tokens) only sizes DeepSpeed's
+    throughput log."""
     settings = training.deepspeed
     pin = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": settings.stage, "contiguous_gradients": True, "overlap_comm": pin}
@@ -120,7 +122,9 @@ def step(engine: nn.Module) -> float | None:
 def save(engine: nn.Module, folder: Path) -> None:
     """Every process writes its partitions into ``folder`` (a checkpoint's staging folder). Every process
     must call it."""
-    engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+    # The frozen weights (a LoRA run's whole base model) are the model's own files: not copied into every
+    # checkpoint.
+    engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
 
 
 def load(engine: nn.Module, folder: Path) -> None:
