@@ -290,21 +290,31 @@ def test_deepspeed_zero_with_two_processes_equals_one(stage, method, tiny_model_
 
 
 @deepspeed_installed
-def test_deepspeed_checkpoints_resume_on_the_same_processes_and_refuse_others(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_deepspeed_checkpoints_resume_on_the_same_processes_and_refuse_others(method, tiny_model_dir, tmp_path):
     """ZeRO-2 with the optimizer offloaded to CPU memory, stopped in step 3 (SIGTERM): the checkpoint holds the
-    engine's files, resumes on two processes to the one-process run's weights, and a resume on one process (whose
-    ZeRO partitions would not match) is refused before any step."""
+    engine's files (for LoRA without the frozen base weights), resumes on two processes to the one-process run's
+    weights, and a resume on one process (whose ZeRO partitions would not match) is refused before any step."""
     from tunesmith.errors import TunesmithError
 
-    tree, config, run_dir = _stopped_in_step_3("full", tiny_model_dir, tmp_path, distributed="deepspeed",
+    tree, config, run_dir = _stopped_in_step_3(method, tiny_model_dir, tmp_path, distributed="deepspeed",
                                                deepspeed={"offload_optimizer": True})
     checkpoint = run_dir / "checkpoints" / "step-0000003"
     assert (checkpoint / "deepspeed" / "state").is_dir() and (checkpoint / "rng-1.safetensors").is_file()
+    import torch  # the engine's own file, written by this test's run (DeepSpeed pickles it)
+
+    saved = torch.load(checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+    names = list(saved["module"])
+    if method == "lora":
+        assert any("lora_A" in n for n in names) and not any("base_layer" in n for n in names), \
+            "a LoRA checkpoint does not copy the frozen base layers"
+    else:
+        assert any(n.endswith("mlp.down_proj.weight") for n in names)
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
     resumed = _torchrun(config, tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _same_run(run_dir, _one_process("full", tiny_model_dir, tmp_path / "one"), "full")
+    _same_run(run_dir, _one_process(method, tiny_model_dir, tmp_path / "one"), method)
     tree["output"]["dir"] = str(copy / "runs")
     with pytest.raises(TunesmithError, match="holds DeepSpeed ZeRO partitions of 2 processes; this run has 1"):
         recipe_for("sft")(build_config(tree), resume=True)
