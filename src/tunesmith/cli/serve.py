@@ -18,6 +18,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-tokens", type=int, default=256, help="when a request sets none")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="a request's limit, queueing included; beyond it 408 and its generation stops")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM/Ctrl-C, how long in-flight requests may finish before they are cancelled "
+                             "(503)")
     parser.set_defaults(handler=run)
 
 
@@ -31,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.serve.load import build_served
 
     served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens)
-    app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes)
+    app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes, flags.request_timeout)
     print(f"serving {', '.join(served.names)} on http://{flags.host}:{flags.port}/v1", flush=True)
-    uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning")
+    uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning",
+                timeout_graceful_shutdown=flags.shutdown_timeout)
     return 0

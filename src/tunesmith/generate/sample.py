@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import (PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
-                          TextStreamer)
+from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          StoppingCriteria, StoppingCriteriaList, TextStreamer)
 
 from tunesmith.data.tokenize import encode_prompt, turn_end_token
 from tunesmith.models.modes import evaluating
@@ -45,11 +45,72 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float  # under the model's own distribution (before temperature, top_p, penalties or masks)
+    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first: (token, logprob)
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Records each generated token's log-probability and the ``top`` most likely alternatives.
+
+    Put it first among the processors: it sees the logits as the model gave them. A step is recorded
+    once its token is known: at the next step, or when ``resolve`` is called (by a streamer, or after
+    the last token)."""
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self.steps: list[TokenLogprob] = []
+        self._last: torch.Tensor | None = None  # (vocab,) log-probabilities of the step not yet resolved
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.resolve(int(input_ids[0, -1]))
+        self._last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def resolve(self, token: int) -> TokenLogprob | None:
+        """Record ``token`` as the one chosen at the pending step; its record (None if none was pending)."""
+        if self._last is None:
+            return None
+        values, ids = self._last.topk(self.top) if self.top else (self._last[:0], self._last[:0].long())
+        self.steps.append(TokenLogprob(token, float(self._last[token]), list(zip(ids.tolist(), values.tolist()))))
+        self._last = None
+        return self.steps[-1]
+
+
+class PenaltyProcessor(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt):
+    ``logit[j] -= frequency * count[j] + presence * (count[j] > 0)``."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length:]  # (batch, new)
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class BiasProcessor(LogitsProcessor):
+    """Adds a fixed bias to the logits of chosen token ids (OpenAI's ``logit_bias``)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
+
+
 @dataclass
 class Generation:
     token_ids: list[int]  # the new tokens, EOS excluded
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when a recorder was given
 
 
 def _decoding(sampling: SamplingConfig) -> dict:
@@ -61,9 +122,14 @@ def _decoding(sampling: SamplingConfig) -> dict:
 
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
                  sampling: SamplingConfig = SamplingConfig(), streamer: object | None = None,
-                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Generation:
+                 stop: list[str] | None = None, cancel: threading.Event | None = None,
+                 processors: list[LogitsProcessor] | None = None, recorder: LogprobRecorder | None = None
+                 ) -> Generation:
     """Generate after ``input_ids`` (1, seq): greedy at temperature 0, stops at EOS, a stop string,
-    ``max_new_tokens`` or ``cancel``. The text excludes EOS and the stop string."""
+    ``max_new_tokens`` or ``cancel``. The text excludes EOS and the stop string.
+
+    ``processors`` change the logits before temperature and top_p (penalties, a grammar's mask);
+    ``recorder``, run before them, fills ``Generation.logprobs``."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if sampling.seed is not None:
@@ -73,12 +139,17 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
         kwargs.update(stop_strings=stop, tokenizer=tokenizer)
     if cancel is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+    chain = ([recorder] if recorder is not None else []) + list(processors or [])
+    if chain:
+        kwargs["logits_processor"] = LogitsProcessorList(chain)
     eos = stop_token_ids(model, tokenizer)
     with evaluating(model):
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
                                 pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
     new = output[0, input_ids.shape[1]:].tolist()
+    if recorder is not None and new:
+        recorder.resolve(new[-1])
     ended = bool(new) and new[-1] in eos
     new = new[:-1] if ended else new
     text = tokenizer.decode(new, skip_special_tokens=True)
@@ -86,7 +157,7 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     if cut >= 0:
         text, ended = text[:cut], True
     reason = "stop" if ended else "cancelled" if cancel is not None and cancel.is_set() else "length"
-    return Generation(new, text, reason)
+    return Generation(new, text, reason, recorder.steps[:len(new)] if recorder is not None else None)
 
 
 def _cut_at_stop(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
