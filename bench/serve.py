@@ -1,11 +1,19 @@
 """A bounded load test of `tunesmith serve` on loopback: requests/s, latency, time to first token.
 
     python bench/serve.py [--target embedded] [--requests 200] [--concurrency 8] [--max-tokens 16]
+    python bench/serve.py --compare [--target embedded] [--requests 64] [--levels 1,8,32] [--max-tokens 16]
 
 Starts the server in this process on 127.0.0.1 (a free port), sends a fixed number of streamed
 chat requests from `--concurrency` client threads, and prints requests/s, p50/p99 latency,
 p50/p99 time to first token, and the status codes seen (any 5xx is a failure). Traffic never
 leaves this machine; the run stops after the requests, or after --timeout seconds.
+
+`--compare` measures the generation behind the server without HTTP, in one run: sequential
+generation (`generate_ids` behind one lock, as the server does today) against the batching engine
+(`tunesmith.serve.engine`), at each concurrency of `--levels`, with the same greedy chat requests
+from as many client threads; it prints a Markdown table of requests/s and p50/p95 latency side by
+side (each level sends `--requests` requests, at least twice the concurrency) and checks that both
+give the same texts.
 """
 
 from __future__ import annotations
@@ -21,9 +29,13 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 import uvicorn
 
-from tunesmith.serve.app import create_app
+from tunesmith.data.tokenize import encode_prompt
+from tunesmith.generate.sample import SamplingConfig, generate_ids
+from tunesmith.serve.app import Served, create_app
+from tunesmith.serve.engine import Engine
 from tunesmith.serve.load import build_served
 
 PROMPTS = ["What is the capital of France?", "Name three fruits.", "Write one sentence about rain.",
@@ -56,15 +68,80 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+def measure(generate, prompts: list, requests: int, concurrency: int) -> tuple[float, float, list[float], list[str]]:
+    """(requests/s, CPU seconds per request, each request's seconds, each request's text) for
+    ``requests`` calls of ``generate(prompt_ids)`` from ``concurrency`` client threads. CPU seconds
+    (this process's) tell the two ways apart even where other jobs share the cores."""
+
+    def timed(index: int) -> tuple[float, str]:
+        started = time.perf_counter()
+        text = generate(prompts[index % len(prompts)])
+        return time.perf_counter() - started, text
+
+    started, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(timed, range(requests)))
+    rate, cpu_each = requests / (time.perf_counter() - started), (time.process_time() - cpu) / requests
+    return rate, cpu_each, [t for t, _ in results], [text for _, text in results]
+
+
+def compare(served: Served, args: argparse.Namespace) -> int:
+    """Sequential (today's lock) against the batching engine, at each concurrency, in one table."""
+    levels = [int(level) for level in args.levels.split(",")]
+    name = served.names[-1]
+    prompts = [encode_prompt(served.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    sampling = SamplingConfig(args.max_tokens)  # greedy, like the load test's requests
+    lock = threading.Lock()
+
+    def sequential(prompt_ids) -> str:
+        with lock, served.selected(name):
+            return generate_ids(served.model, served.tokenizer, prompt_ids, sampling).text
+
+    engine = Engine(served.model, served.tokenizer, max_batch_size=max(levels))
+
+    def batched(prompt_ids) -> str:
+        return engine.submit(prompt_ids, sampling, adapter=served.adapters.get(name)).result()[0].text
+
+    rows, same = [], True
+    try:
+        for generate in (sequential, batched):  # warm both paths up once
+            generate(prompts[0])
+        for level in levels:
+            requests = max(args.requests, 2 * level)
+            seq_rate, seq_cpu, seq_times, seq_texts = measure(sequential, prompts, requests, level)
+            bat_rate, bat_cpu, bat_times, bat_texts = measure(batched, prompts, requests, level)
+            same = same and seq_texts == bat_texts
+            rows.append(f"| {level} | {requests} | {seq_rate:.2f} | {percentile(seq_times, 0.5):.2f} / "
+                        f"{percentile(seq_times, 0.95):.2f} | {seq_cpu:.2f} | {bat_rate:.2f} | "
+                        f"{percentile(bat_times, 0.5):.2f} / {percentile(bat_times, 0.95):.2f} | {bat_cpu:.2f} | "
+                        f"{bat_rate / seq_rate:.1f}x |")
+            print(f"concurrency {level} done", file=sys.stderr, flush=True)
+    finally:
+        engine.close()
+    print(f"\n{args.target} ({name}) on CPU ({torch.get_num_threads()} threads), greedy chat requests, "
+          f"max_tokens {args.max_tokens}:\n")
+    print("| concurrency | requests | sequential req/s | sequential p50 / p95 s | sequential CPU s/req "
+          "| batched req/s | batched p50 / p95 s | batched CPU s/req | speed-up (req/s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\nsame texts from both: {same}")
+    return 0 if same else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", default="embedded")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=None, help="default: 200; with --compare, 64 per level")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--compare", action="store_true", help="sequential against batched generation")
+    parser.add_argument("--levels", default="1,8,32", help="--compare: the concurrencies, comma-separated")
     args = parser.parse_args()
+    args.requests = args.requests or (64 if args.compare else 200)
     served = build_served(args.target, {}, "cpu", args.max_tokens)
+    if args.compare:
+        return compare(served, args)
     app = create_app(served, max_concurrency=args.concurrency)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

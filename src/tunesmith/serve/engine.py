@@ -1,0 +1,511 @@
+"""Batched generation for the server: one background thread owns the model and decodes every active
+request together, one token per step, over one left-padded batch with a KV cache.
+
+The batching is continuous: requests that arrive while others are decoding join the batch
+between two steps (their prompts are prefilled together, then their cache rows are left-padded to
+the batch's width and concatenated), and a row that finishes leaves at once (its cache rows are
+dropped, and the columns that have become padding in every remaining row are trimmed). This is
+correct with transformers' ``DynamicCache`` because every layer of it is a plain
+``[batch, heads, seq, head_dim]`` tensor that grows by concatenation, and a left-padded position
+is masked out of attention and skipped by the position ids. A model whose cache has other layers
+(a sliding window, linear attention, shared KV) falls back to dynamic batching: the requests that
+wait when a batch starts join it, and the next batch starts when it ends.
+
+Why ours and not transformers' continuous-batching API (``init_continuous_batching``): that API
+packs all requests into one row of paged attention (``input_ids`` of shape ``(1, total_tokens)``),
+so peft's per-row ``adapter_names`` cannot pick a LoRA adapter per request; it has one seed for
+all requests and no stop strings. Here each row names its adapter (``"__base__"`` for the base)
+in the forward, samples from its own ``torch.Generator``, and stops at its own strings.
+
+Per row, the rules are those of ``generate_ids``: the stop token ids of ``stop_token_ids``, stop
+strings (the text excludes the stop string; the token ids keep the token that completed it),
+``max_new_tokens``, greedy at temperature 0 (a lone greedy request decodes token for token as
+``generate_ids`` does: same forward, same cache, no mask when no row is padded), else
+temperature and top-p. Cancelling a request finishes its rows with ``"cancelled"`` before the
+next step.
+
+Use (the engine owns the model while it runs: nothing else may call it or switch its adapters)::
+
+    engine = Engine(model, tokenizer)                       # starts the thread
+    handle = engine.submit(prompt_ids, SamplingConfig(16), stop=["\\n"], adapter="first")
+    for piece in handle:                                     # streamed text, optional
+        print(piece.index, piece.text)
+    [completion] = handle.result()                           # token_ids, text, finish_reason, logprobs
+    engine.close()
+
+In an asyncio server: ``async for piece in handle.stream()`` and ``await handle.wait()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import (DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import DynamicLayer
+
+from tunesmith.generate.sample import SamplingConfig, stop_token_ids
+from tunesmith.models.modes import evaluating
+
+BASE = "__base__"  # peft's name for "no adapter" in a row of ``adapter_names``
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class EngineError(RuntimeError):
+    """A request could not finish: the engine closed, or a forward failed (the cause is chained)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # log-softmax of the model's logits (before temperature and top-p)
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # the new tokens, the stop token excluded
+    text: str  # the decoded tokens, cut before the first stop string
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None  # one per token id, when the request asked for them
+
+
+class Piece(NamedTuple):
+    index: int  # which of the request's ``n`` completions
+    text: str
+
+
+class Handle:
+    """One submitted request. Its streamed pieces, whose texts concatenate to each completion's text,
+    are read once: by iterating it (a thread waits) or ``async for piece in handle.stream()`` (no
+    thread waits: for an asyncio server, whose thread pool would otherwise cap the requests in
+    flight). ``result()`` or ``await wait()`` gives all ``n`` completions."""
+
+    def __init__(self, n: int, cancel: threading.Event):
+        self._pieces: queue.Queue[Piece | None] = queue.Queue()
+        self._completions: list[Completion | None] = [None] * n
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._cancel = cancel
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._wakers_lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[Piece]:
+        while not self._read_all() and (piece := self._pieces.get()) is not None:
+            yield piece
+        self._raise_error()
+
+    def _read_all(self) -> bool:
+        """Whether the pieces have all been read (the end marker included): a second reading ends at once."""
+        return self._done.is_set() and self._pieces.empty()
+
+    async def stream(self) -> AsyncIterator[Piece]:
+        """The pieces, awaited on the running event loop (the engine's thread wakes it)."""
+        waker = (asyncio.get_running_loop(), asyncio.Event())
+        with self._wakers_lock:
+            self._wakers.append(waker)
+        try:
+            while not self._read_all():
+                waker[1].clear()  # before looking: a piece put after the look sets it again
+                try:
+                    piece = self._pieces.get_nowait()
+                except queue.Empty:
+                    await waker[1].wait()
+                    continue
+                if piece is None:
+                    break
+                yield piece
+        finally:
+            with self._wakers_lock:
+                self._wakers.remove(waker)
+        self._raise_error()
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        self._raise_error()
+        return list(self._completions)  # type: ignore[arg-type]
+
+    async def wait(self) -> list[Completion]:
+        """``result()`` for asyncio: the completions, once all are done (reads the pieces)."""
+        async for _ in self.stream():
+            pass
+        return self.result(0)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise EngineError(f"the request failed: {self._error}") from self._error
+
+    def _put(self, piece: Piece | None) -> None:
+        self._pieces.put(piece)
+        with self._wakers_lock:
+            for loop, event in self._wakers:
+                try:
+                    loop.call_soon_threadsafe(event.set)
+                except RuntimeError:  # the reader's event loop has closed: nothing to wake
+                    pass
+
+    def _emit(self, index: int, text: str) -> None:
+        if text:
+            self._put(Piece(index, text))
+
+    def _complete(self, index: int, completion: Completion) -> None:
+        self._completions[index] = completion
+        if all(c is not None for c in self._completions):
+            self._finish()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._done.is_set():
+            self._error = error
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done.set()
+        self._put(None)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    sampling: SamplingConfig
+    stop: list[str]
+    adapter: str | None
+    top_logprobs: int | None
+    n: int
+    cancel: threading.Event
+    handle: Handle
+
+
+@dataclass
+class _Row:
+    """One completion being decoded: a row of the batch."""
+
+    request: _Request
+    index: int
+    generator: torch.Generator | None  # None: greedy
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already streamed
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # (batch, width) long: 1 for a real token, 0 for left padding
+    logits: torch.Tensor  # (batch, vocab) float32: each row's next-token logits
+
+
+def streamable(text: str, stop: list[str], whole_words: bool = False) -> int:
+    """How much of a growing ``text`` can be streamed now: not a tail that may begin a stop string,
+    not a trailing incomplete character, and with ``whole_words`` not the last word (a tokenizer
+    that cleans up spaces, ``" ."`` -> ``"."``, may still change how the next token joins it).
+
+    >>> streamable("Hello wor", []), streamable("Hello wor", [], whole_words=True)
+    (9, 5)
+    >>> streamable("one two\ufffd", []), streamable("ab c", ["b c d"]), streamable("ab c", ["x"])
+    (7, 1, 4)
+    """
+    end = len(text.rstrip("\ufffd"))
+    if whole_words:
+        last_space = re.search(r"\s\S*\Z", text[:end])
+        end = last_space.start() if last_space else 0
+    longest = max((len(s) for s in stop), default=0)
+    for start in range(max(0, len(text) - longest + 1), end):
+        if any(s.startswith(text[start:]) for s in stop):
+            return start
+    return end
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros in front along ``dim`` (negative) up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return F.pad(tensor, (0, 0) * (-dim - 1) + (missing, 0))
+
+
+def _joinable(cache: DynamicCache) -> bool:
+    """Whether rows can be added to and removed from ``cache`` by padding and slicing its tensors."""
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of ``a``'s rows then ``b``'s, right-aligned: the narrower is left-padded.
+
+    DynamicCache has no way to concatenate two caches along the batch (only to select or repeat
+    rows), so this edits its layers' tensors directly; ``_joinable`` checks they are plain ones."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for mine, theirs in zip(a.cache.layers, b.cache.layers, strict=True):
+        mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
+        mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+    mask = torch.cat([_pad_left(a.mask, width, -1), _pad_left(b.mask, width, -1)])
+    return _Batch(a.rows + b.rows, a.cache, mask, torch.cat([a.logits, b.logits]))
+
+
+def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
+    """The batch of the rows ``keep``, without the columns that are padding in all of them."""
+    if not keep:
+        return None
+    if len(keep) == len(batch.rows):
+        return batch
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask[index]  # (kept, width)
+    start = int(mask.any(dim=0).nonzero()[0])
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys[index, :, start:]
+        layer.values = layer.values[index, :, start:]
+    return _Batch([batch.rows[i] for i in keep], batch.cache, mask[:, start:], batch.logits[index])
+
+
+class Engine:
+    """Decodes all submitted requests together on one thread (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32):
+        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.device = next(model.parameters()).device
+        self.stop_ids = set(stop_token_ids(model, tokenizer))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+        self.adapters = set(model.peft_config) if isinstance(model, PeftModel) else None
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.whole_words = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._waiting: list[_Request] = []
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int] | torch.Tensor, sampling: SamplingConfig, stop: list[str] | None = None,
+               adapter: str | None = None, cancel: threading.Event | None = None, n: int = 1,
+               top_logprobs: int | None = None) -> Handle:
+        """Queue ``n`` completions of ``prompt_ids`` (a list, or a (1, seq) tensor). ``adapter``: a peft
+        adapter name of the model, or None for the base. ``top_logprobs``: None for no logprobs, else
+        each token's logprob and the k most likely alternatives. Rows of a request with a seed use
+        seeds ``seed``, ``seed + 1``, ..."""
+        prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        self._check(prompt, sampling, adapter, n, top_logprobs)
+        cancel = cancel if cancel is not None else threading.Event()
+        request = _Request(prompt, sampling, [s for s in stop or [] if s], adapter, top_logprobs, n, cancel,
+                           Handle(n, cancel))
+        with self._wakeup:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request.handle
+
+    def close(self) -> None:
+        """Stop the thread; requests not finished fail with ``EngineError``."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, prompt: list[int], sampling: SamplingConfig, adapter: str | None, n: int,
+               top_logprobs: int | None) -> None:
+        if not prompt:
+            raise ValueError("prompt_ids: empty; a request needs at least one prompt token")
+        if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:  # one bad row would fail its whole batch
+            raise ValueError(f"prompt_ids: token ids from {min(prompt)} to {max(prompt)}; the model's "
+                             f"vocabulary has ids 0 to {self.vocab_size - 1}")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens: {sampling.max_new_tokens}; use 1 or more")
+        if not 1 <= n <= self.max_batch_size:
+            raise ValueError(f"n: {n}; use 1 to {self.max_batch_size} (the engine's max_batch_size)")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs: {top_logprobs}; use 0 to 20, or None for no logprobs")
+        if adapter is not None and adapter not in (self.adapters or ()):
+            known = ", ".join(sorted(self.adapters or ())) or "none (the model has no adapters)"
+            raise ValueError(f"adapter: {adapter!r} is not loaded on the model; loaded: {known}")
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._waiting and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    break
+            self._serve_until_idle()
+        with self._wakeup:
+            waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            request.handle._fail(EngineError("the engine closed before the request started"))
+
+    def _serve_until_idle(self) -> None:
+        """Decode until no row is left and none waits: admit, choose tokens, drop finished rows, step."""
+        batch: _Batch | None = None
+        rows: list[_Row] = []
+        try:
+            with evaluating(self.model):
+                while not self._closed:
+                    joining = self._take_waiting(batch)
+                    if joining:
+                        rows = (batch.rows if batch else []) + joining
+                        new = self._prefill(joining)
+                        batch = new if batch is None else _merge(batch, new)
+                    if batch is None:
+                        return
+                    keep, tokens = self._step(batch)
+                    batch = _select(batch, keep)
+                    rows = batch.rows if batch else []
+                    if batch is not None:
+                        self._decode(batch, tokens)
+                error: BaseException = EngineError("the engine was closed")
+        except Exception as caught:  # the rows in flight fail; the engine goes on with the next requests
+            error = caught
+        for row in rows:
+            row.request.handle._fail(error)
+
+    def _take_waiting(self, batch: _Batch | None) -> list[_Row]:
+        """The rows of the waiting requests that fit in the batch (all, with room), oldest first."""
+        if batch is not None and not _joinable(batch.cache):
+            return []  # dynamic batching: this batch runs to its end
+        room = self.max_batch_size - (len(batch.rows) if batch else 0)
+        taken: list[_Request] = []
+        with self._wakeup:
+            while self._waiting and self._waiting[0].n <= room:
+                request = self._waiting.pop(0)
+                room -= request.n
+                taken.append(request)
+        joining = []
+        for request in taken:
+            for index in range(request.n):
+                row = _Row(request, index, self._generator(request.sampling, index))
+                if request.cancel.is_set():  # cancelled while it waited: no prefill for it
+                    self._finish(row, "cancelled")
+                else:
+                    joining.append(row)
+        return joining
+
+    def _generator(self, sampling: SamplingConfig, index: int) -> torch.Generator | None:
+        """A sampled row's own generator, seeded ``seed + index`` (a random seed without one); None for greedy."""
+        if sampling.temperature <= 0:
+            return None
+        generator = torch.Generator(self.device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed + index)
+        return generator
+
+    def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """The next-token logits (batch, vocab) after ``input_ids`` (batch, new), ``mask`` covering the
+        cache and the new tokens. Without padding, no mask: the path ``generate`` takes."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -input_ids.shape[1]:]  # (batch, new)
+        extra = {}
+        if self.adapters is not None:
+            extra["adapter_names"] = [row.request.adapter or BASE for row in rows]
+        output = self.model(input_ids=input_ids, attention_mask=None if bool(mask.all()) else mask,
+                            position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        return output.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        width = max(len(row.request.prompt) for row in rows)
+        ids = [[self.pad_id] * (width - len(row.request.prompt)) + row.request.prompt for row in rows]
+        mask = [[0] * (width - len(row.request.prompt)) + [1] * len(row.request.prompt) for row in rows]
+        input_ids = torch.tensor(ids, device=self.device)  # (batch, width)
+        mask_tensor = torch.tensor(mask, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        return _Batch(rows, cache, mask_tensor, self._forward(rows, input_ids, mask_tensor, cache))
+
+    def _decode(self, batch: _Batch, tokens: list[int]) -> None:
+        batch.mask = F.pad(batch.mask, (0, 1), value=1)  # (batch, width + 1)
+        input_ids = torch.tensor(tokens, device=self.device)[:, None]  # (batch, 1)
+        batch.logits = self._forward(batch.rows, input_ids, batch.mask, batch.cache)
+
+    def _step(self, batch: _Batch) -> tuple[list[int], list[int]]:
+        """Choose each row's next token and finish the rows that are done: (rows that go on, their tokens)."""
+        chosen = self._choose(batch)
+        logprobs = self._logprobs(batch, chosen)
+        keep, tokens = [], []
+        for i, row in enumerate(batch.rows):
+            reason = "cancelled" if row.request.cancel.is_set() else self._advance(row, chosen[i], logprobs[i])
+            if reason is None:
+                keep.append(i)
+                tokens.append(chosen[i])
+            else:
+                self._finish(row, reason)
+        return keep, tokens
+
+    def _choose(self, batch: _Batch) -> list[int]:
+        """Greedy rows: argmax. Sampled rows: transformers' temperature and top-p warpers (they take one
+        value for a whole batch, so rows are grouped by their values), then a draw from the row's own
+        generator (``generate`` draws all rows from the global one)."""
+        chosen = batch.logits.argmax(dim=-1)  # (batch,)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, row in enumerate(batch.rows):
+            if row.generator is not None:
+                groups.setdefault((row.request.sampling.temperature, row.request.sampling.top_p), []).append(i)
+        for (temperature, top_p), members in groups.items():
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+            probs = warpers(None, batch.logits[members]).softmax(dim=-1)  # (group, vocab)
+            for j, i in enumerate(members):
+                chosen[i] = torch.multinomial(probs[j], 1, generator=batch.rows[i].generator)[0]
+        return chosen.tolist()
+
+    def _logprobs(self, batch: _Batch, chosen: list[int]) -> list[TokenLogprob | None]:
+        wanted = [i for i, row in enumerate(batch.rows) if row.request.top_logprobs is not None]
+        found: list[TokenLogprob | None] = [None] * len(batch.rows)
+        if not wanted:
+            return found
+        logprobs = batch.logits[wanted].log_softmax(dim=-1)  # (wanted, vocab)
+        k = max(batch.rows[i].request.top_logprobs or 0 for i in wanted)
+        top_values, top_ids = logprobs.topk(k, dim=-1)  # (wanted, k), sorted, most likely first
+        for j, i in enumerate(wanted):
+            keep = batch.rows[i].request.top_logprobs or 0
+            top = list(zip(top_ids[j, :keep].tolist(), top_values[j, :keep].tolist()))
+            found[i] = TokenLogprob(chosen[i], float(logprobs[j, chosen[i]]), top)
+        return found
+
+    def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None) -> FinishReason | None:
+        """Add ``token`` to the row and stream what is safe; the finish reason once the row is done."""
+        if token in self.stop_ids:
+            return "stop"
+        row.tokens.append(token)
+        if logprob is not None:
+            row.logprobs.append(logprob)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in row.request.stop if s in text), default=-1)
+        row.text = text[:cut] if cut >= 0 else text
+        if cut >= 0:
+            return "stop"
+        if len(row.tokens) >= row.request.sampling.max_new_tokens:
+            return "length"
+        ready = streamable(row.text, row.request.stop, self.whole_words)
+        if ready > row.sent:
+            row.request.handle._emit(row.index, row.text[row.sent:ready])
+            row.sent = ready
+        return None
+
+    def _finish(self, row: _Row, reason: FinishReason) -> None:
+        handle = row.request.handle
+        handle._emit(row.index, row.text[row.sent:])
+        logprobs = row.logprobs if row.request.top_logprobs is not None else None
+        handle._complete(row.index, Completion(row.tokens, row.text, reason, logprobs))

@@ -1,0 +1,269 @@
+"""The batching engine against generate_ids, on the tiny random Llama: what a batch decodes equals
+what each request decodes alone, per row (adapter, stop strings, max tokens, cancel, seed), with
+logprobs, threaded and asyncio readers, and dynamic batching where the cache cannot take joiners."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from tunesmith.generate.sample import SamplingConfig, generate_ids
+from tunesmith.serve.engine import Engine, Handle
+
+PROMPTS = ["Count to 4.", "Hello there, how are you doing on this fine day, my friend?", "x", "1 2 3 4 5 6 7"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer(text)["input_ids"] for text in PROMPTS]
+
+
+class Gate:
+    """Holds the engine's decoding steps: ``reached`` once one waits, until ``opened`` is set."""
+
+    def __init__(self):
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+
+@contextmanager
+def batch_sizes(model, gate: Gate | None = None):
+    """The batch size of every forward the model runs inside the block; with ``gate``, each decoding
+    step (one new token per row) waits for it to open: a test can act between two steps."""
+    sizes: list[int] = []
+
+    def record(_, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if gate is not None and kwargs["input_ids"].shape[1] == 1:
+            gate.reached.set()
+            assert gate.opened.wait(30), "the test never opened the gate"
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = inner.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def held(engine: Engine):
+    """Requests submitted inside the block wait until it ends, then start as one batch."""
+    with engine._wakeup:
+        yield
+
+
+def alone(model, tokenizer, prompt: list[int], sampling: SamplingConfig, stop: list[str] | None = None):
+    return generate_ids(model, tokenizer, torch.tensor([prompt]), sampling, stop=stop)
+
+
+def streamed(handle: Handle) -> str:
+    return "".join(piece.text for piece in handle)
+
+
+def test_batched_greedy_equals_each_request_alone(model, tokenizer, prompts):
+    """Prompts of different lengths start as one left-padded batch, and one more joins while they
+    decode; each result is token for token what generate_ids gives it alone, and the streamed
+    pieces concatenate to the text. Planted defects seen failing: no position ids (left-padded rows
+    then decode from the wrong positions), and the joining row's left padding left unmasked."""
+    sampling = SamplingConfig(max_new_tokens=24)
+    expected = [alone(model, tokenizer, p, sampling) for p in prompts]
+    gate = Gate()
+    with Engine(model, tokenizer) as engine:
+        assert engine.submit(prompts[0], sampling).result(60)[0].token_ids == expected[0].token_ids  # alone
+        with batch_sizes(model, gate) as sizes:
+            with held(engine):
+                handles = [engine.submit(p, sampling) for p in prompts[:3]]
+            assert gate.reached.wait(30)  # the three decode, held at their first step ...
+            handles.append(engine.submit(prompts[3], sampling))  # ... and the fourth joins them
+            gate.opened.set()
+            texts = [streamed(h) for h in handles]
+            results = [h.result(60)[0] for h in handles]
+    assert sizes[:4] == [3, 3, 1, 4], f"the requests were not batched as planned: {sizes}"
+    for i, (want, got, text) in enumerate(zip(expected, results, texts, strict=True)):
+        assert got.token_ids == want.token_ids, f"prompt {i}"
+        assert got.text == want.text == text
+        assert got.finish_reason == want.finish_reason == "length"
+
+
+def test_without_a_joinable_cache_a_request_waits_for_the_next_batch(model, tokenizer, prompts, monkeypatch):
+    """Dynamic batching, for caches whose rows cannot be padded and sliced (a sliding window): a
+    request that comes while a batch decodes starts once that batch has ended, and is still exact."""
+    import tunesmith.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_joinable", lambda cache: False)
+    sampling = SamplingConfig(max_new_tokens=8)
+    expected = [alone(model, tokenizer, p, sampling).token_ids for p in prompts]
+    gate = Gate()
+    with Engine(model, tokenizer) as engine, batch_sizes(model, gate) as sizes:
+        with held(engine):
+            handles = [engine.submit(p, sampling) for p in prompts[:3]]
+        assert gate.reached.wait(30)
+        handles.append(engine.submit(prompts[3], sampling))
+        gate.opened.set()
+        assert [h.result(60)[0].token_ids for h in handles] == expected
+    assert sizes == [3] * 8 + [1] * 8  # each batch: a prefill and 7 decoding steps
+
+
+def test_asyncio_readers_stream_and_wait_without_threads(model, tokenizer, prompts):
+    """Eight requests read on one event loop, half streamed (``async for``) and half awaited, decode
+    as one batch and give generate_ids' texts; the streamed pieces concatenate to the text. Planted
+    defect seen failing (timeout): the engine's thread not waking the event loop."""
+    sampling = SamplingConfig(max_new_tokens=12)
+    expected = [alone(model, tokenizer, p, sampling).text for p in prompts] * 2
+
+    async def read(handle: Handle, streamed: bool) -> str:
+        if not streamed:
+            return (await handle.wait())[0].text
+        text = "".join([piece.text async for piece in handle.stream()])
+        assert text == (await handle.wait())[0].text  # the pieces were read: wait() returns at once
+        return text
+
+    async def read_all(handles: list[Handle]) -> list[str]:
+        readers = asyncio.gather(*(read(h, i % 2 == 0) for i, h in enumerate(handles)))
+        return list(await asyncio.wait_for(readers, 60))
+
+    with Engine(model, tokenizer) as engine, batch_sizes(model) as sizes:
+        with held(engine):
+            handles = [engine.submit(p, sampling) for p in prompts * 2]
+        assert asyncio.run(read_all(handles)) == expected
+    assert sizes[0] == 8
+
+
+@pytest.fixture(scope="module")
+def with_adapters(tiny_model_dir):
+    """The tiny model with two random (non-zero) LoRA adapters, "one" and "two"."""
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, lora, adapter_name="one")
+    peft_model.add_adapter("two", lora)
+    return peft_model.eval()
+
+
+def test_two_adapters_and_the_base_in_one_batch(with_adapters, tokenizer, prompts):
+    """Rows for adapter one, adapter two and the base share each forward (peft's per-row
+    adapter_names) and each equals its sequential result. Planted defect seen failing: every row
+    given the first row's adapter."""
+    model, sampling = with_adapters, SamplingConfig(max_new_tokens=16)
+    expected = {}
+    for name in ("one", "two"):
+        model.set_adapter(name)
+        expected[name] = [alone(model, tokenizer, p, sampling).token_ids for p in prompts[:2]]
+    with model.disable_adapter():
+        expected[None] = [alone(model, tokenizer, p, sampling).token_ids for p in prompts[:2]]
+    assert len({tuple(ids[0]) for ids in expected.values()}) == 3, "the adapters change nothing: no proof"
+    model.set_adapter("one")  # the active adapter must not matter to the engine
+    with Engine(model, tokenizer) as engine, batch_sizes(model) as sizes:
+        with held(engine):
+            handles = {(name, i): engine.submit(p, sampling, adapter=name)
+                       for name in ("two", None, "one") for i, p in enumerate(prompts[:2])}
+        results = {key: h.result(60)[0].token_ids for key, h in handles.items()}
+        with pytest.raises(ValueError, match="'three' is not loaded"):
+            engine.submit(prompts[0], sampling, adapter="three")
+        with pytest.raises(ValueError, match="vocabulary has ids 0 to"):
+            engine.submit([10**7], sampling)
+    assert sizes[0] == 6
+    for (name, i), ids in results.items():
+        assert ids == expected[name][i], f"adapter {name}, prompt {i}"
+
+
+def test_stop_strings_and_max_tokens_per_row(model, tokenizer, prompts):
+    """In one batch: a row cut at its stop string (text without it, as generate_ids), a row with a
+    smaller max_tokens, a row with neither; streamed pieces never show the stop string. Planted
+    defect seen failing: the stop string kept in the text."""
+    long = SamplingConfig(max_new_tokens=20)
+    full = alone(model, tokenizer, prompts[1], long)
+    stop = full.text[6:9]
+    assert stop and full.text.find(stop) > 0
+    expected = [alone(model, tokenizer, prompts[1], long, [stop, "never"]),
+                alone(model, tokenizer, prompts[0], SamplingConfig(max_new_tokens=3)), full]
+    assert expected[0].text == full.text[:full.text.find(stop)] and expected[0].finish_reason == "stop"
+    with Engine(model, tokenizer) as engine:
+        with held(engine):
+            handles = [engine.submit(prompts[1], long, stop=[stop, "never"]),
+                       engine.submit(prompts[0], SamplingConfig(max_new_tokens=3)),
+                       engine.submit(prompts[1], long)]
+        texts = [streamed(h) for h in handles]
+        results = [h.result(60)[0] for h in handles]
+        assert streamed(handles[0]) == "", "a second reading ends at once"
+    for want, got, text in zip(expected, results, texts, strict=True):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        assert text == got.text
+    assert len(results[1].token_ids) == 3 and results[1].finish_reason == "length"
+
+
+def test_cancelling_one_request_leaves_the_others_alone(model, tokenizer, prompts):
+    """One of three rows is cancelled mid-way: it ends early as "cancelled", the others are exact.
+    Planted defect seen failing: when the cancelled row leaves, the first rows of the cache kept
+    instead of the rows that go on."""
+    sampling = SamplingConfig(max_new_tokens=200)
+    expected = [alone(model, tokenizer, p, sampling).token_ids for p in prompts[:3]]
+    cancel, gate = threading.Event(), Gate()
+    with Engine(model, tokenizer) as engine, batch_sizes(model, gate) as sizes:
+        with held(engine):
+            handles = [engine.submit(prompts[0], sampling), engine.submit(prompts[1], sampling, cancel=cancel),
+                       engine.submit(prompts[2], sampling)]
+        assert gate.reached.wait(30)  # each row has its first token; the first decoding step waits
+        cancel.set()
+        gate.opened.set()
+        results = [h.result(60)[0] for h in handles]
+    assert results[1].finish_reason == "cancelled" and len(results[1].token_ids) == 1
+    assert sizes[:3] == [3, 3, 2]
+    assert results[1].token_ids == expected[1][:len(results[1].token_ids)]
+    assert [results[0].token_ids, results[2].token_ids] == [expected[0], expected[2]]
+
+
+def test_a_seeded_sampled_request_is_reproducible(model, tokenizer, prompts):
+    """The same seed gives the same tokens alone and inside a batch of other sampled requests (each
+    row draws from its own generator); another seed gives others, and n completions use seed, seed+1.
+    Planted defect seen failing: rows drawing from torch's global generator."""
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    with Engine(model, tokenizer) as engine:
+        first = engine.submit(prompts[0], sampling).result(60)[0].token_ids
+        with held(engine):
+            others = [engine.submit(p, SamplingConfig(16, 0.7, 1.0, seed=i)) for i, p in enumerate(prompts)]
+            again = engine.submit(prompts[0], sampling)
+            pair = engine.submit(prompts[0], SamplingConfig(16, 1.0, 0.9, seed=6), n=2)
+        assert again.result(60)[0].token_ids == first
+        assert [c.token_ids for c in pair.result(60)][1] == first
+        assert engine.submit(prompts[0], SamplingConfig(16, 1.0, 0.9, seed=8)).result(60)[0].token_ids != first
+        greedy = engine.submit(prompts[0], SamplingConfig(16)).result(60)[0].token_ids
+        assert all(h.result(60) for h in others)
+    assert first != greedy, "sampling gave the greedy tokens: the test would prove little"
+
+
+def test_logprobs_are_the_log_softmax_of_the_chosen_tokens(model, tokenizer, prompts):
+    """Each token's logprob is the log-softmax of a full (uncached) forward at its position, and the
+    top k are sorted, most likely first (greedy: the chosen token is the first). Planted defect seen
+    failing: logprobs taken after a temperature of 0.5."""
+    with Engine(model, tokenizer) as engine:
+        with held(engine):
+            handles = [engine.submit(prompts[1], SamplingConfig(8), top_logprobs=3),
+                       engine.submit(prompts[2], SamplingConfig(8, 1.0, seed=3), top_logprobs=0),
+                       engine.submit(prompts[0], SamplingConfig(8))]
+        results = [h.result(60)[0] for h in handles]
+    assert results[2].logprobs is None
+    for prompt, result, k in ((prompts[1], results[0], 3), (prompts[2], results[1], 0)):
+        sequence = torch.tensor([prompt + result.token_ids])
+        with torch.no_grad():
+            logits = model(sequence).logits[0, len(prompt) - 1:-1].float()  # (new, vocab)
+        reference = logits.log_softmax(-1)
+        assert [lp.token_id for lp in result.logprobs] == result.token_ids
+        for step, lp in enumerate(result.logprobs):
+            assert lp.logprob == pytest.approx(float(reference[step, lp.token_id]), abs=1e-4)
+            assert len(lp.top) == k
+            assert [value for _, value in lp.top] == sorted((value for _, value in lp.top), reverse=True)
+            if k:
+                assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+                assert lp.top[1][1] == pytest.approx(float(reference[step].topk(2).values[1]), abs=1e-4)
