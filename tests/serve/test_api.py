@@ -124,6 +124,12 @@ HOSTILE = [  # (path, raw body, expected status, expected param)
     ("/v1/completions", json.dumps({"model": "tiny", "prompt": ""}), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": "tiny", "prompt": [10**12]}), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": "tiny", "prompt": ["a", "b"]}), 400, "prompt"),
+    # Bounded inputs: a long stop string (transformers builds a vocabulary x length table for it) and a huge
+    # schema (its grammar's compile time grows fast) are refused before any work.
+    ("/v1/chat/completions", chat(stop=["a" * 3000]), 400, "stop"),
+    ("/v1/chat/completions", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}}}),
+     400, "response_format"),
 ]
 
 

@@ -359,7 +359,7 @@ def _encode_chat(served: Served, body: ChatRequest, syntax: tools.CallSyntax | N
             described = [tool.model_dump(exclude_none=True) for tool in body.tools]
             return tools.encode_with_tools(served.tokenizer, messages, described)
         return encode_prompt(served.tokenizer, messages)
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as err:
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, RecursionError) as err:
         raise OpenAIError(400, f"the model's chat template cannot render these messages: {err}",
                           "messages") from None
 
@@ -526,6 +526,8 @@ async def _respond(served: Served, gate: _Gate, job: _Job, body: Any, request: R
     try:
         generations = []
         for index in range(job.n):
+            if cancel.is_set():  # the client went away: the remaining choices are not generated
+                break
             recorder = LogprobRecorder(job.top_logprobs) if job.top_logprobs is not None else None
             generations.append(await _in_turn(
                 gate, lambda i=index, r=recorder: _generate(served, job, i, cancel, recorder=r), cancel, deadline))
@@ -665,6 +667,8 @@ async def _stream(served: Served, gate: _Gate, job: _Job, ident: str, request: R
     completion_tokens = 0
     try:
         for index in range(job.n):
+            if cancel.is_set():  # the client went away: the remaining choices are not generated
+                break
             async for event in _stream_choice(served, gate, job, ident, index, request, cancel, deadline):
                 if isinstance(event, int):
                     completion_tokens += event

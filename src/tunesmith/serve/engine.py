@@ -409,7 +409,7 @@ class Engine:
         if sampling.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(sampling.seed + index)
+            generator.manual_seed((sampling.seed + index) % 2**64)
         return generator
 
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor,

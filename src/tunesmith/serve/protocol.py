@@ -8,6 +8,7 @@ OpenAI itself does ("Unrecognized request argument supplied: ...").
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -41,6 +42,9 @@ def _valid_unicode(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
+
+MAX_STOP_CHARS = 256
+MAX_SCHEMA_CHARS = 16_384
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -133,6 +137,10 @@ class ResponseFormat(_Strict):
     def _schema_present(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs a json_schema object ({'name': ..., 'schema': {...}})")
+        if self.json_schema is not None and len(json.dumps(self.json_schema.schema_ or {})) > MAX_SCHEMA_CHARS:
+            # The grammar's compile time grows fast with the schema (minutes for ~100 KB of optional properties),
+            # and it runs before the request's place in the queue: bounded here.
+            raise ValueError(f"the json_schema may have at most {MAX_SCHEMA_CHARS:,} characters")
         return self
 
 
@@ -166,7 +174,7 @@ class ChatRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)  # OpenAI's own limit
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, Text] | None = None
@@ -267,6 +275,9 @@ def _shared_refusal(body: _Request) -> tuple[str, str] | None:
         return "stop", "a stop sequence must not be empty"
     if len(body.stop_strings()) > 4:
         return "stop", "at most 4 stop sequences"
+    if any(len(s) > MAX_STOP_CHARS for s in body.stop_strings()):
+        # transformers' stop-string matcher builds a (vocabulary x length) table for each: bounded here.
+        return "stop", f"a stop sequence may have at most {MAX_STOP_CHARS} characters"
     if body.stream_options is not None and not body.stream:
         return "stream_options", "stream_options is only allowed with stream: true"
     return None

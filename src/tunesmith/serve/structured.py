@@ -38,7 +38,8 @@ class GrammarCompiler:
                 vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or len(self.tokenizer))
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=max(vocab, len(self.tokenizer)),
                                                                stop_token_ids=self.stop_ids)
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+                # A bounded cache: every distinct schema compiled would otherwise be kept for good.
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=64 << 20)
             return self._compiler
 
     def compile(self, kind: str, schema: dict[str, Any] | None) -> Any:

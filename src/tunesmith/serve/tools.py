@@ -86,7 +86,7 @@ def template_messages(messages: list[dict[str, Any]], raw: list[Any]) -> list[di
         for j, call in enumerate(original.tool_calls or []):
             try:
                 arguments = json.loads(call.function.arguments)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: arguments nested deeper than Python parses
                 arguments = None
             if not isinstance(arguments, dict):
                 raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments")
