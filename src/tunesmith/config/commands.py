@@ -220,6 +220,8 @@ class ServeCommandConfig(CommandConfig):
     max_body_bytes: Count
     max_tokens: Count
     device: Device
+    request_timeout: float = Field(gt=0.0, description="seconds a request may take, queueing included")
+    shutdown_timeout: float = Field(ge=0.0, description="seconds in-flight requests may finish on shutdown")
 
     @field_validator("adapter", mode="before")
     @classmethod
