@@ -61,3 +61,19 @@ def starts_with_the(prompts: list, completions: list[str], answers: list) -> lis
     """A programmatic reward for GRPO tests: 1.0 where the completion's first word is "The". The
     embedded model opens about a third of its sampled replies so: a reward with variance to learn from."""
     return [float(text.split(maxsplit=1)[:1] == ["The"]) for text in completions]
+
+
+def run_under_triton_interpreter(script: str) -> None:
+    """Run ``script`` in a fresh process with TRITON_INTERPRET=1 (read when a kernel is defined) and check it
+    ended printing "kernel ok"; skips without triton."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton", reason="triton is in the test extra; install it with pip install -e '.[test]'")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernel ok" in done.stdout

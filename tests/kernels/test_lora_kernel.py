@@ -1,17 +1,14 @@
 """The fused LoRA layer equals peft's LoRA forward and backward; the Triton kernel equals the
 unfused products under Triton's CPU interpreter (TRITON_INTERPRET=1), in fp32."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 from torch import nn
 from peft import LoraConfig, get_peft_model
 
 from tunesmith.kernels.lora import fuse_lora
+from helpers import run_under_triton_interpreter
 
 
 class Block(nn.Module):
@@ -102,11 +99,7 @@ KERNEL_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernel_equals_unfused_under_interpreter():
-    pytest.importorskip("triton", reason="triton is in the test extra; install it with pip install -e '.[test]'")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok" in done.stdout
+    run_under_triton_interpreter(KERNEL_CHECK)
 
 
 def test_fused_layer_under_bf16_autocast_stays_near_fp32():

@@ -9,9 +9,6 @@ dropout check removed from ``fusable`` (dropout's randomness then disappears), a
 dropped (the biases then get none)."""
 
 import gc
-import os
-import subprocess
-import sys
 import textwrap
 import weakref
 
@@ -24,6 +21,7 @@ from tunesmith.config.schema import MethodConfig, ModelConfig, QuantizationConfi
 from tunesmith.kernels import qlora
 from tunesmith.kernels.lora import fuse_lora
 from tunesmith.models.load import load_model
+from helpers import run_under_triton_interpreter
 
 # fp32 against fp32: peft's path, ours and the reference multiply the same dequantised weight
 # (bitsandbytes' dequantize_4bit is deterministic), so they differ only in the order of the fp32 sums
@@ -252,8 +250,4 @@ KERNEL_CHECK = textwrap.dedent("""
 
 
 def test_triton_qlora_equals_unfused_under_interpreter():
-    pytest.importorskip("triton", reason="triton is in the test extra; install it with pip install -e '.[test]'")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok" in done.stdout
+    run_under_triton_interpreter(KERNEL_CHECK)
