@@ -33,9 +33,9 @@ import torch
 import uvicorn
 
 from tunesmith.data.tokenize import encode_prompt
-from tunesmith.generate.sample import SamplingConfig, generate_ids
+from tunesmith.generate.sample import SamplingConfig
 from tunesmith.serve.app import Served, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engine import Engine, SequentialEngine
 from tunesmith.serve.load import build_served
 
 PROMPTS = ["What is the capital of France?", "Name three fruits.", "Write one sentence about rain.",
@@ -91,13 +91,11 @@ def compare(served: Served, args: argparse.Namespace) -> int:
     name = served.names[-1]
     prompts = [encode_prompt(served.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     sampling = SamplingConfig(args.max_tokens)  # greedy, like the load test's requests
-    lock = threading.Lock()
+    one_by_one = SequentialEngine(served.model, served.tokenizer, max_batch_size=max(levels))
+    engine = Engine(served.model, served.tokenizer, max_batch_size=max(levels))
 
     def sequential(prompt_ids) -> str:
-        with lock, served.selected(name):
-            return generate_ids(served.model, served.tokenizer, prompt_ids, sampling).text
-
-    engine = Engine(served.model, served.tokenizer, max_batch_size=max(levels))
+        return one_by_one.submit(prompt_ids, sampling, adapter=served.adapters.get(name)).result()[0].text
 
     def batched(prompt_ids) -> str:
         return engine.submit(prompt_ids, sampling, adapter=served.adapters.get(name)).result()[0].text
@@ -118,6 +116,7 @@ def compare(served: Served, args: argparse.Namespace) -> int:
             print(f"concurrency {level} done", file=sys.stderr, flush=True)
     finally:
         engine.close()
+        one_by_one.close()
     print(f"\n{args.target} ({name}) on CPU ({torch.get_num_threads()} threads), greedy chat requests, "
           f"max_tokens {args.max_tokens}:\n")
     print("| concurrency | requests | sequential req/s | sequential p50 / p95 s | sequential CPU s/req "

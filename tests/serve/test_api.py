@@ -187,6 +187,19 @@ def test_logprobs_and_top_logprobs(url):
         assert token.logprob <= 0
 
 
+def test_a_logprob_token_holding_part_of_a_character_has_its_own_bytes(url, served):
+    """"日" is more than one byte-level token; forcing the first gives a token whose text is a
+    replacement character but whose bytes begin the character's UTF-8. Planted defect seen
+    failing: the bytes taken from the token's decoded text ([239, 191, 189])."""
+    first, *rest = served.tokenizer.encode("日", add_special_tokens=False)
+    assert rest, "the character is one token here: the test would prove nothing"
+    reply = client(url).chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=1,
+                                                logprobs=True, logit_bias={str(first): 100})
+    [entry] = reply.choices[0].logprobs.content
+    whole = list("日".encode())
+    assert entry.token == "\ufffd" and entry.bytes and entry.bytes == whole[:len(entry.bytes)] != whole
+
+
 def test_completions_logprobs_echo_and_stop(url):
     api = client(url)
     plain = api.completions.create(model="tiny", prompt="1 2 3", temperature=0, max_tokens=6, logprobs=2)
@@ -424,10 +437,76 @@ def test_a_named_or_required_tool_call_through_the_template(tool_url):
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_a_streamed_tool_call_arrives_in_its_delta(tool_url):
+    """Streamed, the forced call comes as a tool_calls delta that the client's accumulation turns into
+    the non-streamed call, with no call text leaking into the content. Planted defect seen
+    failing: the content streamed without holding back where a call begins."""
+    pytest.importorskip("xgrammar")
+    api = client(tool_url)
+    asked = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER, CLOCK],
+                 max_tokens=150, temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = api.chat.completions.create(**asked)
+    [want] = whole.choices[0].message.tool_calls
+    calls, content, reasons = {}, "", []
+    for chunk in api.chat.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert reasons == ["tool_calls"]
+    assert calls == {0: {"name": "get_weather", "arguments": want.function.arguments}}
+    assert content == (whole.choices[0].message.content or "") and "tool_call" not in content
+
+
+def test_concurrent_requests_decode_together_through_the_server(served):
+    """Four chat requests at once share the engine's batch (seen in the model's forward) and each gets
+    the reply it gets alone. The first request's first decoding step waits until the other three
+    are queued, so that they must join it."""
+    app = create_app(served, request_timeout=60)
+    engine = app.state.engine
+    address, server, thread = serve(app)
+    sizes = []
+
+    def hold(_, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if len(sizes) == 2:  # the first request's first decoding step
+            deadline = time.monotonic() + 30
+            while len(engine._waiting) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    prompts = ["Count to 4.", "Name a fruit.", "Say hi.", "What is 2 + 2?"]
+    api = client(address)
+
+    def ask(prompt: str) -> str:
+        return api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                           temperature=0, max_tokens=12).choices[0].message.content
+
+    try:
+        alone = [ask(p) for p in prompts]
+        sizes.clear()
+        handle = served.model.register_forward_pre_hook(hold, with_kwargs=True)
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                first = pool.submit(ask, prompts[0])
+                while not sizes:
+                    time.sleep(0.005)
+                others = [pool.submit(ask, p) for p in prompts[1:]]
+                together = [future.result(60) for future in (first, *others)]
+        finally:
+            handle.remove()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert together == alone
+    assert max(sizes) == 4, sizes
+
+
 def test_tool_fields_refused_by_name_where_they_cannot_be_honoured(tool_url):
     api = client(tool_url)
-    cases = [({"tools": [WEATHER], "stream": True}, "stream"),
-             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+    cases = [({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
               "tool_choice.function.name"),
              ({"tool_choice": "required"}, "tool_choice"),
              ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from tunesmith.generate.sample import SamplingConfig, generate_ids
-from tunesmith.serve.engine import Engine, Handle
+from tunesmith.serve.engine import Engine, EngineError, Handle
 
 PROMPTS = ["Count to 4.", "Hello there, how are you doing on this fine day, my friend?", "x", "1 2 3 4 5 6 7"]
 
@@ -267,3 +267,129 @@ def test_logprobs_are_the_log_softmax_of_the_chosen_tokens(model, tokenizer, pro
             if k:
                 assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
                 assert lp.top[1][1] == pytest.approx(float(reference[step].topk(2).values[1]), abs=1e-4)
+
+
+class ForceToken:
+    """A row processor that allows one token only; records the tokens it was shown."""
+
+    def __init__(self, token: int):
+        self.token, self.seen = token, []
+
+    def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.seen.append(list(tokens))
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self.token] = 0.0
+        return forced
+
+
+def test_row_processors_change_their_own_row_and_a_failing_one_fails_its_request_only(model, tokenizer, prompts):
+    """In one batch: a row whose processor forces one token gets only that token, and its logprobs
+    are still the model's own; a row whose processor raises fails its request alone; a row without
+    processors equals its result alone. Planted defect seen failing: the first row's processors
+    applied to every row."""
+    sampling = SamplingConfig(max_new_tokens=6)
+    expected = alone(model, tokenizer, prompts[0], sampling)
+    forced_token = tokenizer.convert_tokens_to_ids("a")
+    made: list[ForceToken] = []
+
+    def force() -> list:
+        made.append(ForceToken(forced_token))
+        return [made[-1]]
+
+    def broken(tokens, logits):
+        raise RuntimeError("a processor that fails")
+
+    with Engine(model, tokenizer) as engine:
+        with held(engine):
+            handles = [engine.submit(prompts[1], sampling, processors=force, n=2, top_logprobs=1),
+                       engine.submit(prompts[2], sampling, processors=lambda: [broken]),
+                       engine.submit(prompts[0], sampling)]
+        forced = handles[0].result(60)
+        with pytest.raises(EngineError, match="a processor that fails"):
+            handles[1].result(60)
+        plain = handles[2].result(60)[0]
+    assert [c.token_ids for c in forced] == [[forced_token] * 6] * 2
+    assert len(made) == 2 and made[0] is not made[1], "each completion gets its own processors"
+    assert made[0].seen == [[forced_token] * k for k in range(6)]
+    assert all(lp.logprob < 0 and lp.top[0][0] != forced_token for lp in forced[0].logprobs[:1])
+    assert (plain.token_ids, plain.text) == (expected.token_ids, expected.text)
+
+
+def test_a_request_whose_prefill_fails_fails_alone(model, tokenizer, prompts, monkeypatch):
+    """Three requests join a batch together and the prefill of one of them fails: that request fails,
+    the other two are prefilled on their own and are exact. Planted defect seen failing: the whole
+    joining group failed."""
+    sampling = SamplingConfig(max_new_tokens=6)
+    expected = [alone(model, tokenizer, p, sampling).token_ids for p in prompts[:2]]
+    poison = prompts[3]
+    real_forward = Engine._forward
+
+    def forward(self, rows, input_ids, mask, cache):
+        if any(row.request.prompt == poison for row in rows):
+            raise RuntimeError("this prompt breaks the forward")
+        return real_forward(self, rows, input_ids, mask, cache)
+
+    monkeypatch.setattr(Engine, "_forward", forward)
+    with Engine(model, tokenizer) as engine:
+        with held(engine):
+            handles = [engine.submit(prompts[0], sampling), engine.submit(poison, sampling),
+                       engine.submit(prompts[1], sampling)]
+        with pytest.raises(EngineError, match="breaks the forward"):
+            handles[1].result(60)
+        assert [handles[0].result(60)[0].token_ids, handles[2].result(60)[0].token_ids] == expected
+
+
+def test_dora_adapters_decode_one_adapter_per_batch(tiny_model_dir, tokenizer, prompts):
+    """peft cannot mix DoRA adapters per row, so the engine runs one adapter per batch: requests for
+    "one", the base and "one" again, queued together, decode as two batches in arrival order with
+    the right adapter each, exact against each alone. Planted defect seen failing: the base request
+    decoded with the adapter still active."""
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True)
+    torch.manual_seed(2)
+    model = get_peft_model(base, dora, adapter_name="one").eval()
+    sampling = SamplingConfig(max_new_tokens=8)
+    want_one = [alone(model, tokenizer, p, sampling).token_ids for p in prompts[:2]]
+    with model.disable_adapter():
+        want_base = alone(model, tokenizer, prompts[2], sampling).token_ids
+        assert want_one[0] != alone(model, tokenizer, prompts[0], sampling).token_ids, "the adapter changes nothing"
+    with Engine(model, tokenizer) as engine, batch_sizes(model) as sizes:
+        assert not engine.mixed
+        with held(engine):
+            handles = [engine.submit(prompts[0], sampling, adapter="one"), engine.submit(prompts[2], sampling),
+                       engine.submit(prompts[1], sampling, adapter="one")]
+        results = [h.result(60)[0].token_ids for h in handles]
+    assert results == [want_one[0], want_base, want_one[1]]
+    assert sizes[0] == 1, "the base request waits: the second 'one' request may not jump the queue"
+
+
+def test_prefix_tuning_is_served_one_completion_at_a_time(tiny_model_dir, tokenizer, prompts):
+    """A prompt-learning adapter puts its prefix in front of the cache itself, which the batching
+    engine cannot hold: engine_for gives the sequential engine, whose results and streamed pieces
+    are generate_ids' (with processors, stop strings and n)."""
+    from peft import PrefixTuningConfig
+
+    from tunesmith.serve.engine import SequentialEngine, engine_for
+
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    sampling = SamplingConfig(max_new_tokens=10)
+    expected = alone(model, tokenizer, prompts[1], sampling)
+    with pytest.raises(ValueError, match="prompt-learning"):
+        Engine(model, tokenizer)
+    engine = engine_for(model, tokenizer)
+    try:
+        assert isinstance(engine, SequentialEngine)
+        handle = engine.submit(prompts[1], sampling, n=2, top_logprobs=2)
+        pieces = list(handle)
+        results = handle.result(60)
+        forced_token = tokenizer.convert_tokens_to_ids("a")
+        forced = engine.submit(prompts[0], SamplingConfig(3), processors=lambda: [ForceToken(forced_token)])
+        assert forced.result(60)[0].token_ids == [forced_token] * 3
+    finally:
+        engine.close()
+    for index, result in enumerate(results):
+        assert (result.token_ids, result.text) == (expected.token_ids, expected.text)
+        assert "".join(p.text for p in pieces if p.index == index) == result.text
+        assert len(result.logprobs) == len(result.token_ids)
+    assert [p.finished is not None for p in pieces].count(True) == 2

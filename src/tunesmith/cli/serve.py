@@ -13,8 +13,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health")
-    parser.add_argument("--max-concurrency", type=int, default=8,
-                        help="requests admitted at once: one generates, the others wait their turn; beyond: 429")
+    parser.add_argument("--engine", choices=["batched", "sequential"], default="batched",
+                        help="batched: concurrent requests decode together (continuous batching, adapters mixed "
+                             "per row); sequential: one completion after another, through transformers' generate")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="completions decoded together (a request's n counts n times)")
+    parser.add_argument("--max-concurrency", type=int, default=64,
+                        help="requests admitted at once, decoding or waiting for room in the batch; beyond: 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-tokens", type=int, default=256, help="when a request sets none")
     parser.add_argument("--device", default="auto")
@@ -36,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from tunesmith.serve.load import build_served
 
     served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens)
-    app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes, flags.request_timeout)
+    app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes, flags.request_timeout,
+                     flags.shutdown_timeout, flags.max_batch_size, batched=flags.engine == "batched")
     print(f"serving {', '.join(served.names)} on http://{flags.host}:{flags.port}/v1", flush=True)
     uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning",
                 timeout_graceful_shutdown=flags.shutdown_timeout)

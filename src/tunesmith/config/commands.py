@@ -216,6 +216,8 @@ class ServeCommandConfig(CommandConfig):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     api_key: str | None = Field(min_length=1)
+    engine: Literal["batched", "sequential"]
+    max_batch_size: Count
     max_concurrency: Count
     max_body_bytes: Count
     max_tokens: Count

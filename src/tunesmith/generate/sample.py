@@ -79,32 +79,6 @@ class LogprobRecorder(LogitsProcessor):
         return self.steps[-1]
 
 
-class PenaltyProcessor(LogitsProcessor):
-    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt):
-    ``logit[j] -= frequency * count[j] + presence * (count[j] > 0)``."""
-
-    def __init__(self, prompt_length: int, presence: float, frequency: float):
-        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length:]  # (batch, new)
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class BiasProcessor(LogitsProcessor):
-    """Adds a fixed bias to the logits of chosen token ids (OpenAI's ``logit_bias``)."""
-
-    def __init__(self, bias: dict[int, float]):
-        self.ids = torch.tensor(list(bias), dtype=torch.long)
-        self.values = torch.tensor(list(bias.values()))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
-        return scores
-
-
 @dataclass
 class Generation:
     token_ids: list[int]  # the new tokens, EOS excluded

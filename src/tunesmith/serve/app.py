@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over the project's own generation code.
+"""An OpenAI-compatible HTTP server over the project's batching engine (``engine.py``).
 
 Routes: /health, /v1/models, /v1/chat/completions (streaming SSE or not), /v1/completions.
 Several LoRA adapters share one base model; the request's ``model`` field picks one (the base
@@ -7,7 +7,8 @@ because it cannot change the output, or refused with a 400 that names it (``prot
 Every error, validation included, has OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
 Protection: an optional API key (401), a body size limit (413), prompt + max_tokens over the context
 (400), a bounded queue (429 with Retry-After), a per-request timeout (408), and a client that
-disconnects, a timeout or a shutdown cancels its generation at the next token.
+disconnects, a timeout or a shutdown cancels its generation at the engine's next step. Concurrent
+requests, for the base and for any adapters, decode together in one batch.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.streamers import BaseStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunesmith.data.tokenize import encode_prompt
-from tunesmith.generate.sample import (BiasProcessor, Generation, LogprobRecorder, PenaltyProcessor,
-                                       SamplingConfig, generate_ids, stop_token_ids)
+from tunesmith.generate.sample import SamplingConfig, stop_token_ids
 from tunesmith.serve import protocol, structured, tools
+from tunesmith.serve.engine import Completion, Engine, EngineError, Handle, RowProcessor, TokenLogprob, engine_for, streamable
+from tunesmith.serve.sampling import Bias, Penalties
+from tunesmith.serve.tokens import TokenBytes
 from tunesmith.serve.protocol import ChatRequest, CompletionRequest, NamedToolChoice, forces_call, refusal
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class Served:
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
     default_max_tokens: int = 256
     grammars: structured.GrammarCompiler | None = field(default=None, repr=False)  # built on first use
+    token_bytes: TokenBytes | None = field(default=None, repr=False)  # built on first use
 
     @property
     def names(self) -> list[str]:
@@ -66,30 +70,23 @@ class Served:
 
     @property
     def vocab_size(self) -> int:
-        return int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or len(self.tokenizer))
+        """The ids the model has embeddings for (a config's ``vocab_size`` may be absent or disagree)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
 
-    @contextmanager
-    def selected(self, name: str):
-        """The adapter ``name`` active (or none, for the base) for the duration of the block."""
-        if not self.adapters:
-            yield
-        elif name == self.base_name:
-            with self.model.disable_adapter():
-                yield
-        else:
-            self.model.set_adapter(self.adapters[name])
-            yield
+    def bytes_of(self, token_id: int) -> list[int]:
+        if self.token_bytes is None:
+            self.token_bytes = TokenBytes(self.tokenizer)
+        return list(self.token_bytes(token_id))
 
 
 class _Gate:
-    """At most ``capacity`` requests admitted at once (beyond that: refuse). They take turns on the
-    one model object (adapter selection changes the model, so two generations never overlap)."""
+    """At most ``capacity`` requests admitted at once (beyond that: refuse with 429); ``running``
+    holds the cancel events of the admitted ones, for a shutdown to stop them."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.inside = 0
-        self.running: set[threading.Event] = set()  # the cancel events of the generations under way
-        self._locks: dict[int, asyncio.Lock] = {}
+        self.running: set[threading.Event] = set()
 
     def try_enter(self) -> bool:
         if self.inside >= self.capacity:
@@ -99,10 +96,6 @@ class _Gate:
 
     def leave(self) -> None:
         self.inside -= 1
-
-    def turn(self) -> asyncio.Lock:
-        """The lock of the running event loop (a test client may run the app on several loops)."""
-        return self._locks.setdefault(id(asyncio.get_running_loop()), asyncio.Lock())
 
 
 class _Ticket:
@@ -249,21 +242,30 @@ def _install_error_handlers(app: FastAPI) -> None:
         return OpenAIError(500, "the server had an error while processing the request", kind="server_error").response()
 
 
-def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 8,
-               max_body_bytes: int = 1 << 20, request_timeout: float = 300.0) -> FastAPI:
-    """``max_concurrency``: requests admitted at once, one generating and the others waiting; beyond
-    it, 429. ``request_timeout``: seconds a request may take, waiting included; beyond it, 408 (or an
-    error event in a stream) and its generation stops."""
+def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 64,
+               max_body_bytes: int = 1 << 20, request_timeout: float = 300.0, shutdown_timeout: float = 30.0,
+               max_batch_size: int = 32, batched: bool = True) -> FastAPI:
+    """``max_concurrency``: requests admitted at once, generating or waiting for room in the batch;
+    beyond it, 429. ``max_batch_size``: completions decoded together (``batched``: the batching
+    engine, else one completion after another). ``request_timeout``: seconds a request may take,
+    waiting included; beyond it, 408 (or an error event in a stream) and its generation stops.
+    ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop."""
     gate = _Gate(max_concurrency)
+    engine = engine_for(served.model, served.tokenizer, max_batch_size, batched)
+    compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunesmith-grammar")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await _drain(gate)
+        await _drain(gate, shutdown_timeout)
+        await asyncio.to_thread(engine.close)
+        compiling.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.engine = engine
     _install_error_handlers(app)
+    context = _Context(served, gate, engine, compiling)
 
     @app.get("/health")
     async def health() -> dict:
@@ -276,19 +278,30 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        job = await _chat_job(served, body)
-        return await _respond(served, gate, job, body, request, time.monotonic() + request_timeout)
+        deadline = time.monotonic() + request_timeout
+        return await _respond(context, lambda: _chat_job(context, body), request, deadline)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        job = _completion_job(served, body)
-        return await _respond(served, gate, job, body, request, time.monotonic() + request_timeout)
+        deadline = time.monotonic() + request_timeout
+        return await _respond(context, lambda: _completion_job(context, body), request, deadline)
 
     return app
 
 
-async def _drain(gate: _Gate, grace: float = 30.0) -> None:
-    """At shutdown (uvicorn has waited for, or cancelled, the requests): stop what still generates."""
+@dataclass
+class _Context:
+    """What a request is served with."""
+
+    served: Served
+    gate: _Gate
+    engine: Engine
+    compiling: ThreadPoolExecutor  # grammar compilation, off the event loop and off the default pool
+
+
+async def _drain(gate: _Gate, grace: float) -> None:
+    """At shutdown (uvicorn has waited for, or cancelled, the requests): stop what still generates
+    and give it ``grace`` seconds to stop."""
     for cancel in list(gate.running):
         cancel.set()
     deadline = time.monotonic() + grace
@@ -321,16 +334,24 @@ class _Job:
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def processors(self, served: Served) -> list[LogitsProcessor]:
-        """Fresh logits processors for one generation (they follow its tokens)."""
-        chain: list[LogitsProcessor] = []
-        if self.presence or self.frequency:
-            chain.append(PenaltyProcessor(self.prompt_tokens, self.presence, self.frequency))
-        if self.bias:
-            chain.append(BiasProcessor(self.bias))
-        if self.grammar is not None:
-            chain.append(structured.GrammarProcessor(self.grammar, stop_token_ids(served.model, served.tokenizer)))
-        return chain
+    def processors(self, served: Served) -> Callable[[], list[RowProcessor]] | None:
+        """What makes one completion's fresh row processors (a grammar's follows its tokens); None
+        when the request changes no logits."""
+        if not (self.presence or self.frequency or self.bias or self.grammar is not None):
+            return None
+        stop_ids = stop_token_ids(served.model, served.tokenizer)
+
+        def make() -> list[RowProcessor]:
+            chain: list[RowProcessor] = []
+            if self.presence or self.frequency:
+                chain.append(Penalties(self.presence, self.frequency))
+            if self.bias:
+                chain.append(Bias(self.bias))
+            if self.grammar is not None:
+                chain.append(structured.GrammarRow(self.grammar, stop_ids))
+            return chain
+
+        return make
 
 
 def _chat_messages(body: ChatRequest) -> list[dict[str, Any]]:
@@ -364,19 +385,21 @@ def _encode_chat(served: Served, body: ChatRequest, syntax: tools.CallSyntax | N
                           "messages") from None
 
 
-async def _chat_job(served: Served, body: ChatRequest) -> _Job:
-    syntax = _check_fields(served, body)
+async def _chat_job(context: _Context, body: ChatRequest) -> _Job:
+    served = context.served
+    syntax = _check_fields(context, body)
     input_ids = _encode_chat(served, body, syntax)
-    grammar = await (_call_grammar(served, body, syntax) if forces_call(body) else _grammar(served, body))
+    grammar = await (_call_grammar(context, body, syntax) if forces_call(body) else _grammar(context, body))
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = _job(served, body, input_ids, chat=True, top_logprobs=top, grammar=grammar)
+    job = _job(context, body, input_ids, chat=True, top_logprobs=top, grammar=grammar)
     if body.tools and body.tool_choice != "none":
         job.calls, job.parallel_calls = syntax, body.parallel_tool_calls is not False
     return job
 
 
-def _completion_job(served: Served, body: CompletionRequest) -> _Job:
-    _check_fields(served, body)
+async def _completion_job(context: _Context, body: CompletionRequest) -> _Job:
+    served = context.served
+    _check_fields(context, body)
     prompt = body.prompt[0] if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else body.prompt
     if isinstance(prompt, str):
         input_ids = served.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -387,12 +410,13 @@ def _completion_job(served: Served, body: CompletionRequest) -> _Job:
     if input_ids.shape[1] == 0:
         raise OpenAIError(400, "prompt: the prompt has no tokens", "prompt")
     echo = served.tokenizer.decode(input_ids[0], skip_special_tokens=True) if body.echo else ""
-    return _job(served, body, input_ids, chat=False, top_logprobs=body.logprobs, echo=echo)
+    return _job(context, body, input_ids, chat=False, top_logprobs=body.logprobs, echo=echo)
 
 
-def _check_fields(served: Served, body: ChatRequest | CompletionRequest) -> tools.CallSyntax | None:
+def _check_fields(context: _Context, body: ChatRequest | CompletionRequest) -> tools.CallSyntax | None:
     """404 for a model not served; 400 naming the first field set to what we cannot honour. The
     template's tool-call syntax (None: it has no tool support)."""
+    served = context.served
     if body.model not in served.names:
         raise OpenAIError(404, f"model {body.model!r} is not served; available: {', '.join(served.names)}",
                           "model", "model_not_found")
@@ -400,6 +424,9 @@ def _check_fields(served: Served, body: ChatRequest | CompletionRequest) -> tool
     found = refusal(body, tools_supported=syntax is not None, constrained=structured.available())
     if found is not None:
         raise OpenAIError(400, found[1], found[0], "unsupported_parameter")
+    if (body.n or 1) > context.engine.max_batch_size:
+        raise OpenAIError(400, f"n: at most {context.engine.max_batch_size} on this server (its --max-batch-size)",
+                          "n", "invalid_value")
     for key in body.logit_bias or {}:
         if not (key.isascii() and key.isdigit()) or int(key) >= served.vocab_size:
             raise OpenAIError(400, f"logit_bias: {key!r} is not a token id in [0, {served.vocab_size})", "logit_bias")
@@ -413,18 +440,18 @@ def _grammars(served: Served) -> structured.GrammarCompiler:
     return served.grammars
 
 
-async def _call_grammar(served: Served, body: ChatRequest, syntax: tools.CallSyntax) -> Any:
+async def _call_grammar(context: _Context, body: ChatRequest, syntax: tools.CallSyntax) -> Any:
     """The compiled grammar of exactly one call to the named tool, or to any tool ("required")."""
     named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
     calls = [(syntax.opening(tool.function.name), tool.function.parameters or {"type": "object"},
               syntax.after_arguments) for tool in body.tools or [] if named in (None, tool.function.name)]
     try:
-        return await asyncio.to_thread(_grammars(served).compile_calls, calls)
+        return await _compile(context, _grammars(context.served).compile_calls, calls)
     except ValueError as err:
         raise OpenAIError(400, str(err), "tools", "invalid_value") from None
 
 
-async def _grammar(served: Served, body: ChatRequest) -> Any:
+async def _grammar(context: _Context, body: ChatRequest) -> Any:
     """The compiled grammar of ``response_format`` (None for text)."""
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
@@ -432,16 +459,22 @@ async def _grammar(served: Served, body: ChatRequest) -> Any:
     if not structured.available():
         raise OpenAIError(400, "response_format needs constrained decoding: install tunesmith[structured] "
                           "(xgrammar)", "response_format", "unsupported_parameter")
-    _grammars(served)
     schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
     try:
-        return await asyncio.to_thread(served.grammars.compile, fmt.type, schema)
+        return await _compile(context, _grammars(context.served).compile, fmt.type, schema)
     except ValueError as err:
         raise OpenAIError(400, str(err), "response_format.json_schema.schema", "invalid_value") from None
 
 
-def _job(served: Served, body: ChatRequest | CompletionRequest, input_ids: torch.Tensor, chat: bool,
+async def _compile(context: _Context, compile: Callable[..., Any], *args: Any) -> Any:
+    """A grammar compiled on the server's own compile thread: one at a time, after the request was
+    admitted, and never on the thread pool the event loop's other work needs."""
+    return await asyncio.get_running_loop().run_in_executor(context.compiling, compile, *args)
+
+
+def _job(context: _Context, body: ChatRequest | CompletionRequest, input_ids: torch.Tensor, chat: bool,
          top_logprobs: int | None, grammar: Any = None, echo: str = "") -> _Job:
+    served = context.served
     limit = body.max_new_tokens or served.default_max_tokens
     prompt_tokens = int(input_ids.shape[1])
     if prompt_tokens + limit > served.context_length:
@@ -457,90 +490,62 @@ def _job(served: Served, body: ChatRequest | CompletionRequest, input_ids: torch
                 {int(k): v for k, v in (body.logit_bias or {}).items()}, grammar, echo)
 
 
-def _generate(served: Served, job: _Job, index: int, cancel: threading.Event,
-              streamer: BaseStreamer | None = None, recorder: LogprobRecorder | None = None) -> Generation:
-    """The one call into generation, run in a worker thread while the request holds its turn
-    (a batching engine replaces this). Completion ``index`` of ``n`` gets seed + index."""
-    seed = None if job.sampling.seed is None else (job.sampling.seed + index) % 2**64
-    sampling = SamplingConfig(job.sampling.max_new_tokens, job.sampling.temperature, job.sampling.top_p, seed)
-    with served.selected(job.model):
-        return generate_ids(served.model, served.tokenizer, job.input_ids, sampling, streamer, job.stop, cancel,
-                            job.processors(served), recorder)
-
-
-async def _in_turn(gate: _Gate, work: Callable[[], Generation], cancel: threading.Event, deadline: float
-                   ) -> Generation:
-    """``work`` in a thread once this request's turn on the model comes. Past ``deadline`` (waiting
-    included: TimeoutError) or when the request is cancelled, its generation is stopped and waited
-    for before the turn passes on, so that two generations never overlap."""
-    lock = gate.turn()
-    await _acquire(lock, deadline)
-    gate.running.add(cancel)
-    try:
-        future = asyncio.get_running_loop().run_in_executor(None, work)
-        try:
-            done, _ = await asyncio.wait({future}, timeout=max(deadline - time.monotonic(), 0.001))
-        except BaseException:  # cancelled: a client gone, a shutdown
-            cancel.set()
-            await asyncio.wait({future})
-            raise
-        if not done:
-            cancel.set()  # stops at the next token
-            await asyncio.wait({future})
-            raise TimeoutError
-        return future.result()
-    finally:
-        gate.running.discard(cancel)
-        lock.release()
-
-
-async def _acquire(lock: asyncio.Lock, deadline: float) -> None:
-    """``lock``, or TimeoutError at ``deadline``; never leaves it held on any way out."""
-    acquire = asyncio.ensure_future(lock.acquire())
-    try:
-        done, _ = await asyncio.wait({acquire}, timeout=max(deadline - time.monotonic(), 0.001))
-    except BaseException:
-        done = set()
-        raise
-    finally:
-        if not done:
-            acquire.cancel()
-            if await asyncio.gather(acquire, return_exceptions=True) == [True]:
-                lock.release()  # it was acquired as it was cancelled
-    if not done:
-        raise TimeoutError
-
-
-async def _respond(served: Served, gate: _Gate, job: _Job, body: Any, request: Request, deadline: float):
+async def _respond(context: _Context, make_job: Callable[[], Awaitable[_Job]], request: Request, deadline: float):
+    """Admit the request (or 429) before any work on it, build its job (a grammar compiles here),
+    then hand it to the engine: one JSON body, or a stream of server-sent events."""
+    gate = context.gate
     if not gate.try_enter():
         raise OpenAIError(429, "too many requests in the queue; retry shortly", code="rate_limit_exceeded",
                           kind="rate_limit_error", headers={"Retry-After": "1"})
+    ticket = _Ticket(gate)
+    try:
+        job = await make_job()
+    except BaseException:
+        ticket.release()
+        raise
     ident = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if job.stream:
-        ticket = _Ticket(gate)
-        events = _stream(served, gate, job, ident, request, deadline, ticket)
+        events = _stream(context, job, ident, request, deadline, ticket)
         weakref.finalize(events, ticket.release)
         return StreamingResponse(events, media_type="text/event-stream")
     cancel = threading.Event()
+    gate.running.add(cancel)
     watcher = asyncio.create_task(_watch_disconnect(request, cancel))
     try:
-        generations = []
-        for index in range(job.n):
-            if cancel.is_set():  # the client went away: the remaining choices are not generated
-                break
-            recorder = LogprobRecorder(job.top_logprobs) if job.top_logprobs is not None else None
-            generations.append(await _in_turn(
-                gate, lambda i=index, r=recorder: _generate(served, job, i, cancel, recorder=r), cancel, deadline))
+        handle = _submit(context, job, cancel)
+        completions = await asyncio.wait_for(handle.wait(), timeout=max(deadline - time.monotonic(), 0.001))
     except TimeoutError:
         raise OpenAIError(408, "the request took longer than the server's request timeout; ask for fewer tokens "
                           "or retry", code="request_timeout", kind="timeout_error") from None
-    except asyncio.CancelledError:  # uvicorn's graceful shutdown ran out of time: the generation has stopped
-        raise OpenAIError(503, "the server is shutting down; retry", code="server_shutting_down",
-                          kind="server_error", headers={"Retry-After": "1"}) from None
+    except asyncio.CancelledError:  # uvicorn's graceful shutdown ran out of time
+        raise _shutting_down() from None
+    except EngineError as err:
+        raise _engine_error(context, err) from None
     finally:
+        cancel.set()  # a finished request's rows are gone already; anything else stops at the next step
         watcher.cancel()
-        gate.leave()
-    return _JSON(_completion_body(served, job, ident, generations))
+        gate.running.discard(cancel)
+        ticket.release()
+    return _JSON(_completion_body(context.served, job, ident, completions))
+
+
+def _submit(context: _Context, job: _Job, cancel: threading.Event) -> Handle:
+    adapter = context.served.adapters.get(job.model)  # None: the base model
+    return context.engine.submit(job.input_ids, job.sampling, job.stop, adapter, cancel, job.n, job.top_logprobs,
+                                 job.processors(context.served))
+
+
+def _shutting_down() -> OpenAIError:
+    return OpenAIError(503, "the server is shutting down; retry", code="server_shutting_down", kind="server_error",
+                       headers={"Retry-After": "1"})
+
+
+def _engine_error(context: _Context, error: EngineError) -> OpenAIError:
+    """A request the engine could not finish: the server closing (503), else the server's fault (500)."""
+    if context.engine.closed:
+        return _shutting_down()
+    log.error("generation failed: %s", error.__cause__ or error)
+    return OpenAIError(500, "the server had an error while generating", kind="server_error")
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -551,8 +556,8 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
         await asyncio.sleep(0.1)
 
 
-def _finish_reason(generation: Generation) -> str:
-    return "length" if generation.finish_reason == "length" else "stop"
+def _finish_reason(completion: Completion) -> str:
+    return "length" if completion.finish_reason == "length" else "stop"
 
 
 def _usage(job: _Job, completion_tokens: int) -> dict[str, int]:
@@ -560,29 +565,29 @@ def _usage(job: _Job, completion_tokens: int) -> dict[str, int]:
             "total_tokens": job.prompt_tokens + completion_tokens}
 
 
-def _completion_body(served: Served, job: _Job, ident: str, generations: list[Generation]) -> dict[str, Any]:
+def _completion_body(served: Served, job: _Job, ident: str, completions: list[Completion]) -> dict[str, Any]:
     choices = []
-    for index, generation in enumerate(generations):
-        logprobs = _logprobs(served, job, generation.logprobs) if generation.logprobs is not None else None
+    for index, completion in enumerate(completions):
+        logprobs = _logprobs(served, job, completion.logprobs) if completion.logprobs is not None else None
         if job.chat:
-            message, reason = _message(job, generation)
+            message, reason = _message(job, completion)
             choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         else:
-            choices.append({"index": index, "text": job.echo + generation.text, "logprobs": logprobs,
-                            "finish_reason": _finish_reason(generation)})
+            choices.append({"index": index, "text": job.echo + completion.text, "logprobs": logprobs,
+                            "finish_reason": _finish_reason(completion)})
     return {"id": ident, "object": "chat.completion" if job.chat else "text_completion",
             "created": int(time.time()), "model": job.model, "choices": choices,
-            "usage": _usage(job, sum(len(g.token_ids) for g in generations))}
+            "usage": _usage(job, sum(len(c.token_ids) for c in completions))}
 
 
-def _message(job: _Job, generation: Generation) -> tuple[dict[str, Any], str]:
+def _message(job: _Job, completion: Completion) -> tuple[dict[str, Any], str]:
     """The assistant message and finish reason: tool calls parsed out when the request has tools."""
-    message: dict[str, Any] = {"role": "assistant", "content": generation.text, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text, "refusal": None}
     if job.calls is None:
-        return message, _finish_reason(generation)
-    content, calls = tools.parse_calls(generation.text, job.calls)
+        return message, _finish_reason(completion)
+    content, calls = tools.parse_calls(completion.text, job.calls)
     if not calls:
-        return message, _finish_reason(generation)
+        return message, _finish_reason(completion)
     return {**message, "content": content, "tool_calls": calls if job.parallel_calls else calls[:1]}, "tool_calls"
 
 
@@ -591,88 +596,105 @@ def _finite(value: float) -> float:
     return value if value > -9999.0 else -9999.0
 
 
-def _logprobs(served: Served, job: _Job, steps: list, offset: int = 0) -> dict[str, Any]:
-    """OpenAI's logprobs object: chat's ``{"content": [...]}``, or completions' parallel lists."""
+def _logprobs(served: Served, job: _Job, steps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs object: chat's ``{"content": [...]}``, or completions' parallel lists. A
+    token's ``bytes`` are its own, also when it holds part of a character."""
     decode = served.tokenizer.decode
     if job.chat:
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = decode([token])
-            return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+            return {"token": decode([token]), "logprob": _finite(logprob), "bytes": served.bytes_of(token)}
 
-        return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+        return {"content": [{**entry(s.token_id, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
                             for s in steps], "refusal": None}
-    tokens = [decode([s.token]) for s in steps]
+    tokens = [decode([s.token_id]) for s in steps]
     offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [_finite(s.logprob) for s in steps],
             "top_logprobs": [{decode([t]): _finite(lp) for t, lp in s.top} for s in steps], "text_offset": offsets}
-
-
-class _TokenFeed(BaseStreamer):
-    """generate()'s streamer: each new token id (and its logprob step) onto an asyncio queue."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, recorder: LogprobRecorder | None):
-        self.loop, self.queue, self.recorder, self.prompt_seen = loop, queue, recorder, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            step = self.recorder.resolve(token) if self.recorder is not None else None
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, step))
-
-    def end(self) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
-
-
-def _safe_prefix(text: str, stop: list[str]) -> int:
-    """How much of ``text`` can be sent: up to a stop string, and not a tail that may begin one.
-
-    >>> _safe_prefix("hello wor", ["world"]), _safe_prefix("hello world!", ["world"]), _safe_prefix("abc", [])
-    (6, 6, 3)
-    """
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    if cut >= 0:
-        return cut
-    for start in range(max(0, len(text) - max((len(s) for s in stop), default=0) + 1), len(text)):
-        if any(s.startswith(text[start:]) for s in stop):
-            return start
-    return len(text)
 
 
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=True, allow_nan=False)}\n\n"
 
 
-def _chunk(ident: str, job: _Job, index: int, text: str | None, reason: str | None, role: bool = False,
+def _chunk(ident: str, job: _Job, index: int, delta: dict[str, Any] | str | None, reason: str | None,
            logprobs: dict[str, Any] | None = None) -> str:
+    """One streamed choice: chat's ``delta`` (a dict, or a text as its content), or a completion's text."""
     if job.chat:
-        delta: dict[str, Any] = {"content": text} if text is not None else {}
-        if role:
-            delta["role"] = "assistant"
+        delta = {"content": delta} if isinstance(delta, str) else delta or {}
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+        choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
     return _event({"id": ident, "object": "chat.completion.chunk" if job.chat else "text_completion",
                    "created": int(time.time()), "model": job.model, "choices": [choice]})
 
 
-async def _stream(served: Served, gate: _Gate, job: _Job, ident: str, request: Request, deadline: float,
+class _Choice:
+    """One streamed choice's state: how much text and how many logprobs were sent; with tools, the
+    content is held back from where a tool call may begin until the completion is known."""
+
+    def __init__(self, job: _Job):
+        self.job, self.text, self.sent, self.logprobs = job, "", 0, []
+
+    def add(self, text: str, logprobs: list[TokenLogprob]) -> str:
+        """Take a piece; the content that can be sent now."""
+        self.text += text
+        self.logprobs += logprobs
+        ready = len(self.text)
+        if self.job.calls is not None:
+            opening = self.job.calls.before_name
+            at = self.text.find(opening)
+            ready = at if at >= 0 else streamable(self.text, [opening])
+        ready = max(ready, self.sent)
+        out, self.sent = self.text[self.sent:ready], ready
+        return out
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
+
+    def rest(self, completion: Completion) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: (the content not yet sent, the tool calls)."""
+        if self.job.calls is not None:
+            content, calls = tools.parse_calls(completion.text, self.job.calls)
+            if calls:
+                end = completion.text.find(self.job.calls.before_name)
+                return completion.text[self.sent:max(end, self.sent)], calls if self.job.parallel_calls else calls[:1]
+        return completion.text[self.sent:], []
+
+
+async def _stream(context: _Context, job: _Job, ident: str, request: Request, deadline: float,
                   ticket: _Ticket) -> AsyncIterator[str]:
     """Server-sent events; each choice's chunks concatenate to its non-streamed text (text that may
-    begin a stop string is held back until it is clear). The n choices come one after another. A
-    client that goes away, or the deadline, stops the generation; past the deadline, or on an
-    unexpected error, an error event (OpenAI's body) ends the stream."""
+    begin a stop string, or a tool call, is held back until it is clear). The ``n`` choices
+    interleave, each chunk naming its index. A client that goes away, the deadline or a shutdown
+    stops the generation; past the deadline, or on an error, an error event (OpenAI's body) ends
+    the stream."""
+    served, gate = context.served, context.gate
     cancel = threading.Event()
+    gate.running.add(cancel)
+    watcher = asyncio.create_task(_watch_disconnect(request, cancel))
     completion_tokens = 0
     try:
+        handle = _submit(context, job, cancel)
         for index in range(job.n):
-            if cancel.is_set():  # the client went away: the remaining choices are not generated
+            yield _chunk(ident, job, index, {"role": "assistant", "content": ""} if job.chat else job.echo, None)
+        choices = [_Choice(job) for _ in range(job.n)]
+        pieces = aiter(handle.stream())
+        while True:
+            try:
+                piece = await asyncio.wait_for(anext(pieces), timeout=max(deadline - time.monotonic(), 0.001))
+            except StopAsyncIteration:
                 break
-            async for event in _stream_choice(served, gate, job, ident, index, request, cancel, deadline):
-                if isinstance(event, int):
-                    completion_tokens += event
-                else:
+            choice = choices[piece.index]
+            text = choice.add(piece.text, piece.logprobs)
+            if text:
+                steps = choice.take_logprobs()
+                logprobs = _logprobs(served, job, steps, choice.sent - len(text)) if job.top_logprobs is not None \
+                    else None
+                yield _chunk(ident, job, piece.index, text, None, logprobs)
+            if piece.finished is not None:
+                completion_tokens += len(piece.finished.token_ids)
+                for event in _finish_choice(served, job, ident, piece.index, choice, piece.finished):
                     yield event
         if job.include_usage:
             yield _event({"id": ident, "object": "chat.completion.chunk" if job.chat else "text_completion",
@@ -682,67 +704,30 @@ async def _stream(served: Served, gate: _Gate, job: _Job, ident: str, request: R
     except TimeoutError:
         yield _event(OpenAIError(408, "the request took longer than the server's request timeout",
                                  code="request_timeout", kind="timeout_error").body())
+    except EngineError as err:
+        yield _event(_engine_error(context, err).body())
     except Exception:
         log.exception("unexpected error in a stream")
         yield _event(OpenAIError(500, "the server had an error while processing the request",
                                  kind="server_error").body())
     finally:
         cancel.set()
+        watcher.cancel()
+        gate.running.discard(cancel)
         ticket.release()
 
 
-async def _stream_choice(served: Served, gate: _Gate, job: _Job, ident: str, index: int, request: Request,
-                         cancel: threading.Event, deadline: float) -> AsyncIterator[str | int]:
-    """One choice's chunks, then its number of completion tokens."""
-    queue: asyncio.Queue = asyncio.Queue()
-    recorder = LogprobRecorder(job.top_logprobs) if job.top_logprobs is not None else None
-    feed = _TokenFeed(asyncio.get_running_loop(), queue, recorder)
-    task = asyncio.create_task(_in_turn(gate, lambda: _generate(served, job, index, cancel, feed, recorder),
-                                        cancel, deadline))
-    eos = set(stop_token_ids(served.model, served.tokenizer))
-    if job.chat or job.echo:
-        yield _chunk(ident, job, index, "" if job.chat else job.echo, None, role=job.chat)
-    tokens: list[int] = []
-    pending: list = []
-    sent = 0
-    try:
-        while (item := await _next_token(queue, task, deadline)) is not None:
-            if await request.is_disconnected():
-                cancel.set()
-                break
-            token, step = item
-            if token in eos:
-                continue
-            tokens.append(token)
-            pending += [step] if step is not None else []
-            text = served.tokenizer.decode(tokens, skip_special_tokens=True)
-            ready = _safe_prefix(text.rstrip("\ufffd"), job.stop)  # not a character cut in half
-            if ready > sent:
-                logprobs = _logprobs(served, job, pending, sent) if recorder is not None else None
-                yield _chunk(ident, job, index, text[sent:ready], None, logprobs=logprobs)
-                sent, pending = ready, []
-        generation = await task
-    finally:
-        if not task.done():
-            cancel.set()
-            await asyncio.wait({task})
-    if len(generation.text) > sent:  # what was held back and turned out not to be a stop string
-        logprobs = _logprobs(served, job, pending, sent) if recorder is not None else None
-        yield _chunk(ident, job, index, generation.text[sent:], None, logprobs=logprobs)
-    yield _chunk(ident, job, index, None, _finish_reason(generation))
-    yield len(generation.token_ids)
-
-
-async def _next_token(queue: asyncio.Queue, task: asyncio.Task, deadline: float) -> tuple | None:
-    """The next (token, logprob step) of a streamed generation; None at its end. The generation's own
-    error (or TimeoutError past the deadline) is raised."""
-    getter = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({getter, task}, timeout=max(deadline - time.monotonic(), 0.001),
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    if task in done:
-        task.result()  # raises the generation's error, if any
-        return queue.get_nowait() if not queue.empty() else None
-    raise TimeoutError
+def _finish_choice(served: Served, job: _Job, ident: str, index: int, choice: _Choice,
+                   completion: Completion) -> list[str]:
+    """A finished choice's last events: the content held back, its tool calls, its finish reason."""
+    events = []
+    text, calls = choice.rest(completion)
+    steps = choice.take_logprobs()
+    if text or steps:
+        logprobs = _logprobs(served, job, steps, choice.sent) if job.top_logprobs is not None else None
+        events.append(_chunk(ident, job, index, text, None, logprobs))
+    if calls:
+        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+        events.append(_chunk(ident, job, index, {"tool_calls": deltas}, None))
+    events.append(_chunk(ident, job, index, None, "tool_calls" if calls else _finish_reason(completion)))
+    return events

@@ -42,18 +42,20 @@ import asyncio
 import queue
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from transformers import (DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+from peft import PeftModel, PeftType
+from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.streamers import BaseStreamer
 
-from tunesmith.generate.sample import SamplingConfig, stop_token_ids
+from tunesmith.generate.sample import LogprobRecorder, SamplingConfig, generate_ids, stop_token_ids
 from tunesmith.models.modes import evaluating
 
 BASE = "__base__"  # peft's name for "no adapter" in a row of ``adapter_names``
@@ -80,8 +82,22 @@ class Completion:
 
 
 class Piece(NamedTuple):
+    """Streamed output of one completion: its next text, the logprobs of the tokens that text
+    covers (when asked for), and, on its last piece, the finished completion."""
+
     index: int  # which of the request's ``n`` completions
     text: str
+    logprobs: list[TokenLogprob] = []
+    finished: Completion | None = None
+
+
+class RowProcessor(Protocol):
+    """Changes one row's next-token logits before the token is chosen (penalties, a bias, a grammar's
+    mask). One instance per completion: it may keep state, since it sees the row's tokens grow by one
+    token per call. Logprobs are taken before it, from the model's own distribution."""
+
+    def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """``tokens``: the completion's tokens so far; ``logits``: (vocab,) float32. Returns the new logits."""
 
 
 class Handle:
@@ -161,12 +177,15 @@ class Handle:
                 except RuntimeError:  # the reader's event loop has closed: nothing to wake
                     pass
 
-    def _emit(self, index: int, text: str) -> None:
-        if text:
-            self._put(Piece(index, text))
+    def _emit(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        if text or logprobs:
+            self._put(Piece(index, text, logprobs))
 
-    def _complete(self, index: int, completion: Completion) -> None:
+    def _complete(self, index: int, completion: Completion, text: str, logprobs: list[TokenLogprob]) -> None:
+        if self._done.is_set():  # the request has failed already: nothing more is streamed
+            return
         self._completions[index] = completion
+        self._put(Piece(index, text, logprobs, completion))
         if all(c is not None for c in self._completions):
             self._finish()
 
@@ -190,6 +209,7 @@ class _Request:
     n: int
     cancel: threading.Event
     handle: Handle
+    processors: Callable[[], list[RowProcessor]] | None = None
 
 
 @dataclass
@@ -199,10 +219,17 @@ class _Row:
     request: _Request
     index: int
     generator: torch.Generator | None  # None: greedy
+    processors: list[RowProcessor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already streamed
+    logprobs_sent: int = 0  # entries of ``logprobs`` already streamed
+
+    @property
+    def gone(self) -> bool:
+        """Cancelled, or its request has failed (another of its rows did)."""
+        return self.request.cancel.is_set() or self.request.handle.done
 
 
 @dataclass
@@ -284,7 +311,7 @@ class Engine:
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
-        self.adapters = set(model.peft_config) if isinstance(model, PeftModel) else None
+        self.adapters, self.mixed = self._adapter_mode(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.whole_words = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self._waiting: list[_Request] = []
@@ -295,16 +322,18 @@ class Engine:
 
     def submit(self, prompt_ids: list[int] | torch.Tensor, sampling: SamplingConfig, stop: list[str] | None = None,
                adapter: str | None = None, cancel: threading.Event | None = None, n: int = 1,
-               top_logprobs: int | None = None) -> Handle:
+               top_logprobs: int | None = None, processors: Callable[[], list[RowProcessor]] | None = None
+               ) -> Handle:
         """Queue ``n`` completions of ``prompt_ids`` (a list, or a (1, seq) tensor). ``adapter``: a peft
         adapter name of the model, or None for the base. ``top_logprobs``: None for no logprobs, else
-        each token's logprob and the k most likely alternatives. Rows of a request with a seed use
+        each token's logprob and the k most likely alternatives. ``processors``: called once per
+        completion, the logits processors of that completion. Rows of a request with a seed use
         seeds ``seed``, ``seed + 1``, ..."""
         prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
         self._check(prompt, sampling, adapter, n, top_logprobs)
         cancel = cancel if cancel is not None else threading.Event()
         request = _Request(prompt, sampling, [s for s in stop or [] if s], adapter, top_logprobs, n, cancel,
-                           Handle(n, cancel))
+                           Handle(n, cancel), processors)
         with self._wakeup:
             if self._closed:
                 raise EngineError("the engine is closed")
@@ -319,11 +348,30 @@ class Engine:
             self._wakeup.notify()
         self._thread.join()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @staticmethod
+    def _adapter_mode(model: PreTrainedModel) -> tuple[set[str] | None, bool]:
+        """(the peft adapter names, or None without peft; whether rows of different adapters can share a
+        batch). peft mixes adapters per row (``adapter_names``) for LoRA only, not with DoRA; other
+        adapter kinds run one adapter per batch. Prompt learning (prefix, prompt, p-tuning) supplies its
+        own past keys and values, which this engine's cache cannot hold: ``SequentialEngine`` serves it."""
+        if not isinstance(model, PeftModel):
+            return None, True
+        configs = list(model.peft_config.values())
+        if any(config.is_prompt_learning for config in configs):
+            raise ValueError("prompt-learning adapters (prefix, prompt or p-tuning) cannot be batched by this "
+                             "engine; serve them with SequentialEngine")
+        mixed = all(config.peft_type == PeftType.LORA and not getattr(config, "use_dora", False) for config in configs)
+        return set(model.peft_config), mixed
 
     def _check(self, prompt: list[int], sampling: SamplingConfig, adapter: str | None, n: int,
                top_logprobs: int | None) -> None:
@@ -364,9 +412,9 @@ class Engine:
                 while not self._closed:
                     joining = self._take_waiting(batch)
                     if joining:
-                        rows = (batch.rows if batch else []) + joining
-                        new = self._prefill(joining)
-                        batch = new if batch is None else _merge(batch, new)
+                        rows = (batch.rows if batch else []) + [row for request in joining for row in request]
+                        batch = self._admit(batch, joining)
+                        rows = batch.rows if batch else []
                     if batch is None:
                         return
                     keep, tokens = self._step(batch)
@@ -380,26 +428,59 @@ class Engine:
         for row in rows:
             row.request.handle._fail(error)
 
-    def _take_waiting(self, batch: _Batch | None) -> list[_Row]:
-        """The rows of the waiting requests that fit in the batch (all, with room), oldest first."""
+    def _take_waiting(self, batch: _Batch | None) -> list[list[_Row]]:
+        """The rows of the waiting requests that fit in the batch (all, with room), oldest first, one
+        list per request. When adapters cannot share a batch, only requests for the batch's adapter
+        join it, and none once an older request waits for another adapter (the batch then drains)."""
         if batch is not None and not _joinable(batch.cache):
             return []  # dynamic batching: this batch runs to its end
         room = self.max_batch_size - (len(batch.rows) if batch else 0)
         taken: list[_Request] = []
         with self._wakeup:
-            while self._waiting and self._waiting[0].n <= room:
+            adapter = batch.rows[0].request.adapter if batch else self._waiting[0].adapter if self._waiting else None
+            while self._waiting and self._waiting[0].n <= room and (self.mixed or self._waiting[0].adapter == adapter):
                 request = self._waiting.pop(0)
                 room -= request.n
                 taken.append(request)
         joining = []
         for request in taken:
-            for index in range(request.n):
-                row = _Row(request, index, self._generator(request.sampling, index))
-                if request.cancel.is_set():  # cancelled while it waited: no prefill for it
+            try:
+                rows = [_Row(request, index, self._generator(request.sampling, index),
+                             request.processors() if request.processors is not None else [])
+                        for index in range(request.n)]
+            except Exception as error:  # its processors could not be made: this request fails, alone
+                request.handle._fail(error)
+                continue
+            if request.cancel.is_set():  # cancelled while it waited: no prefill for it
+                for row in rows:
                     self._finish(row, "cancelled")
-                else:
-                    joining.append(row)
+            else:
+                joining.append(rows)
         return joining
+
+    def _admit(self, batch: _Batch | None, joining: list[list[_Row]]) -> _Batch | None:
+        """``batch`` with the joining requests' rows, prefilled together. If that prefill fails, each
+        request is prefilled alone and only those that fail again fail (a joinable cache; otherwise
+        they all fail)."""
+        try:
+            new: _Batch | None = self._prefill([row for rows in joining for row in rows])
+        except Exception as error:
+            if len(joining) == 1 or not all(type(layer) is DynamicLayer
+                                            for layer in DynamicCache(config=self.model.config).layers):
+                for rows in joining:
+                    rows[0].request.handle._fail(error)
+                return batch
+            new = None
+            for rows in joining:
+                try:
+                    part = self._prefill(rows)
+                except Exception as alone:
+                    rows[0].request.handle._fail(alone)
+                    continue
+                new = part if new is None else _merge(new, part)
+        if new is None:
+            return batch
+        return new if batch is None else _merge(batch, new)
 
     def _generator(self, sampling: SamplingConfig, index: int) -> torch.Generator | None:
         """A sampled row's own generator, seeded ``seed + index`` (a random seed without one); None for greedy."""
@@ -418,11 +499,24 @@ class Engine:
         cache and the new tokens. Without padding, no mask: the path ``generate`` takes."""
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -input_ids.shape[1]:]  # (batch, new)
         extra = {}
-        if self.adapters is not None:
+        if self.adapters is not None and self.mixed:
             extra["adapter_names"] = [row.request.adapter or BASE for row in rows]
-        output = self.model(input_ids=input_ids, attention_mask=None if bool(mask.all()) else mask,
-                            position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        with self._selected(rows[0].request.adapter):
+            output = self.model(input_ids=input_ids, attention_mask=None if bool(mask.all()) else mask,
+                                position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         return output.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    @contextmanager
+    def _selected(self, adapter: str | None) -> Iterator[None]:
+        """Adapters that cannot share a batch: the batch's one adapter active (none, for the base)."""
+        if self.adapters is None or self.mixed:
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
         width = max(len(row.request.prompt) for row in rows)
@@ -440,11 +534,12 @@ class Engine:
 
     def _step(self, batch: _Batch) -> tuple[list[int], list[int]]:
         """Choose each row's next token and finish the rows that are done: (rows that go on, their tokens)."""
-        chosen = self._choose(batch)
+        scores = self._processed(batch)
+        chosen = self._choose(batch, scores)
         logprobs = self._logprobs(batch, chosen)
         keep, tokens = [], []
         for i, row in enumerate(batch.rows):
-            reason = "cancelled" if row.request.cancel.is_set() else self._advance(row, chosen[i], logprobs[i])
+            reason = "cancelled" if row.gone else self._advance(row, chosen[i], logprobs[i])
             if reason is None:
                 keep.append(i)
                 tokens.append(chosen[i])
@@ -452,20 +547,35 @@ class Engine:
                 self._finish(row, reason)
         return keep, tokens
 
-    def _choose(self, batch: _Batch) -> list[int]:
+    def _processed(self, batch: _Batch) -> torch.Tensor:
+        """The logits after each row's processors. A processor that fails fails its request only."""
+        if not any(row.processors for row in batch.rows):
+            return batch.logits
+        scores = batch.logits.clone()
+        for i, row in enumerate(batch.rows):
+            if row.gone:
+                continue
+            try:
+                for processor in row.processors:
+                    scores[i] = processor(row.tokens, scores[i])
+            except Exception as error:
+                row.request.handle._fail(error)
+        return scores
+
+    def _choose(self, batch: _Batch, scores: torch.Tensor) -> list[int]:
         """Greedy rows: argmax. Sampled rows: transformers' temperature and top-p warpers (they take one
         value for a whole batch, so rows are grouped by their values), then a draw from the row's own
         generator (``generate`` draws all rows from the global one)."""
-        chosen = batch.logits.argmax(dim=-1)  # (batch,)
+        chosen = scores.argmax(dim=-1)  # (batch,)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(batch.rows):
-            if row.generator is not None:
+            if row.generator is not None and not row.gone:
                 groups.setdefault((row.request.sampling.temperature, row.request.sampling.top_p), []).append(i)
         for (temperature, top_p), members in groups.items():
             warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
             if top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
-            probs = warpers(None, batch.logits[members]).softmax(dim=-1)  # (group, vocab)
+            probs = warpers(None, scores[members]).softmax(dim=-1)  # (group, vocab)
             for j, i in enumerate(members):
                 chosen[i] = torch.multinomial(probs[j], 1, generator=batch.rows[i].generator)[0]
         return chosen.tolist()
@@ -500,12 +610,110 @@ class Engine:
             return "length"
         ready = streamable(row.text, row.request.stop, self.whole_words)
         if ready > row.sent:
-            row.request.handle._emit(row.index, row.text[row.sent:ready])
-            row.sent = ready
+            row.request.handle._emit(row.index, row.text[row.sent:ready], row.logprobs[row.logprobs_sent:])
+            row.sent, row.logprobs_sent = ready, len(row.logprobs)
         return None
 
     def _finish(self, row: _Row, reason: FinishReason) -> None:
-        handle = row.request.handle
-        handle._emit(row.index, row.text[row.sent:])
         logprobs = row.logprobs if row.request.top_logprobs is not None else None
-        handle._complete(row.index, Completion(row.tokens, row.text, reason, logprobs))
+        row.request.handle._complete(row.index, Completion(row.tokens, row.text, reason, logprobs),
+                                     row.text[row.sent:], row.logprobs[row.logprobs_sent:])
+
+
+
+class _RowLogits(LogitsProcessor):
+    """A completion's row processors as one of ``generate``'s logits processors (batch of one)."""
+
+    def __init__(self, processors: list[RowProcessor], prompt_length: int):
+        self.processors, self.prompt_length = processors, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = input_ids[0, self.prompt_length:].tolist()
+        row = scores[0].float()
+        for processor in self.processors:
+            row = processor(tokens, row)
+        return row[None].to(scores.dtype)
+
+
+class _RowStreamer(BaseStreamer):
+    """``generate``'s streamer for one completion: each new token through the engine's own rules for
+    what may be streamed (the first call carries the prompt)."""
+
+    def __init__(self, engine: SequentialEngine, row: _Row, recorder: LogprobRecorder | None):
+        self.engine, self.row, self.recorder, self.prompt_seen, self.done = engine, row, recorder, False, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            step = self.recorder.resolve(token) if self.recorder is not None else None
+            logprob = TokenLogprob(step.token, step.logprob, step.top) if step is not None else None
+            if not self.done:
+                self.done = self.engine._advance(self.row, token, logprob) is not None
+
+    def end(self) -> None:
+        pass
+
+
+class SequentialEngine(Engine):
+    """The engine's interface over transformers' ``generate``, one completion after another, for the
+    models the batching engine cannot serve: prompt-learning adapters, whose prefix ``generate``
+    puts in front of the cache itself. Same handles, same rules per completion."""
+
+    @staticmethod
+    def _adapter_mode(model: PreTrainedModel) -> tuple[set[str] | None, bool]:
+        return (set(model.peft_config) if isinstance(model, PeftModel) else None), False
+
+    def _serve_until_idle(self) -> None:
+        while not self._closed:
+            with self._wakeup:
+                if not self._waiting:
+                    return
+                request = self._waiting.pop(0)
+            for index in range(request.n):
+                try:
+                    row = _Row(request, index, None,
+                               request.processors() if request.processors is not None else [])
+                    reason = "cancelled" if row.gone else self._generate(row)
+                except Exception as error:  # this request fails; the engine goes on with the next
+                    request.handle._fail(error)
+                    break
+                self._finish(row, reason)
+
+    def _generate(self, row: _Row) -> FinishReason:
+        request = row.request
+        sampling = request.sampling
+        if sampling.seed is not None:
+            sampling = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                      (sampling.seed + row.index) % 2**64)
+        recorder = LogprobRecorder(request.top_logprobs or 0) if request.top_logprobs is not None else None
+        processors = [_RowLogits(row.processors, len(request.prompt))] if row.processors else []
+        with self._selected(request.adapter):
+            generation = generate_ids(self.model, self.tokenizer, torch.tensor([request.prompt], device=self.device),
+                                      sampling, _RowStreamer(self, row, recorder), request.stop, request.cancel,
+                                      processors, recorder)
+        row.tokens, row.text = generation.token_ids, generation.text
+        row.logprobs = [TokenLogprob(s.token, s.logprob, s.top) for s in generation.logprobs or []]
+        row.logprobs_sent = min(row.logprobs_sent, len(row.logprobs))
+        row.sent = min(row.sent, len(row.text))
+        return generation.finish_reason  # type: ignore[return-value]
+
+    @contextmanager
+    def _selected(self, adapter: str | None) -> Iterator[None]:
+        if self.adapters is None:
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            yield
+
+
+def engine_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32,
+               batched: bool = True) -> Engine:
+    """The batching engine; the sequential one when asked for, or for prompt-learning adapters."""
+    learns_prompts = isinstance(model, PeftModel) and any(c.is_prompt_learning for c in model.peft_config.values())
+    kind = Engine if batched and not learns_prompts else SequentialEngine
+    return kind(model, tokenizer, max_batch_size)

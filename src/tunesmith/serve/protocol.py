@@ -217,8 +217,6 @@ def _tools_refusal(body: ChatRequest, tools_supported: bool, constrained: bool) 
         return name, f"{name}: the served model's chat template has no tool support"
     if not body.tools:
         return "tool_choice", "tool_choice needs tools"
-    if body.stream:
-        return "stream", "streaming is not supported together with tools yet; send stream: false"
     names = [tool.function.name for tool in body.tools]
     if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names:
         return "tool_choice.function.name", f"no tool named {body.tool_choice.function.name!r} among the tools"

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 try:
     import xgrammar
@@ -35,7 +35,7 @@ class GrammarCompiler:
     def _get(self) -> Any:
         with self._lock:
             if self._compiler is None:
-                vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or len(self.tokenizer))
+                vocab = self.model.get_input_embeddings().num_embeddings  # the logits' width
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=max(vocab, len(self.tokenizer)),
                                                                stop_token_ids=self.stop_ids)
                 # A bounded cache: every distinct schema compiled would otherwise be kept for good.
@@ -72,33 +72,33 @@ def _literal(text: str) -> Any:
     return xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(text)}") if text else None
 
 
-class GrammarProcessor(LogitsProcessor):
-    """Masks the logits of a batch-of-one generation to the tokens ``grammar`` allows next. Once the
-    grammar is complete (or, for a schema no value satisfies, stuck) only the stop tokens remain.
-    One instance per generation: it follows the tokens generated so far."""
+class GrammarRow:
+    """The engine's row processor (``engine.RowProcessor``) that masks one completion's logits to the
+    tokens ``grammar`` allows next. Once the grammar is complete (or, for a schema no value satisfies,
+    stuck) only the stop tokens remain. One instance per completion: it follows the row's tokens."""
 
     def __init__(self, grammar: Any, stop_ids: list[int]):
         self.matcher = xgrammar.GrammarMatcher(grammar)
         self.stop_ids = stop_ids
-        self.started = False
+        self.accepted = 0  # tokens of the row fed to the matcher
         self.stuck = False
         self.bitmask = xgrammar.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.started and not self.stuck and not self.matcher.is_terminated():
-            self.stuck = not self.matcher.accept_token(int(input_ids[0, -1]))
-        self.started = True
+    def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        while self.accepted < len(tokens) and not self.stuck and not self.matcher.is_terminated():
+            self.stuck = not self.matcher.accept_token(tokens[self.accepted])
+            self.accepted += 1
         if self.stuck or self.matcher.is_terminated():
-            return self._only_stop(scores)
+            return self._only_stop(logits)
         self.matcher.fill_next_token_bitmask(self.bitmask)
         if not bool(self.bitmask.any()):
             self.stuck = True
-            return self._only_stop(scores)
-        masked = scores.float().cpu()  # (1, vocab)
+            return self._only_stop(logits)
+        masked = logits.float().cpu()[None]  # (1, vocab)
         xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, vocab_size=masked.shape[-1])
-        return masked.to(device=scores.device, dtype=scores.dtype)
+        return masked[0].to(device=logits.device, dtype=logits.dtype)
 
-    def _only_stop(self, scores: torch.Tensor) -> torch.Tensor:
-        kept = torch.full_like(scores, float("-inf"))
-        kept[:, self.stop_ids] = scores[:, self.stop_ids]
+    def _only_stop(self, logits: torch.Tensor) -> torch.Tensor:
+        kept = torch.full_like(logits, float("-inf"))
+        kept[self.stop_ids] = logits[self.stop_ids]
         return kept
