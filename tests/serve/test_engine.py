@@ -393,3 +393,56 @@ def test_prefix_tuning_is_served_one_completion_at_a_time(tiny_model_dir, tokeni
         assert "".join(p.text for p in pieces if p.index == index) == result.text
         assert len(result.logprobs) == len(result.token_ids)
     assert [p.finished is not None for p in pieces].count(True) == 2
+
+
+def test_a_shared_prefix_is_prefilled_once(model, tokenizer):
+    """Prompts that begin with the same 40 tokens (a system prompt, a preamble): the first is prefilled
+    whole; the next two, joining together with rests of different lengths, go through the model only
+    from the cached 32 tokens (two blocks of 16) on, and all three are exact against generate_ids.
+    Planted defect seen failing: the cached prefix masked out as if it were padding (the rest
+    then sees none of it and decodes from position 0)."""
+    preamble = tokenizer("You are a careful assistant. Answer in one short sentence, and never more than "
+                         "that, whatever the question, even when asked to go on at length about it. Keep it polite, "
+                         "plain and true.")["input_ids"]
+    assert len(preamble) >= 40
+    prompts = [preamble[:40] + tokenizer(text)["input_ids"] for text in ("Count to 4.", "x", "1 2 3 4 5 6 7")]
+    sampling = SamplingConfig(max_new_tokens=8)
+    expected = [alone(model, tokenizer, p, sampling).token_ids for p in prompts]
+    widths: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        with Engine(model, tokenizer) as engine:
+            first = engine.submit(prompts[0], sampling).result(60)[0].token_ids
+            with held(engine):
+                handles = [engine.submit(p, sampling) for p in prompts[1:]]
+            results = [first, *(h.result(60)[0].token_ids for h in handles)]
+            hits = (engine.prefixes.hits, engine.prefixes.hit_tokens)
+    finally:
+        hook.remove()
+    assert results == expected
+    prefills = [shape for shape in widths if shape[1] > 1]
+    assert prefills == [(1, len(prompts[0])), (2, max(len(p) for p in prompts[1:]) - 32)]
+    assert hits == (2, 64)
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_and_keeps_adapters_apart():
+    from tunesmith.serve.prefix import PrefixCache
+
+    def layers(length: int, value: float) -> list:
+        return [(torch.full((2, length, 4), value), torch.full((2, length, 4), -value))]
+
+    entry_bytes = 2 * 2 * 32 * 4 * 4  # keys and values, 2 heads x 32 tokens x 4 dims, float32
+    cache = PrefixCache(capacity_bytes=2 * entry_bytes, block=16)
+    prompts = [[k] * 40 for k in range(3)]  # 40 tokens: two whole blocks are kept
+    cache.add(None, prompts[0], layers(40, 0.0))
+    cache.add(None, prompts[1], layers(40, 1.0))
+    assert cache.match(None, prompts[0] + [9])[0] == 32  # prompt 0 is now the most recently used
+    assert cache.match("an-adapter", prompts[0])[0] == 0  # another adapter: other keys and values
+    cache.add(None, prompts[2], layers(40, 2.0))  # evicts prompt 1, the least recently used
+    assert cache.match(None, prompts[1])[0] == 0
+    length, found = cache.match(None, prompts[2][:20] + [5] * 30)  # only the first block is shared
+    assert length == 16 and found[0][0].shape == (2, 16, 4) and float(found[0][1][0, 0, 0]) == -2.0
+    assert cache.nbytes == 2 * entry_bytes and len(cache.entries) == 2
+    cache.add(None, [7] * 12, layers(12, 3.0))  # shorter than a block after keeping one token: nothing kept
+    assert len(cache.entries) == 2

@@ -18,6 +18,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              "per row); sequential: one completion after another, through transformers' generate")
     parser.add_argument("--max-batch-size", type=int, default=32,
                         help="completions decoded together (a request's n counts n times)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=256,
+                        help="memory for the keys and values of recent prompts' beginnings (a system prompt, "
+                             "earlier turns), reused by prompts that begin the same way; 0 turns it off")
     parser.add_argument("--max-concurrency", type=int, default=64,
                         help="requests admitted at once, decoding or waiting for room in the batch; beyond: 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens)
     app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes, flags.request_timeout,
-                     flags.shutdown_timeout, flags.max_batch_size, batched=flags.engine == "batched")
+                     flags.shutdown_timeout, flags.max_batch_size, batched=flags.engine == "batched",
+                     prefix_cache_bytes=flags.prefix_cache_mb << 20)
     print(f"serving {', '.join(served.names)} on http://{flags.host}:{flags.port}/v1", flush=True)
     uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning",
                 timeout_graceful_shutdown=flags.shutdown_timeout)

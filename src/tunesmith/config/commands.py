@@ -218,6 +218,7 @@ class ServeCommandConfig(CommandConfig):
     api_key: str | None = Field(min_length=1)
     engine: Literal["batched", "sequential"]
     max_batch_size: Count
+    prefix_cache_mb: int = Field(ge=0, description="MiB for cached prompt prefixes; 0 turns prefix caching off")
     max_concurrency: Count
     max_body_bytes: Count
     max_tokens: Count

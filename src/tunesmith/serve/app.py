@@ -244,14 +244,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 64,
                max_body_bytes: int = 1 << 20, request_timeout: float = 300.0, shutdown_timeout: float = 30.0,
-               max_batch_size: int = 32, batched: bool = True) -> FastAPI:
+               max_batch_size: int = 32, batched: bool = True, prefix_cache_bytes: int = 256 << 20) -> FastAPI:
     """``max_concurrency``: requests admitted at once, generating or waiting for room in the batch;
     beyond it, 429. ``max_batch_size``: completions decoded together (``batched``: the batching
     engine, else one completion after another). ``request_timeout``: seconds a request may take,
     waiting included; beyond it, 408 (or an error event in a stream) and its generation stops.
-    ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop."""
+    ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop.
+    ``prefix_cache_bytes``: the keys and values of recent prompts' beginnings kept for reuse (0: none)."""
     gate = _Gate(max_concurrency)
-    engine = engine_for(served.model, served.tokenizer, max_batch_size, batched)
+    engine = engine_for(served.model, served.tokenizer, max_batch_size, batched, prefix_cache_bytes)
     compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunesmith-grammar")
 
     @asynccontextmanager

@@ -57,6 +57,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunesmith.generate.sample import LogprobRecorder, SamplingConfig, generate_ids, stop_token_ids
 from tunesmith.models.modes import evaluating
+from tunesmith.serve.prefix import PrefixCache
 
 BASE = "__base__"  # peft's name for "no adapter" in a row of ``adapter_names``
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -305,9 +306,13 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
 class Engine:
     """Decodes all submitted requests together on one thread (see the module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32,
+                 prefix_cache_bytes: int = 256 << 20):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.device = next(model.parameters()).device
+        plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+        self.plain_cache = plain  # rows can be joined, and prefixes reused, by editing the cache's tensors
+        self.prefixes = PrefixCache(prefix_cache_bytes) if plain and prefix_cache_bytes > 0 else None
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
@@ -465,8 +470,7 @@ class Engine:
         try:
             new: _Batch | None = self._prefill([row for rows in joining for row in rows])
         except Exception as error:
-            if len(joining) == 1 or not all(type(layer) is DynamicLayer
-                                            for layer in DynamicCache(config=self.model.config).layers):
+            if len(joining) == 1 or not self.plain_cache:
                 for rows in joining:
                     rows[0].request.handle._fail(error)
                 return batch
@@ -519,13 +523,49 @@ class Engine:
             yield
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
-        width = max(len(row.request.prompt) for row in rows)
-        ids = [[self.pad_id] * (width - len(row.request.prompt)) + row.request.prompt for row in rows]
-        mask = [[0] * (width - len(row.request.prompt)) + [1] * len(row.request.prompt) for row in rows]
-        input_ids = torch.tensor(ids, device=self.device)  # (batch, width)
-        mask_tensor = torch.tensor(mask, device=self.device)
+        """The rows' prompts through the model: rows whose prompt begins with a cached prefix start from
+        it (one forward per cached length), the others from nothing; their prefixes are cached after."""
+        groups: dict[int, list[tuple[_Row, list]]] = {}
+        for row in rows:
+            found = self.prefixes.match(row.request.adapter, row.request.prompt) if self.prefixes else (0, [])
+            groups.setdefault(found[0], []).append((row, found[1]))
+        batch: _Batch | None = None
+        for length, members in groups.items():
+            part = self._prefill_after(length, members)
+            batch = part if batch is None else _merge(batch, part)
+        assert batch is not None
+        if self.prefixes is not None:
+            self._keep_prefixes(batch)
+        return batch
+
+    def _prefill_after(self, cached: int, members: list[tuple[_Row, list]]) -> _Batch:
+        """Prefill rows that share the length ``cached`` of their cached prefix: their cache starts as
+        the prefixes' keys and values, and the rest of each prompt, left-padded, goes through the model
+        (the padding then sits between prefix and rest, masked like any other)."""
+        rows = [row for row, _ in members]
+        rests = [row.request.prompt[cached:] for row in rows]
+        width = max(len(rest) for rest in rests)
+        ids = [[self.pad_id] * (width - len(rest)) + rest for rest in rests]
+        mask = [[1] * cached + [0] * (width - len(rest)) + [1] * len(rest) for rest in rests]
         cache = DynamicCache(config=self.model.config)
+        for index in range(len(cache.layers) if cached else 0):
+            cache.update(torch.stack([layers[index][0] for _, layers in members]),
+                         torch.stack([layers[index][1] for _, layers in members]), index)
+        input_ids = torch.tensor(ids, device=self.device)  # (batch, width)
+        mask_tensor = torch.tensor(mask, device=self.device)  # (batch, cached + width)
         return _Batch(rows, cache, mask_tensor, self._forward(rows, input_ids, mask_tensor, cache))
+
+    def _keep_prefixes(self, batch: _Batch) -> None:
+        """Each request's prompt keys and values (its real columns of the cache) into the prefix cache."""
+        assert self.prefixes is not None
+        seen: set[int] = set()
+        for i, row in enumerate(batch.rows):
+            if id(row.request) in seen or self.prefixes.covers(row.request.adapter, row.request.prompt):
+                continue
+            seen.add(id(row.request))
+            columns = batch.mask[i].nonzero().flatten()  # (len(prompt),)
+            self.prefixes.add(row.request.adapter, row.request.prompt,
+                              [(layer.keys[i][:, columns], layer.values[i][:, columns]) for layer in batch.cache.layers])
 
     def _decode(self, batch: _Batch, tokens: list[int]) -> None:
         batch.mask = F.pad(batch.mask, (0, 1), value=1)  # (batch, width + 1)
@@ -712,8 +752,9 @@ class SequentialEngine(Engine):
 
 
 def engine_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32,
-               batched: bool = True) -> Engine:
+               batched: bool = True, prefix_cache_bytes: int = 256 << 20) -> Engine:
     """The batching engine; the sequential one when asked for, or for prompt-learning adapters."""
     learns_prompts = isinstance(model, PeftModel) and any(c.is_prompt_learning for c in model.peft_config.values())
-    kind = Engine if batched and not learns_prompts else SequentialEngine
-    return kind(model, tokenizer, max_batch_size)
+    if batched and not learns_prompts:
+        return Engine(model, tokenizer, max_batch_size, prefix_cache_bytes)
+    return SequentialEngine(model, tokenizer, max_batch_size, prefix_cache_bytes=0)
