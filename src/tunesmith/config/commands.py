@@ -216,7 +216,10 @@ class ServeCommandConfig(CommandConfig):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     api_key: str | None = Field(min_length=1)
-    engine: Literal["batched", "sequential"]
+    engine: Literal["batched", "sequential", "vllm"]
+    vllm_python: str | None = Field(default=None, min_length=1)
+    vllm_arg: list[str] = Field(default_factory=list)
+    vllm_log: str | None = Field(default=None, min_length=1)
     max_batch_size: Count
     prefix_cache_mb: int = Field(ge=0, description="MiB for cached prompt prefixes; 0 turns prefix caching off")
     max_concurrency: Count

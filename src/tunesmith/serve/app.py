@@ -26,14 +26,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import jinja2
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunesmith.data.tokenize import encode_prompt
 from tunesmith.generate.sample import SamplingConfig, stop_token_ids
@@ -51,13 +52,14 @@ MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding
 class Served:
     """One base model, its tokenizer, and the adapter names loaded on it."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None: the weights are another engine's (vLLM's)
     tokenizer: PreTrainedTokenizerBase
     base_name: str
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
     default_max_tokens: int = 256
     grammars: structured.GrammarCompiler | None = field(default=None, repr=False)  # built on first use
     token_bytes: TokenBytes | None = field(default=None, repr=False)  # built on first use
+    config: PretrainedConfig | None = field(default=None, repr=False)  # without a model: the model's config
 
     @property
     def names(self) -> list[str]:
@@ -65,12 +67,14 @@ class Served:
 
     @property
     def context_length(self) -> int:
-        config = getattr(self.model, "config", None)
+        config = self.config if self.model is None else getattr(self.model, "config", None)
         return int(getattr(config, "max_position_embeddings", 2048))
 
     @property
     def vocab_size(self) -> int:
         """The ids the model has embeddings for (a config's ``vocab_size`` may be absent or disagree)."""
+        if self.model is None:
+            return int(getattr(self.config, "vocab_size", 0) or len(self.tokenizer))
         return int(self.model.get_input_embeddings().num_embeddings)
 
     def bytes_of(self, token_id: int) -> list[int]:
@@ -244,29 +248,35 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 64,
                max_body_bytes: int = 1 << 20, request_timeout: float = 300.0, shutdown_timeout: float = 30.0,
-               max_batch_size: int = 32, batched: bool = True, prefix_cache_bytes: int = 256 << 20) -> FastAPI:
+               max_batch_size: int = 32, batched: bool = True, prefix_cache_bytes: int = 256 << 20,
+               vllm: VLLMFront | None = None) -> FastAPI:
     """``max_concurrency``: requests admitted at once, generating or waiting for room in the batch;
     beyond it, 429. ``max_batch_size``: completions decoded together (``batched``: the batching
     engine, else one completion after another). ``request_timeout``: seconds a request may take,
     waiting included; beyond it, 408 (or an error event in a stream) and its generation stops.
     ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop.
-    ``prefix_cache_bytes``: the keys and values of recent prompts' beginnings kept for reuse (0: none)."""
+    ``prefix_cache_bytes``: the keys and values of recent prompts' beginnings kept for reuse (0: none).
+    ``vllm``: forward the checked requests to a running vLLM server instead (``vllm.py``)."""
     gate = _Gate(max_concurrency)
-    engine = engine_for(served.model, served.tokenizer, max_batch_size, batched, prefix_cache_bytes)
+    engine = None if vllm is not None else engine_for(served.model, served.tokenizer, max_batch_size, batched,
+                                                       prefix_cache_bytes)
     compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunesmith-grammar")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await _drain(gate, shutdown_timeout)
-        await asyncio.to_thread(engine.close)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        if vllm is not None:
+            await vllm.aclose()
         compiling.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.state.engine = engine
     _install_error_handlers(app)
-    context = _Context(served, gate, engine, compiling)
+    context = _Context(served, gate, engine, compiling, vllm)
 
     @app.get("/health")
     async def health() -> dict:
@@ -280,12 +290,12 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         deadline = time.monotonic() + request_timeout
-        return await _respond(context, lambda: _chat_job(context, body), request, deadline)
+        return await _respond(context, body, lambda: _chat_job(context, body), request, deadline)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         deadline = time.monotonic() + request_timeout
-        return await _respond(context, lambda: _completion_job(context, body), request, deadline)
+        return await _respond(context, body, lambda: _completion_job(context, body), request, deadline)
 
     return app
 
@@ -296,8 +306,9 @@ class _Context:
 
     served: Served
     gate: _Gate
-    engine: Engine
+    engine: Engine | None  # None: vLLM generates
     compiling: ThreadPoolExecutor  # grammar compilation, off the event loop and off the default pool
+    vllm: VLLMFront | None = None
 
 
 async def _drain(gate: _Gate, grace: float) -> None:
@@ -390,7 +401,10 @@ async def _chat_job(context: _Context, body: ChatRequest) -> _Job:
     served = context.served
     syntax = _check_fields(context, body)
     input_ids = _encode_chat(served, body, syntax)
-    grammar = await (_call_grammar(context, body, syntax) if forces_call(body) else _grammar(context, body))
+    if context.vllm is not None:  # vLLM constrains its own decoding
+        grammar = None
+    else:
+        grammar = await (_call_grammar(context, body, syntax) if forces_call(body) else _grammar(context, body))
     top = (body.top_logprobs or 0) if body.logprobs else None
     job = _job(context, body, input_ids, chat=True, top_logprobs=top, grammar=grammar)
     if body.tools and body.tool_choice != "none":
@@ -422,10 +436,11 @@ def _check_fields(context: _Context, body: ChatRequest | CompletionRequest) -> t
         raise OpenAIError(404, f"model {body.model!r} is not served; available: {', '.join(served.names)}",
                           "model", "model_not_found")
     syntax = tools.call_syntax(served.tokenizer)
-    found = refusal(body, tools_supported=syntax is not None, constrained=structured.available())
+    tools_supported = syntax is not None and (context.vllm is None or context.vllm.tools)
+    found = refusal(body, tools_supported=tools_supported, constrained=context.vllm is not None or structured.available())
     if found is not None:
         raise OpenAIError(400, found[1], found[0], "unsupported_parameter")
-    if (body.n or 1) > context.engine.max_batch_size:
+    if context.engine is not None and (body.n or 1) > context.engine.max_batch_size:
         raise OpenAIError(400, f"n: at most {context.engine.max_batch_size} on this server (its --max-batch-size)",
                           "n", "invalid_value")
     for key in body.logit_bias or {}:
@@ -491,7 +506,8 @@ def _job(context: _Context, body: ChatRequest | CompletionRequest, input_ids: to
                 {int(k): v for k, v in (body.logit_bias or {}).items()}, grammar, echo)
 
 
-async def _respond(context: _Context, make_job: Callable[[], Awaitable[_Job]], request: Request, deadline: float):
+async def _respond(context: _Context, body: ChatRequest | CompletionRequest, make_job: Callable[[], Awaitable[_Job]],
+                   request: Request, deadline: float):
     """Admit the request (or 429) before any work on it, build its job (a grammar compiles here),
     then hand it to the engine: one JSON body, or a stream of server-sent events."""
     gate = context.gate
@@ -504,6 +520,8 @@ async def _respond(context: _Context, make_job: Callable[[], Awaitable[_Job]], r
     except BaseException:
         ticket.release()
         raise
+    if context.vllm is not None:
+        return await _forward(context.vllm, job, body, request, deadline, ticket)
     ident = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if job.stream:
         events = _stream(context, job, ident, request, deadline, ticket)
@@ -532,6 +550,7 @@ async def _respond(context: _Context, make_job: Callable[[], Awaitable[_Job]], r
 
 def _submit(context: _Context, job: _Job, cancel: threading.Event) -> Handle:
     adapter = context.served.adapters.get(job.model)  # None: the base model
+    assert context.engine is not None
     return context.engine.submit(job.input_ids, job.sampling, job.stop, adapter, cancel, job.n, job.top_logprobs,
                                  job.processors(context.served))
 
@@ -543,7 +562,7 @@ def _shutting_down() -> OpenAIError:
 
 def _engine_error(context: _Context, error: EngineError) -> OpenAIError:
     """A request the engine could not finish: the server closing (503), else the server's fault (500)."""
-    if context.engine.closed:
+    if context.engine is None or context.engine.closed:
         return _shutting_down()
     log.error("generation failed: %s", error.__cause__ or error)
     return OpenAIError(500, "the server had an error while generating", kind="server_error")
@@ -732,3 +751,138 @@ def _finish_choice(served: Served, job: _Job, ident: str, index: int, choice: _C
         events.append(_chunk(ident, job, index, {"tool_calls": deltas}, None))
     events.append(_chunk(ident, job, index, None, "tool_calls" if calls else _finish_reason(completion)))
     return events
+
+
+class VLLMFront:
+    """The client side of a running vLLM server (``vllm.VLLMProcess``): its URL, and whether it was started
+    with a tool-call parser (else tools are refused here, as for a template without tool support)."""
+
+    def __init__(self, url: str, tools: bool = False):
+        self.url, self.tools = url, tools
+        self._clients: dict[int, httpx.AsyncClient] = {}
+
+    def client(self) -> httpx.AsyncClient:
+        """One connection pool per event loop (a client is bound to the loop it first ran on)."""
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._clients:
+            self._clients[loop] = httpx.AsyncClient(base_url=self.url, timeout=None)
+        return self._clients[loop]
+
+    async def aclose(self) -> None:
+        client = self._clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.aclose()
+
+
+def _payload(job: _Job, body: ChatRequest | CompletionRequest) -> dict[str, Any]:
+    """The request as the client sent it (checked), with this server's defaults made explicit: vLLM's
+    would otherwise differ (its temperature comes from the model's generation config; its token limit
+    is the rest of the context)."""
+    payload = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    payload["temperature"] = job.sampling.temperature if body.temperature is not None else 1.0
+    if body.max_new_tokens is None:
+        payload["max_tokens"] = job.sampling.max_new_tokens
+    return payload
+
+
+def _from_vllm(status: int, content: bytes) -> OpenAIError:
+    """vLLM's error answer in this server's body (its ``type`` is a class name, its ``param`` starts with
+    "body.")."""
+    try:
+        error = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or f"the vLLM engine answered {status}")
+    param = error.get("param")
+    param = param.removeprefix("body.") if isinstance(param, str) else None
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    if status >= 500:
+        log.error("vLLM answered %s: %s", status, message)
+        return OpenAIError(status, "the vLLM engine had an error while processing the request", kind="server_error")
+    return OpenAIError(status, message, param, code)
+
+
+_VLLM_DOWN = "the vLLM engine is not answering; retry shortly"
+
+
+async def _forward(front: VLLMFront, job: _Job, body: ChatRequest | CompletionRequest, request: Request,
+                   deadline: float, ticket: _Ticket):
+    """The checked request to vLLM, its answer back: one JSON body, or its stream relayed line by line. A
+    client that goes away closes the connection to vLLM, which stops the generation; so does the deadline
+    (408, or an error event in a stream)."""
+    client = front.client()
+    outgoing = client.build_request("POST", request.url.path, json=_payload(job, body))
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 0.001)
+
+    try:
+        response = await _until_deadline_or_gone(client.send(outgoing, stream=True), request, left())
+    except httpx.HTTPError:
+        ticket.release()
+        raise OpenAIError(503, _VLLM_DOWN, code="engine_unavailable", kind="server_error",
+                          headers={"Retry-After": "1"}) from None
+    except BaseException:
+        ticket.release()
+        raise
+    if not job.stream or response.status_code != 200:
+        try:
+            content = await _until_deadline_or_gone(response.aread(), request, left())
+        except httpx.HTTPError:
+            raise OpenAIError(503, _VLLM_DOWN, code="engine_unavailable", kind="server_error") from None
+        finally:
+            await response.aclose()
+            ticket.release()
+        if response.status_code != 200:
+            raise _from_vllm(response.status_code, content)
+        return Response(content, media_type="application/json")
+
+    async def relay() -> AsyncIterator[str]:
+        lines = aiter(response.aiter_lines())
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(anext(lines), timeout=left())
+                except StopAsyncIteration:
+                    break
+                if line:
+                    yield line + "\n\n"
+        except TimeoutError:
+            yield _event(OpenAIError(408, "the request took longer than the server's request timeout",
+                                     code="request_timeout", kind="timeout_error").body())
+        except httpx.HTTPError:
+            yield _event(OpenAIError(503, _VLLM_DOWN, code="engine_unavailable", kind="server_error").body())
+        finally:
+            await response.aclose()
+            ticket.release()
+
+    events = relay()
+    weakref.finalize(events, ticket.release)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+async def _until_deadline_or_gone(work: Awaitable[Any], request: Request, timeout: float) -> Any:
+    """``work``'s result; 408 past ``timeout``; cancelled (and its connection closed) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if gone in done:
+        raise OpenAIError(499, "the client closed the request", code="client_closed_request")
+    raise OpenAIError(408, "the request took longer than the server's request timeout; ask for fewer tokens or "
+                      "retry", code="request_timeout", kind="timeout_error")
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)

@@ -2,7 +2,8 @@
 that a prompt which begins like an earlier one (the chat template's system prompt, a shared few-shot
 preamble, a conversation's earlier turns) is prefilled from where they part.
 
-Prompts are cut into blocks of ``block`` tokens. An entry holds one prompt's keys and values for all
+Prompts are cut into blocks of ``block`` tokens (8: SmolLM2's chat template writes 24 tokens
+before the user's words, three whole blocks). An entry holds one prompt's keys and values for all
 its whole blocks but the last token (a prefill needs at least one token, for the logits of the
 next); it is found by the chained hash of any of its block boundaries, so a new prompt that shares
 only its first blocks with the entry reuses those. Keys and values depend on the adapter (LoRA on
@@ -33,7 +34,7 @@ class PrefixCache:
     """``match(adapter, prompt)`` -> (cached length, per-layer keys/values sliced to it), and
     ``add(adapter, prompt, layers)``; sizes in tokens are multiples of ``block``."""
 
-    def __init__(self, capacity_bytes: int, block: int = 16):
+    def __init__(self, capacity_bytes: int, block: int = 8):
         self.capacity_bytes, self.block = capacity_bytes, block
         self.entries: OrderedDict[int, _Entry] = OrderedDict()  # by id, least recently used first
         self.index: dict[int, tuple[int, int]] = {}  # block hash -> (entry id, prefix length)
