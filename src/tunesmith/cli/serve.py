@@ -34,6 +34,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-tokens", type=int, default=256, help="when a request sets none")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="auto: bfloat16 where the hardware multiplies in it natively (CUDA GPUs with bf16, "
+                             "CPUs with AVX-512 BF16 or AMX), else float32")
     parser.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="a request's limit, queueing included; beyond it 408 and its generation stops")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     if flags.engine == "vllm":
         return _run_vllm(flags)
-    served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens)
+    served = build_served(flags.target, flags.adapter, flags.device, flags.max_tokens, flags.dtype)
     app = create_app(served, flags.api_key, flags.max_concurrency, flags.max_body_bytes, flags.request_timeout,
                      flags.shutdown_timeout, flags.max_batch_size, batched=flags.engine == "batched",
                      prefix_cache_bytes=flags.prefix_cache_mb << 20)
@@ -81,7 +84,8 @@ def _run_vllm(flags) -> int:
     parser = vllm.tool_parser(syntax.before_name, syntax.after_name) if syntax is not None else None
     cpu = flags.device == "cpu" or not torch.cuda.is_available()
     port = vllm.free_port()
-    line = vllm.command(python, models, port, flags.max_batch_size, parser, flags.vllm_arg, cpu)
+    dtype = [f"--dtype={flags.dtype}"] if flags.dtype != "auto" else []
+    line = vllm.command(python, models, port, flags.max_batch_size, parser, dtype + flags.vllm_arg, cpu)
     log_path = Path(flags.vllm_log or Path(tempfile.gettempdir()) / f"tunesmith-vllm-{flags.port}.log")
     print(f"starting vLLM ({python}) for {', '.join(served.names)}; its log: {log_path}", flush=True)
     with vllm.VLLMProcess(line, vllm.environment(cpu), log_path) as process:

@@ -217,6 +217,7 @@ class ServeCommandConfig(CommandConfig):
     port: int = Field(ge=1, le=65535)
     api_key: str | None = Field(min_length=1)
     engine: Literal["batched", "sequential", "vllm"]
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     vllm_python: str | None = Field(default=None, min_length=1)
     vllm_arg: list[str] = Field(default_factory=list)
     vllm_log: str | None = Field(default=None, min_length=1)

@@ -79,16 +79,18 @@ def _tokenizer_folder(target: Target) -> Path | None:
     return folder if folder.exists() else None
 
 
-def _load_adapter(target: Target, device: str, dequantize: bool, head: Head) -> tuple:
+def _load_adapter(target: Target, device: str, dequantize: bool, head: Head, dtype: str | None = None) -> tuple:
     """A base model with the PEFT or bottleneck adapter of ``target``, and the adapter's tokenizer (which
     carries the run's template and any tokens the run added)."""
     folder = target.model_dir
     config = target.config
     if config is not None:
-        base_config = config.model.model_copy(update={"device": device, "add_tokens": None})
+        base_config = config.model.model_copy(update={"device": device, "add_tokens": None,
+                                                      "dtype": dtype or config.model.dtype})
         quantization = config.method.quantization if config.method.type == "qlora" and not dequantize else None
     else:
-        base_config, quantization = ModelConfig(name_or_path=adapter_base(folder), device=device), None
+        base_config = ModelConfig(name_or_path=adapter_base(folder), device=device, dtype=dtype or "auto")
+        quantization = None
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder), device=device))
     base = load_model(base_config, quantization, head=head)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the run added tokens
@@ -98,12 +100,13 @@ def _load_adapter(target: Target, device: str, dequantize: bool, head: Head) -> 
     return PeftModel.from_pretrained(base, folder), tokenizer
 
 
-def load_for_inference(target: Target | str, device: str = "auto", dequantize: bool = False, head: Head = "lm"
-                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_for_inference(target: Target | str, device: str = "auto", dequantize: bool = False, head: Head = "lm",
+                       dtype: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``target``; a run folder uses the tokenizer and template it trained with.
 
     A QLoRA run loads its base in 4 bits, as trained, unless ``dequantize`` (for merging). ``head``
     "score" loads a reward model (a ``task: reward`` run, or a sequence-classification folder).
+    ``dtype`` (a name) overrides the run's or the model's own (``auto``).
     """
     target = inspect_target(target) if isinstance(target, str) else target
     if target.run is not None:
@@ -115,8 +118,9 @@ def load_for_inference(target: Target | str, device: str = "auto", dequantize: b
                                  f"`tunesmith reward score {target.spec} --file ROWS`")
     folder = target.model_dir
     if folder.is_dir() and adapter_kind(folder):
-        return _load_adapter(target, device, dequantize, head)
-    config = ModelConfig(name_or_path=str(folder) if folder.exists() else target.location, device=device)
+        return _load_adapter(target, device, dequantize, head, dtype)
+    config = ModelConfig(name_or_path=str(folder) if folder.exists() else target.location, device=device,
+                         dtype=dtype or "auto")
     source = resolve_model_source(config)  # once: it may probe the hub
     return load_model(config, source=source, head=head), load_tokenizer(config, source)
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 from tunesmith.config.schema import ModelConfig
 from tunesmith.errors import ModelLoadError
 from tunesmith.io import read_json
+from tunesmith.models.device import select_device, serving_dtype
 from tunesmith.models.inference import Target, load_for_inference, tokenizer_for
 from tunesmith.models.load import resolve_model_source
 from tunesmith.rundir import PEFT_ADAPTER_CONFIG, adapter_base
@@ -28,11 +29,15 @@ def _adapter_dir(target: Target, flag: str) -> Path:
     return target.model_dir
 
 
-def build_served(spec: str, adapters: dict[str, str], device: str = "auto", max_tokens: int = 256) -> Served:
+def build_served(spec: str, adapters: dict[str, str], device: str = "auto", max_tokens: int = 256,
+                 dtype: str | None = None) -> Served:
     """``spec`` (a run, model folder, adapter, registry:NAME@ALIAS or 'embedded') plus extra adapters
-    named by the request."""
+    named by the request. ``dtype``: a name, or "auto" for ``serving_dtype``'s choice; None: the
+    model's own (as training loads it)."""
     target = resolve_target(spec)
-    model, tokenizer = load_for_inference(target, device)
+    if dtype == "auto":
+        dtype = serving_dtype("auto", select_device(device))
+    model, tokenizer = load_for_inference(target, device, dtype=dtype)
     served: dict[str, str] = {}
     if isinstance(model, PeftModel):  # the target itself is an adapter run: serve it under its (registered) name
         served[target.name] = "default"

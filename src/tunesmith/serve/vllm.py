@@ -110,12 +110,15 @@ def command(python: str, models: VLLMModels, port: int, max_batch_size: int, par
         line += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     if cpu and not any(arg == "--dtype" or arg.startswith("--dtype=") for arg in extra):
         line += ["--dtype", "bfloat16"]
+    if cpu:  # no torch.compile: environment() turns dynamo off, and vLLM's compiled path then fails to start
+        line += ["--enforce-eager"]
     return line + extra
 
 
 def environment(cpu: bool) -> dict[str, str]:
     """vLLM's environment: on CPU, 1 GiB of KV cache unless set (about 46k tokens of the 135M model),
-    and no torch.compile (its first logprobs request otherwise compiles for about 15 s)."""
+    and no torch.compile (its first logprobs request otherwise compiles for about 15 s; ``command``
+    adds --enforce-eager to match)."""
     env = dict(os.environ)
     if cpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
