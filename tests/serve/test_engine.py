@@ -446,3 +446,27 @@ def test_the_prefix_cache_evicts_the_least_recently_used_and_keeps_adapters_apar
     assert cache.nbytes == 2 * entry_bytes and len(cache.entries) == 2
     cache.add(None, [7] * 12, layers(12, 3.0))  # shorter than a block after keeping one token: nothing kept
     assert len(cache.entries) == 2
+
+
+def test_a_sliding_window_model_lets_short_rows_leave_its_batch(tokenizer, prompts):
+    """A sliding-window cache (Mistral's, window 8) keeps only its last tokens, so rows cannot join a
+    running batch, and a row that finishes first must leave without the columns being trimmed: the
+    longest prompt stops after 2 tokens, the others decode 20, all exact against generate_ids. Planted
+    defect seen failing: the columns trimmed as for a plain cache (the others failed with a shape error)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=8, tie_word_embeddings=True, initializer_range=0.3,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    chosen = [prompts[1], prompts[2], prompts[3]]
+    samplings = [SamplingConfig(max_new_tokens=k) for k in (2, 20, 20)]
+    expected = [alone(model, tokenizer, p, s).token_ids for p, s in zip(chosen, samplings)]
+    with Engine(model, tokenizer) as engine:
+        assert not engine.plain_cache and engine.prefixes is None
+        with held(engine):
+            handles = [engine.submit(p, s) for p, s in zip(chosen, samplings)]
+        assert [h.result(60)[0].token_ids for h in handles] == expected

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -33,6 +34,27 @@ def test_vllm_errors_get_this_servers_body():
     hidden = _from_vllm(500, b'{"error": {"message": "CUDA out of memory at /secret/path"}}')
     assert hidden.status == 500 and "secret" not in hidden.message and hidden.kind == "server_error"
     assert _from_vllm(404, b"not json").body()["error"]["message"] == "the vLLM engine answered 404"
+
+
+def test_forwarded_messages_are_the_ones_this_server_templates():
+    """vLLM would keep 'developer' and join content parts with newlines; what is forwarded is what the
+    built-in engines template: 'system', parts joined as ChatMessage.text joins them, tool calls kept
+    in OpenAI's shape. Planted defect seen failing: the raw messages forwarded."""
+    from tunesmith.serve.app import _forwarded_messages
+    from tunesmith.serve.protocol import ChatRequest
+
+    body = ChatRequest.model_validate({"model": "m", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Two "}, {"type": "text", "text": "parts."}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": "{\"x\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"}]})
+    messages = _forwarded_messages(body)
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[1] == {"role": "user", "content": body.messages[1].text()} and "\n" not in messages[1]["content"]
+    assert messages[2]["tool_calls"] == [{"id": "c1", "type": "function",
+                                         "function": {"name": "f", "arguments": "{\"x\": 1}"}}]
+    assert messages[3]["tool_call_id"] == "c1"
 
 
 def test_the_command_line_names_every_adapter_and_a_rank_that_holds_them():
@@ -112,6 +134,11 @@ def test_vllm_serves_the_base_and_a_lora_adapter_behind_the_same_front(through_v
     from tunesmith.data.tokenize import encode_prompt
 
     assert base.usage.prompt_tokens == encode_prompt(served.tokenizer, ASK).shape[1]  # the same template
+    parts = [{"role": "developer", "content": "Answer briefly."},
+             {"role": "user", "content": [{"type": "text", "text": "Leila is 76. "}, {"type": "text", "text": "Age?"}]}]
+    checked = api.chat.completions.create(model=served.base_name, messages=parts, temperature=0, max_tokens=2)
+    ours = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Leila is 76. Age?"}]
+    assert checked.usage.prompt_tokens == encode_prompt(served.tokenizer, ours).shape[1]
 
     seeded = dict(model="quick", messages=ASK, temperature=1.0, seed=5, n=2, max_tokens=8)
     first, again = api.chat.completions.create(**seeded), api.chat.completions.create(**seeded)
@@ -154,6 +181,13 @@ def test_vllm_requests_are_refused_and_guarded_as_the_built_in_engines_refuse_th
         api.chat.completions.create(model="quick", messages=ASK, tools=[{"type": "function", "function": {
             "name": "f", "parameters": {"type": "object"}}}])
     assert tools.value.body["param"] == "tools"
+    deep: dict = {"type": "object"}
+    for _ in range(300):  # valid JSON the validator takes, nested deeper than the serializer goes
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model="quick", messages=ASK, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "deep", "schema": deep}})
+    assert httpx.get(f"{address}/health").json()["queued"] == 0, "the refused request kept its place in the queue"
     wrong_key = openai.OpenAI(base_url=f"{address}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong_key.models.list()

@@ -91,7 +91,8 @@ def _decoding(sampling: SamplingConfig) -> dict:
     """generate()'s decoding arguments: greedy at temperature 0, else sampling."""
     if sampling.temperature <= 0:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    # top_k 0: transformers otherwise adds its default top-k of 50, which no caller asked for.
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
 
 
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,

@@ -521,7 +521,11 @@ async def _respond(context: _Context, body: ChatRequest | CompletionRequest, mak
         ticket.release()
         raise
     if context.vllm is not None:
-        return await _forward(context.vllm, job, body, request, deadline, ticket)
+        try:
+            return await _forward(context.vllm, job, body, request, deadline, ticket)
+        except BaseException:
+            ticket.release()  # idempotent: a stream that started releases it when it ends
+            raise
     ident = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if job.stream:
         events = _stream(context, job, ident, request, deadline, ticket)
@@ -660,10 +664,10 @@ class _Choice:
         self.text += text
         self.logprobs += logprobs
         ready = len(self.text)
-        if self.job.calls is not None:
+        if self.job.calls is not None:  # not where a call may begin, nor whitespace that may end the content
             opening = self.job.calls.before_name
             at = self.text.find(opening)
-            ready = at if at >= 0 else streamable(self.text, [opening])
+            ready = len(self.text[:at if at >= 0 else streamable(self.text, [opening])].rstrip())
         ready = max(ready, self.sent)
         out, self.sent = self.text[self.sent:ready], ready
         return out
@@ -676,8 +680,8 @@ class _Choice:
         """At the end: (the content not yet sent, the tool calls)."""
         if self.job.calls is not None:
             content, calls = tools.parse_calls(completion.text, self.job.calls)
-            if calls:
-                end = completion.text.find(self.job.calls.before_name)
+            if calls:  # the content before the first call, as parse_calls gives it
+                end = len(completion.text[:completion.text.find(self.job.calls.before_name)].rstrip())
                 return completion.text[self.sent:max(end, self.sent)], calls if self.job.parallel_calls else calls[:1]
         return completion.text[self.sent:], []
 
@@ -778,11 +782,28 @@ def _payload(job: _Job, body: ChatRequest | CompletionRequest) -> dict[str, Any]
     """The request as the client sent it (checked), with this server's defaults made explicit: vLLM's
     would otherwise differ (its temperature comes from the model's generation config; its token limit
     is the rest of the context)."""
-    payload = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    try:
+        payload = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    except ValueError as err:  # pydantic's serializer stops at a nesting depth the validator let through
+        raise OpenAIError(400, f"the request cannot be forwarded: {err}", code="invalid_value") from None
+    if isinstance(body, ChatRequest):  # the messages this server checked and counted, not the raw ones
+        payload["messages"] = _forwarded_messages(body)
     payload["temperature"] = job.sampling.temperature if body.temperature is not None else 1.0
     if body.max_new_tokens is None:
         payload["max_tokens"] = job.sampling.max_new_tokens
     return payload
+
+
+def _forwarded_messages(body: ChatRequest) -> list[dict[str, Any]]:
+    """The messages as the built-in engines template them ('developer' as 'system', content parts joined
+    as ``ChatMessage.text`` joins them), with their tool calls in OpenAI's shape, for vLLM to template."""
+    messages = _chat_messages(body)
+    for message, original in zip(messages, body.messages, strict=True):
+        if original.tool_calls:
+            message["tool_calls"] = [call.model_dump(mode="json", exclude_none=True) for call in original.tool_calls]
+        if original.tool_call_id is not None:
+            message["tool_call_id"] = original.tool_call_id
+    return messages
 
 
 def _from_vllm(status: int, content: bytes) -> OpenAIError:
@@ -812,7 +833,7 @@ async def _forward(front: VLLMFront, job: _Job, body: ChatRequest | CompletionRe
     client that goes away closes the connection to vLLM, which stops the generation; so does the deadline
     (408, or an error event in a stream)."""
     client = front.client()
-    outgoing = client.build_request("POST", request.url.path, json=_payload(job, body))
+    outgoing = client.build_request("POST", request.url.path, json=_payload(job, body))  # 400 if it cannot
 
     def left() -> float:
         return max(deadline - time.monotonic(), 0.001)

@@ -289,13 +289,18 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
 
 
 def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
-    """The batch of the rows ``keep``, without the columns that are padding in all of them."""
+    """The batch of the rows ``keep``, without the columns that are padding in all of them. A cache whose
+    layers are not plain (a sliding window keeps only its last tokens, so its columns do not line up
+    with the mask) only has its rows selected."""
     if not keep:
         return None
     if len(keep) == len(batch.rows):
         return batch
     index = torch.tensor(keep, device=batch.mask.device)
     mask = batch.mask[index]  # (kept, width)
+    if not _joinable(batch.cache):
+        batch.cache.batch_select_indices(index)
+        return _Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.logits[index])
     start = int(mask.any(dim=0).nonzero()[0])
     for layer in batch.cache.layers:
         layer.keys = layer.keys[index, :, start:]

@@ -108,7 +108,7 @@ def encode_with_tools(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
 
 def parse_calls(text: str, syntax: CallSyntax) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, OpenAI tool_calls) from generated text: every well-formed call, in order; the
-    content is the text before the first call (None when empty).
+    content is the text before the first call, without the whitespace that ends it (None when empty).
 
     >>> syntax = CallSyntax('<tool_call>{"name": "', '", "arguments": ', '}</tool_call>')
     >>> content, calls = parse_calls('Sure. <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>', syntax)
@@ -132,4 +132,4 @@ def parse_calls(text: str, syntax: CallSyntax) -> tuple[str | None, list[dict[st
         first = start if first is None else first
         cursor = end + len(syntax.after_arguments)
     content = text[:first] if calls else text
-    return (content.strip() or None) if calls else content, calls
+    return (content.rstrip() or None) if calls else content, calls

@@ -101,7 +101,9 @@ def command(python: str, models: VLLMModels, port: int, max_batch_size: int, par
     line = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", models.base_dir,
             "--served-model-name", models.base_name, "--tokenizer", models.tokenizer_dir,
             "--max-model-len", str(models.context_length), "--max-num-seqs", str(max_batch_size),
-            "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+            "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+            # Sampling defaults are OpenAI's, as in the built-in engines: not the model's generation_config.json.
+            "--generation-config", "vllm"]
     if models.adapters:
         line += ["--enable-lora", "--max-lora-rank", str(lora_rank(models.max_lora_rank)),
                  "--max-loras", str(len(models.adapters)), "--lora-modules",
