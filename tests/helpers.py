@@ -63,6 +63,14 @@ def starts_with_the(prompts: list, completions: list[str], answers: list) -> lis
     return [float(text.split(maxsplit=1)[:1] == ["The"]) for text in completions]
 
 
+def flat_or_parity(prompts: list, completions: list[str], answers: list) -> list[float]:
+    """A reward with no signal for some prompts: 0.5 whatever the reply where the user's message starts with
+    "Flat", else the parity of the reply's length (1.0 for odd). A group of a "Flat" prompt always has
+    zero variance: dynamic sampling must drop it."""
+    flat = [str(prompt[-1]["content"]).startswith("Flat") for prompt in prompts]
+    return [0.5 if f else float(len(text) % 2) for f, text in zip(flat, completions, strict=True)]
+
+
 def run_under_triton_interpreter(script: str) -> None:
     """Run ``script`` in a fresh process with TRITON_INTERPRET=1 (read when a kernel is defined) and check it
     ended printing "kernel ok"; skips without triton."""

@@ -10,6 +10,7 @@ from tunesmith.config.load import build_config
 from tunesmith.errors import ConfigError
 from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
 from tunesmith.recipes.grpo import run_grpo
+from tunesmith.rundir import RunDir
 from tunesmith.rewards import gsm8k_exact
 from helpers import counting_rows, read_metrics, tiny_tree, write_jsonl
 
@@ -96,3 +97,71 @@ def test_grpo_resumes_the_same_samples(tiny_model_dir, tmp_path):
     for old, new in zip(before[2:], after[2:]):
         assert new["completion_tokens"] == old["completion_tokens"]
         assert new["loss"] == pytest.approx(old["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
+def test_every_variant_trains_and_reports(tiny_model_dir, tmp_path, loss):
+    """Two steps of each variant on the tiny model (beta 0.04 where the variant keeps a KL): finite
+    losses, the variant's own defaults in the saved config, and its metrics."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(8))
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", max_new_tokens=6, group_size=3, loss=loss,
+                     rewards=["helpers:flat_or_parity"])
+    if loss in ("dapo", "gspo"):
+        del tree["grpo"]["beta"]  # their own default (0) applies
+    tree["training"].update(max_steps=2)
+    run = run_grpo(build_config(tree))
+    records = [r for r in read_metrics(run.run_dir) if "loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert all("clip_fraction" in r and "reward" in r for r in records)
+    saved = RunDir(run.run_dir).config().grpo
+    assert saved.loss == loss
+    if loss == "dapo":
+        assert (saved.epsilon_high, saved.beta, saved.dynamic_sampling) == (0.28, 0.0, True)
+    if loss == "gspo":
+        assert (saved.epsilon, saved.epsilon_high) == (3e-4, 4e-4)
+
+
+def test_several_updates_per_batch_make_the_clip_bind(tiny_model_dir, tmp_path):
+    """μ = 3: each sampled batch trains three steps against the sampling policy's log-probabilities, so
+    from the second the ratio leaves 1 and the clip (0.02 here) binds; with μ = 1 it never does. The
+    three steps of a batch see the same completions (their token counts are equal). Planted defect
+    seen failing: the old log-probabilities taken again at each update (the ratio stays 1)."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(8))
+    fractions = {}
+    for updates in (1, 3):
+        tree = grpo_tree(tiny_model_dir, data, tmp_path / f"runs{updates}", max_new_tokens=6, group_size=3,
+                         epsilon=0.02, updates_per_batch=updates, beta=0.0, rewards=["helpers:flat_or_parity"])
+        tree["training"].update(max_steps=6, lr=2e-2)
+        records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
+        fractions[updates] = [r["clip_fraction"] for r in records]
+        if updates == 3:
+            tokens = [r["completion_tokens"] for r in records]
+            assert tokens[0] == tokens[1] == tokens[2] and tokens[3] == tokens[4] == tokens[5]
+    assert fractions[1] == [0.0] * 6
+    assert fractions[3][0] == fractions[3][3] == 0.0  # the first update of each batch: ratio 1
+    assert max(fractions[3][1:3] + fractions[3][4:6]) > 0, fractions[3]
+
+
+def test_dynamic_sampling_never_trains_on_a_group_without_a_signal(tiny_model_dir, tmp_path, monkeypatch):
+    """Half the prompts get a reward that is the same whatever the reply: DAPO drops those groups (and
+    those whose replies happen to agree) and refills the batch with other prompts; every group the
+    loss sees has rewards that differ. Planted defect seen failing: the groups kept without looking."""
+    from tunesmith.recipes.grpo import GRPOObjective
+
+    seen = []
+    original = GRPOObjective._loss
+
+    def spy(self, logps, old, reference, rewards, index, completions):
+        seen.append(rewards.clone())
+        return original(self, logps, old, reference, rewards, index, completions)
+
+    monkeypatch.setattr(GRPOObjective, "_loss", spy)
+    rows = [{"messages": [{"role": "user", "content": f"{'Flat' if i % 2 else 'Count'} {i}."},
+                          {"role": "assistant", "content": "x"}]} for i in range(8)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", max_new_tokens=6, group_size=4, loss="dapo",
+                     rewards=["helpers:flat_or_parity"])
+    tree["training"].update(max_steps=4, batch_size=4)
+    records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
+    assert seen and all(float(group.std()) > 0 for rewards in seen for group in rewards)
+    assert sum(r.get("dropped_groups", 0) for r in records) >= 2  # the "Flat" prompts of the first batch at least

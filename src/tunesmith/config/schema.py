@@ -411,14 +411,59 @@ class SampledRewards(StrictModel):
         return self
 
 
+GRPOLoss = Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]
+
+# What each variant sets where the config does not (its paper's values): the clip range below and above 1,
+# the KL to the reference, DAPO's dynamic sampling and over-long shaping.
+_GRPO_VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {}, "dr_grpo": {}, "rloo": {}, "reinforce_pp": {},
+    "dapo": {"epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0, "dynamic_sampling": True},
+    "gspo": {"epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0},
+}
+
+
 class GRPOConfig(SampledRewards):
-    """``task: grpo``: group sampling, rewards and the clipped objective."""
+    """``task: grpo``: group sampling, rewards and the clipped objective; ``loss`` picks the variant."""
 
     rewards: list[str] = Field(list(DEFAULT_REWARDS), min_length=1, description="reward functions as "
                                "module:function, each (prompts, completions, answers) -> list of floats")
     group_size: int = Field(4, ge=2, description="completions sampled per prompt (G)")
-    beta: float = Field(0.04, ge=0.0, description="coefficient of the per-token KL to the reference (0: no reference)")
-    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio")
+    loss: GRPOLoss = Field("grpo", description="grpo | dr_grpo (no std, no length normalisation) | dapo (clip-higher, "
+                           "token-level, dynamic sampling) | gspo (sequence-level ratio) | rloo (leave-one-out "
+                           "baseline) | reinforce_pp (REINFORCE++: KL in the return, batch-whitened advantages)")
+    beta: float = Field(0.04, ge=0.0, description="coefficient of the KL to the reference (0: no reference); "
+                        "dapo and gspo default to 0")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio below 1 (and above "
+                           "1 unless epsilon_high); gspo defaults to 3e-4")
+    epsilon_high: float | None = Field(None, gt=0.0, description="clip range above 1 (DAPO's clip-higher; default: "
+                                       "epsilon, for dapo 0.28, for gspo 4e-4)")
+    updates_per_batch: int = Field(1, ge=1, description="policy updates per sampled batch (mu); from 2 on, the ratio to "
+                                   "the sampling policy moves away from 1 and the clip binds")
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal (no signal) and "
+                                   "sample more prompts to refill the batch (dapo's default)")
+    max_resample_rounds: int = Field(3, ge=1, description="dynamic sampling: rounds of sampling per batch at most; "
+                                     "the batch then trains on the groups it has")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO's soft over-long punishment: a completion within this "
+                                 "many tokens of max_new_tokens loses up to 1 reward, linearly (0: off)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_defaults(cls, value: Any) -> Any:
+        """The variant's own defaults, where the config leaves a field unset."""
+        if isinstance(value, dict) and value.get("loss") in _GRPO_VARIANT_DEFAULTS:
+            return {**_GRPO_VARIANT_DEFAULTS[value["loss"]], **value}
+        return value
+
+    @model_validator(mode="after")
+    def _clip_and_buffer(self) -> GRPOConfig:
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be below max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 class PPOConfig(SampledRewards):

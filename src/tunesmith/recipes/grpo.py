@@ -4,9 +4,11 @@ normalised within the group into advantages; the policy then takes the clipped s
 with a per-token k3 KL to the reference (the model with its adapters off, or a frozen copy).
 
 Each micro-batch is a set of prompts; sampling happens inside the step, with the torch RNG the
-checkpoints save, so a resumed run samples what the uninterrupted one would have. One policy
-update per sampled batch (μ = 1): the ratio π/π_old is 1 at the step and its gradient is the
-advantage-weighted log-likelihood gradient; the clip matters from μ > 1, which is not offered.
+checkpoints save, so a resumed run samples what the uninterrupted one would have. With one policy
+update per sampled batch (μ = 1) the ratio π/π_old is 1 at the step and its gradient is the
+advantage-weighted log-likelihood gradient; ``grpo.updates_per_batch`` > 1 reuses each sampled batch
+for μ updates against the sampling policy's log-probabilities, so the clip binds (a resume between
+those updates samples the batch again). ``grpo.loss`` picks the variant (``GRPOObjective``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import datasets
 import torch
@@ -27,7 +30,9 @@ from tunesmith.data.prompts import build_prompts, collate_prompts
 from tunesmith.errors import ConfigError
 from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.losses.logprobs import token_logps
-from tunesmith.losses.rl import group_advantages, grpo_token_loss, k3_kl
+from tunesmith.losses.rl import (centred_advantages, clipped_surrogate, group_advantages, k3_kl,
+                                 leave_one_out_advantages, overlong_penalty, reinforce_pp_advantages,
+                                 sequence_ratio_loss)
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
@@ -37,9 +42,36 @@ from tunesmith.train.run import open_run_dir
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Rollouts:
+    """One sampled batch: its completions as training sequences, rewards, and the sampling policy's
+    log-probabilities (the ratio's denominator for all ``updates_per_batch`` updates)."""
+
+    sequences: list[dict]
+    rewards: torch.Tensor  # (groups, group_size)
+    old_logps: torch.Tensor | None  # per completion token; None: the current policy's (one update per batch)
+    dropped: int = 0  # groups dynamic sampling dropped for equal rewards
+
+
 class GRPOObjective:
-    """Sample, score, normalise within groups, and return the summed per-completion GRPO loss
-    (each completion's per-token loss averaged over its tokens, as in DeepSeekMath eq. 3)."""
+    """Sample, score, turn rewards into advantages, and return the loss summed over completions, as
+    ``grpo.loss`` defines it:
+
+    - ``grpo`` (DeepSeekMath eq. 3): group-normalised advantages, the per-token clipped surrogate plus
+      β·k3 KL, averaged over each completion's tokens;
+    - ``dr_grpo``: advantages not divided by the group's std; each completion's token losses summed and
+      divided by ``max_new_tokens`` (a constant, so long wrong replies are not let off lightly);
+    - ``dapo``: clip-higher (``epsilon_high``), the token losses averaged over every token of the
+      micro-batch (token-level), dynamic sampling and over-long shaping where configured;
+    - ``gspo``: one importance ratio per completion, the geometric mean of its token ratios, clipped;
+    - ``rloo``: leave-one-out advantages and the ratio of the whole completion's probability (the
+      REINFORCE of the sequence), clipped;
+    - ``reinforce_pp``: the KL to the reference folded into each token's return, advantages whitened
+      over the micro-batch's tokens, the per-token clipped surrogate, token-level.
+
+    With ``updates_per_batch`` = μ > 1 the stream gives each micro-batch μ times in a row (``Repeated``);
+    the first time it is sampled and its log-probabilities kept, the next μ − 1 train on the same
+    completions against them, so the ratio moves off 1 and the clip binds."""
 
     fsdp_ready = False  # it samples inside the step, outside the model's forward: not sharded yet (ddp instead)
     # An RL loss sits near zero with either sign, and its gradient norm swings by orders of magnitude with the
@@ -55,11 +87,13 @@ class GRPOObjective:
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p)
         self.tally: defaultdict = defaultdict(float)
+        self.kept: dict[int, _Rollouts] = {}  # by the micro-batch's stream position, while it is reused
+        self.trained_rewards: list[torch.Tensor] = []  # the reward groups each step trained on (for tests)
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
+        """G completions of each row as training sequences, and their rewards (groups, G)."""
         group = self.config.group_size
-        rows = [self.prompts[i] for i in batch["index"].tolist()]
-        sequences, prompts, texts, answers = [], [], [], []
+        sequences, prompts, texts, answers, lengths = [], [], [], [], []
         # Every prompt's G completions in one left-padded generate call: on a CPU the per-token
         # cost of decoding is nearly flat in the batch size, so one call beats one per prompt.
         copies = [row for row in rows for _ in range(group)]
@@ -70,37 +104,140 @@ class GRPOObjective:
             prompts.append(json.loads(row["prompt"]))
             texts.append(self.tokenizer.decode(completion, skip_special_tokens=True))
             answers.append(row["answer"])
-        rewards = torch.tensor(self.rewards(prompts, texts, answers))  # (prompts * group,)
-        advantages = group_advantages(rewards.view(len(rows), group)).flatten()
+            lengths.append(len(completion))
+        rewards = torch.tensor(self.rewards(prompts, texts, answers), dtype=torch.float32)
+        if self.config.overlong_buffer:
+            rewards = rewards + overlong_penalty(torch.tensor(lengths), self.config.max_new_tokens,
+                                                 self.config.overlong_buffer)
+        return sequences, rewards.view(len(rows), group)
+
+    def _rollouts(self, model: nn.Module, rows: list[dict]) -> _Rollouts:
+        """A sampled batch; with dynamic sampling, only groups whose rewards differ, refilled with groups of
+        prompts drawn at random (torch's RNG, which checkpoints keep) for up to ``max_resample_rounds``."""
+        if not self.config.dynamic_sampling:
+            sequences, rewards = self._sample(model, rows)
+            return _Rollouts(sequences, rewards, None)
+        group, wanted = self.config.group_size, len(rows)
+        kept_sequences: list[dict] = []
+        kept_rewards: list[torch.Tensor] = []
+        dropped = 0
+        for _ in range(self.config.max_resample_rounds):
+            sequences, rewards = self._sample(model, rows)
+            for g in range(len(rows)):
+                if len(kept_rewards) < wanted and float(rewards[g].std()) > 0:
+                    kept_sequences += sequences[g * group:(g + 1) * group]
+                    kept_rewards.append(rewards[g])
+                elif float(rewards[g].std()) == 0:
+                    dropped += 1
+            if len(kept_rewards) >= wanted:
+                break
+            draw = torch.randint(len(self.prompts), (wanted - len(kept_rewards),)).tolist()
+            rows = [self.prompts[i] for i in draw]
+        stacked = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, group)
+        return _Rollouts(kept_sequences, stacked, None, dropped)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        config, group = self.config, self.config.group_size
+        position = int(batch["stream_position"]) if "stream_position" in batch else None
+        repeat = int(batch["repeat"]) if "repeat" in batch else 0
         device = batch["input_ids"].device
-        packed = collate_padding_free(sequences) if self.packed else collate_batch(sequences,
-                                                                                    self.tokenizer.pad_token_id)
+        rollouts = self.kept.get(position) if repeat > 0 and position is not None else None
+        if rollouts is None:
+            if repeat > 0:
+                log.warning("no kept completions for this micro-batch (a resume between its updates): sampling "
+                            "it again")
+            rollouts = self._rollouts(model, [self.prompts[i] for i in batch["index"].tolist()])
+            self.tally["dropped_groups"] += rollouts.dropped
+        units = batch["index"].shape[0] * group
+        if not rollouts.sequences:  # dynamic sampling found no group with a signal: nothing to learn here
+            self.tally["empty_batches"] += 1
+            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        packed = collate_padding_free(rollouts.sequences) if self.packed else collate_batch(
+            rollouts.sequences, self.tokenizer.pad_token_id)
         packed = {k: v.to(device) for k, v in packed.items()}
         logps, index = token_logps(model, packed)
+        if config.updates_per_batch > 1 and rollouts.old_logps is None:
+            rollouts.old_logps = logps.detach()  # the sampling policy's, kept for the next updates
+        if config.updates_per_batch > 1 and position is not None:
+            if repeat + 1 < config.updates_per_batch:
+                self.kept[position] = rollouts
+            else:
+                self.kept.pop(position, None)
+        old = rollouts.old_logps if rollouts.old_logps is not None else logps.detach()
         reference = None
         if self.reference is not None:
             with self.reference() as frozen:
                 reference = token_logps(frozen, packed)[0]
-        per_token = grpo_token_loss(logps, logps.detach(), reference, advantages.to(device)[index],
-                                    self.config.epsilon, self.config.beta)
-        counts = logps.new_zeros(len(sequences)).index_add(0, index, torch.ones_like(logps))
-        per_sequence = logps.new_zeros(len(sequences)).index_add(0, index, per_token) / counts.clamp(min=1)
-        self.tally["completions"] += len(sequences)
-        self.tally["reward"] += float(rewards.sum())
-        self.tally["reward_std"] += float(rewards.view(len(rows), group).std(dim=1).sum() * group)
+        completions = rollouts.rewards.numel()
+        loss, clipped = self._loss(logps, old, reference, rollouts.rewards.to(device), index, completions)
+        self.trained_rewards.append(rollouts.rewards)
+        counts = logps.new_zeros(completions).index_add(0, index, torch.ones_like(logps))
+        self.tally["completions"] += completions
+        self.tally["reward"] += float(rollouts.rewards.sum())
+        self.tally["reward_std"] += float(rollouts.rewards.std(dim=1).sum() * group)
         self.tally["completion_tokens"] += float(counts.sum())
+        self.tally["clip_fraction"] += float(clipped) * completions
         if reference is not None:
-            kl = logps.new_zeros(len(sequences)).index_add(0, index, k3_kl(logps.detach(), reference))
+            kl = logps.new_zeros(completions).index_add(0, index, k3_kl(logps.detach(), reference))
             self.tally["kl"] += float((kl / counts.clamp(min=1)).sum())
-        return per_sequence.sum()
+        return loss * (units / completions)  # the mean over the completions trained on, as a sum over units
+
+    def _loss(self, logps: torch.Tensor, old: torch.Tensor, reference: torch.Tensor | None, rewards: torch.Tensor,
+              index: torch.Tensor, completions: int) -> tuple[torch.Tensor, float]:
+        """The variant's loss summed over completions, and the share of its terms the clip bound."""
+        config, kind = self.config, self.config.loss
+        low, high = config.epsilon, config.clip_high
+        counts = logps.new_zeros(completions).index_add(0, index, torch.ones_like(logps)).clamp(min=1)
+        kl = k3_kl(logps, reference) if reference is not None and config.beta else None
+
+        def per_completion(per_token: torch.Tensor) -> torch.Tensor:
+            return logps.new_zeros(completions).index_add(0, index, per_token)
+
+        if kind in ("gspo", "rloo"):
+            advantages = group_advantages(rewards) if kind == "gspo" else leave_one_out_advantages(rewards)
+            loss, clip = sequence_ratio_loss(logps, old, index, completions, advantages.flatten(), low, high,
+                                             geometric=kind == "gspo")
+            if kl is not None:
+                loss = loss + config.beta * per_completion(kl) / counts
+            return loss.sum(), float(clip.float().mean())
+        if kind == "reinforce_pp":
+            advantages = reinforce_pp_advantages(rewards, logps.detach(), reference, index, config.beta)
+            per_token, clip = clipped_surrogate(logps, old, advantages, low, high)
+            return per_token.sum() / per_token.numel() * completions, float(clip.float().mean())
+        advantages = centred_advantages(rewards) if kind == "dr_grpo" else group_advantages(rewards)
+        per_token, clip = clipped_surrogate(logps, old, advantages.flatten()[index], low, high)
+        if kl is not None:
+            per_token = per_token + config.beta * kl
+        if kind == "dapo":  # token-level: every token of the micro-batch weighs the same
+            return per_token.sum() / per_token.numel() * completions, float(clip.float().mean())
+        if kind == "dr_grpo":
+            return (per_completion(per_token) / config.max_new_tokens).sum(), float(clip.float().mean())
+        return (per_completion(per_token) / counts).sum(), float(clip.float().mean())
 
     def take_metrics(self, mode: str) -> dict[str, float]:
         tally, self.tally = self.tally, defaultdict(float)
         count = tally.pop("completions", 0)
-        return {key: value / count for key, value in tally.items()} if count else {}
+        totals = {key: tally.pop(key) for key in ("dropped_groups", "empty_batches") if key in tally}
+        return ({key: value / count for key, value in tally.items()} if count else {}) | totals
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["index"].shape[0] * self.config.group_size
+
+
+class Repeated:
+    """A micro-batch stream whose steps each come ``times`` times in a row (``updates_per_batch``): step s
+    of this stream is step s // times of ``stream``. Each micro-batch says where it comes from
+    (``stream_position``) and which time it is (``repeat``), so the objective samples the first time
+    and reuses the completions after. Epochs count passes over the prompts, as before."""
+
+    def __init__(self, stream: MicroBatches, times: int, per_step: int):
+        self.stream, self.times, self.per_step = stream, times, per_step
+        self.per_epoch = stream.per_epoch * times
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        step, within = divmod(position, self.per_step)
+        base = (step // self.times) * self.per_step + within
+        return {**self.stream[base], "stream_position": torch.tensor(base), "repeat": torch.tensor(step % self.times)}
 
 
 def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -120,6 +257,9 @@ def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = Fal
     objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
+    if config.grpo.updates_per_batch > 1:
+        stream = Repeated(stream, config.grpo.updates_per_batch,
+                          config.training.grad_accum * accelerator.num_processes)
     with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")
