@@ -26,6 +26,7 @@ RECIPES = {
     "reward": "tunesmith.recipes.reward:run_reward",
     "grpo": "tunesmith.recipes.grpo:run_grpo",
     "ppo": "tunesmith.recipes.ppo:run_ppo",
+    "distill": "tunesmith.recipes.distill:run_distill",
 }
 
 

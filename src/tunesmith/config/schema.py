@@ -508,6 +508,24 @@ class PPOConfig(SampledRewards):
         return self.ppo_epochs * self.minibatches
 
 
+class DistillConfig(StrictModel):
+    """``task: distill``: a teacher's next-token distributions taught to the student (the run's model)."""
+
+    teacher: str = Field(min_length=1, description="a run folder, model or adapter folder, registry:NAME@ALIAS or "
+                         "'embedded'; its tokenizer must be the student's")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KL(teacher || student), "
+                                                             "KL(student || teacher), or GKD's generalised JSD")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="jsd: the interpolation β (teacher's weight in the mixture)")
+    temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the loss is scaled by T²")
+    top_k: int = Field(0, ge=0, description="keep the teacher's k most likely tokens per position (memory); "
+                       "0: the whole vocabulary")
+    on_policy: float = Field(0.0, ge=0.0, le=1.0, description="GKD's λ: the share of micro-batches whose replies "
+                             "the student samples itself (the rest use the dataset's replies)")
+    max_new_tokens: int = Field(128, ge=1, description="on-policy replies: tokens at most")
+    sampling_temperature: float = Field(1.0, gt=0.0, description="on-policy replies: sampling temperature")
+    sft_weight: float = Field(0.0, ge=0.0, description="plus this times the next-token loss on the replies")
+
+
 class RewardConfig(StrictModel):
     """``task: reward``: the pairwise loss of the scoring head."""
 
@@ -637,6 +655,15 @@ class GRPOTaskConfig(RunConfig):
     task: Literal["grpo"]
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
+    @model_validator(mode="after")
+    def _updates_per_batch(self) -> GRPOTaskConfig:
+        updates = self.grpo.updates_per_batch
+        if updates > 1 and self.training.save_every and self.training.save_every % updates:
+            raise ValueError(f"task grpo: training.save_every ({self.training.save_every}) must be a multiple of "
+                             f"grpo.updates_per_batch ({updates}), so that checkpoints fall between sampled "
+                             f"batches and a resumed run samples what the first would have")
+        return self
+
 
 class PPOTaskConfig(RunConfig):
     """``task: ppo``: one completion per prompt scored by reward functions or a reward model, with a value
@@ -661,13 +688,31 @@ class PPOTaskConfig(RunConfig):
         return self
 
 
+class DistillTaskConfig(RunConfig):
+    """``task: distill``: the student (model, method) learns the teacher's distributions over the replies of
+    chat rows, and over its own sampled replies for a share of batches (the distill section)."""
+
+    task: Literal["distill"]
+    distill: DistillConfig
+
+    @model_validator(mode="after")
+    def _distill_limits(self) -> DistillTaskConfig:
+        if self.training.distributed in ("fsdp", "deepspeed"):
+            raise ValueError(f"training.distributed {self.training.distributed}: task distill runs its teacher "
+                             "beside the student on each process; use ddp")
+        if self.distill.on_policy and isinstance(self.training.batch_tokens, int):
+            raise ValueError("distill.on_policy: sampled replies change each batch's tokens; set "
+                             "training.batch_tokens: null and a batch_size")
+        return self
+
+
 TASK_CONFIGS: dict[str, type[RunConfig]] = {
     "sft": SFTTaskConfig, "pretrain": PretrainTaskConfig, "dpo": DPOTaskConfig, "reward": RewardTaskConfig,
-    "grpo": GRPOTaskConfig, "ppo": PPOTaskConfig,
+    "grpo": GRPOTaskConfig, "ppo": PPOTaskConfig, "distill": DistillTaskConfig,
 }
 # The sections only some tasks take, and which: a refused section's message names its task.
 TASK_SECTIONS = {"regularization": ("sft", "pretrain"), "preference": ("dpo",), "reward": ("reward",),
-                 "grpo": ("grpo",), "ppo": ("ppo",)}
+                 "grpo": ("grpo",), "ppo": ("ppo",), "distill": ("distill",)}
 
 
 def _task_of(value: Any) -> str:
@@ -679,7 +724,8 @@ def _task_of(value: Any) -> str:
 Config = Annotated[
     Annotated[SFTTaskConfig, Tag("sft")] | Annotated[PretrainTaskConfig, Tag("pretrain")]
     | Annotated[DPOTaskConfig, Tag("dpo")] | Annotated[RewardTaskConfig, Tag("reward")]
-    | Annotated[GRPOTaskConfig, Tag("grpo")] | Annotated[PPOTaskConfig, Tag("ppo")],
+    | Annotated[GRPOTaskConfig, Tag("grpo")] | Annotated[PPOTaskConfig, Tag("ppo")]
+    | Annotated[DistillTaskConfig, Tag("distill")],
     Discriminator(_task_of, custom_error_type="unknown_task",
                   custom_error_message=f"task must be one of {', '.join(TASK_CONFIGS)}"),
 ]

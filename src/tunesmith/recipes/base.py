@@ -91,8 +91,8 @@ def batch_tokens_for(config: Config, model: nn.Module, accelerator: Accelerator,
         log.info("training.batch_tokens auto: %s, as the checkpoint was trained", f"{saved} tokens per micro-batch"
                  if saved else "batch_size rows")
         return saved
-    if device.type != "cuda" or config.task in ("grpo", "ppo") or config.data.replay:
-        return None
+    if device.type != "cuda" or config.task in ("grpo", "ppo", "distill") or config.data.replay:
+        return None  # (distill: the estimate does not count the teacher beside the student)
     from tunesmith import estimate
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model

@@ -7,8 +7,8 @@ Each micro-batch is a set of prompts; sampling happens inside the step, with the
 checkpoints save, so a resumed run samples what the uninterrupted one would have. With one policy
 update per sampled batch (μ = 1) the ratio π/π_old is 1 at the step and its gradient is the
 advantage-weighted log-likelihood gradient; ``grpo.updates_per_batch`` > 1 reuses each sampled batch
-for μ updates against the sampling policy's log-probabilities, so the clip binds (a resume between
-those updates samples the batch again). ``grpo.loss`` picks the variant (``GRPOObjective``).
+for μ updates against the sampling policy's log-probabilities, so the clip binds; checkpoints (and
+stops for a signal) fall between sampled batches, as PPO's do. ``grpo.loss`` picks the variant (``GRPOObjective``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tunesmith.losses.rl import (centred_advantages, clipped_surrogate, group_ad
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
-from tunesmith.train.loop import MicroBatches, train
+from tunesmith.train.loop import MicroBatches, RepeatedBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class GRPOObjective:
     - ``reinforce_pp``: the KL to the reference folded into each token's return, advantages whitened
       over the micro-batch's tokens, the per-token clipped surrogate, token-level.
 
-    With ``updates_per_batch`` = μ > 1 the stream gives each micro-batch μ times in a row (``Repeated``);
+    With ``updates_per_batch`` = μ > 1 the stream gives each micro-batch μ times in a row (``RepeatedBatches``);
     the first time it is sampled and its log-probabilities kept, the next μ − 1 train on the same
     completions against them, so the ratio moves off 1 and the clip binds."""
 
@@ -138,14 +138,13 @@ class GRPOObjective:
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         config, group = self.config, self.config.group_size
-        position = int(batch["stream_position"]) if "stream_position" in batch else None
-        repeat = int(batch["repeat"]) if "repeat" in batch else 0
+        position = int(batch["rollout"]) if "rollout" in batch else None
+        repeat = int(batch["pass"]) if "pass" in batch else 0
         device = batch["input_ids"].device
         rollouts = self.kept.get(position) if repeat > 0 and position is not None else None
         if rollouts is None:
-            if repeat > 0:
-                log.warning("no kept completions for this micro-batch (a resume between its updates): sampling "
-                            "it again")
+            if repeat > 0:  # checkpoints fall between sampled batches, so a resume starts a fresh one
+                log.warning("no kept completions for micro-batch %s: sampling it again", position)
             rollouts = self._rollouts(model, [self.prompts[i] for i in batch["index"].tolist()])
             self.tally["dropped_groups"] += rollouts.dropped
         units = batch["index"].shape[0] * group
@@ -224,22 +223,6 @@ class GRPOObjective:
         return batch["index"].shape[0] * self.config.group_size
 
 
-class Repeated:
-    """A micro-batch stream whose steps each come ``times`` times in a row (``updates_per_batch``): step s
-    of this stream is step s // times of ``stream``. Each micro-batch says where it comes from
-    (``stream_position``) and which time it is (``repeat``), so the objective samples the first time
-    and reuses the completions after. Epochs count passes over the prompts, as before."""
-
-    def __init__(self, stream: MicroBatches, times: int, per_step: int):
-        self.stream, self.times, self.per_step = stream, times, per_step
-        self.per_epoch = stream.per_epoch * times
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        step, within = divmod(position, self.per_step)
-        base = (step // self.times) * self.per_step + within
-        return {**self.stream[base], "stream_position": torch.tensor(base), "repeat": torch.tensor(step % self.times)}
-
-
 def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and reward functions, train, and write the run folder (as SFT does)."""
     try:
@@ -258,8 +241,8 @@ def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = Fal
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     if config.grpo.updates_per_batch > 1:
-        stream = Repeated(stream, config.grpo.updates_per_batch,
-                          config.training.grad_accum * accelerator.num_processes)
+        stream = RepeatedBatches(stream, config.grpo.updates_per_batch,
+                                 config.training.grad_accum * accelerator.num_processes)
     with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

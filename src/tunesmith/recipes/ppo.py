@@ -46,25 +46,11 @@ from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, f
 from tunesmith.rewards import WeightedRewards
 from tunesmith.rundir import VALUE_HEAD_FILE, RunDir
 from tunesmith.targets import load_target, resolve_target
-from tunesmith.train.loop import MicroBatches, train
+from tunesmith.train.loop import MicroBatches, RepeatedBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
 Scorer = Callable[[list[list[dict]], list[str], list[str]], list[float]]
-
-
-class RepeatedBatches:
-    """Each micro-batch of ``stream`` handed out ``repeats`` times in a row, marked with its rollout
-    number and pass; addressable by position, as ``MicroBatches`` is (resume finds its place)."""
-
-    def __init__(self, stream: MicroBatches, repeats: int):
-        self.stream, self.repeats = stream, repeats
-        self.per_epoch = stream.per_epoch * repeats
-        self.checkpoint_every = repeats  # the loop checkpoints (and stops for a signal) between batches of rollouts
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        rollout, step = divmod(position, self.repeats)
-        return {**self.stream[rollout], "rollout": torch.tensor(rollout), "pass": torch.tensor(step)}
 
 
 class RewardModelScorer:

@@ -431,6 +431,24 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
                        verdict, apply)
 
 
+class RepeatedBatches:
+    """Each optimizer step's micro-batches of ``stream`` handed out ``repeats`` times in a row (PPO's passes
+    over a batch of rollouts, GRPO's updates per sampled batch), each marked with its position in
+    ``stream`` (``rollout``) and which time it is (``pass``); addressable by position, as ``MicroBatches``
+    is, so a resume finds its place. ``per_step``: micro-batches per optimizer step (grad_accum x
+    processes). Epochs count passes over ``stream``."""
+
+    def __init__(self, stream: MicroBatches, repeats: int, per_step: int = 1):
+        self.stream, self.repeats, self.per_step = stream, repeats, per_step
+        self.per_epoch = stream.per_epoch * repeats
+        self.checkpoint_every = repeats  # the loop checkpoints (and stops for a signal) between batches of rollouts
+
+    def __getitem__(self, position: int) -> Batch:
+        step, within = divmod(position, self.per_step)
+        rollout = (step // self.repeats) * self.per_step + within
+        return {**self.stream[rollout], "rollout": torch.tensor(rollout), "pass": torch.tensor(step % self.repeats)}
+
+
 def _window(stream: MicroBatches, positions: list[int], end: int | None, first: int, splits: int) -> list[Batch]:
     """A step's micro-batches; each in ``splits`` pieces after running out of memory."""
     live = [p for p in positions if end is None or p < end]
