@@ -63,7 +63,7 @@ def main() -> int:
     print(f"\nstudent: embedded + a new LoRA r 16; teacher: {args.teacher}; {args.loss}"
           f"{f', top {args.top_k}' if args.top_k else ''}{f', on-policy {args.on_policy}' if args.on_policy else ''}; "
           f"{args.steps} steps of 4 rows in {seconds:.0f} s")
-    print(f"held-out divergence per reply token: {before:.4f} before, {after:.4f} after ({after / before:.0%})")
+    print(f"held-out divergence per reply token: {before:.4f} before, {after:.4f} after ({after / before:.1%})")
     return 0
 
 

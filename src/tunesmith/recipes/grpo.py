@@ -109,7 +109,12 @@ class GRPOObjective:
         if self.config.overlong_buffer:
             rewards = rewards + overlong_penalty(torch.tensor(lengths), self.config.max_new_tokens,
                                                  self.config.overlong_buffer)
-        return sequences, rewards.view(len(rows), group)
+        rewards = rewards.view(len(rows), group)
+        # The policy's reward, over every group sampled: those dynamic sampling drops included.
+        self.tally["sampled"] += rewards.numel()
+        self.tally["reward"] += float(rewards.sum())
+        self.tally["reward_std"] += float(rewards.std(dim=1).sum() * group)
+        return sequences, rewards
 
     def _rollouts(self, model: nn.Module, rows: list[dict]) -> _Rollouts:
         """A sampled batch; with dynamic sampling, only groups whose rewards differ, refilled with groups of
@@ -172,8 +177,6 @@ class GRPOObjective:
         self.trained_rewards.append(rollouts.rewards)
         counts = logps.new_zeros(completions).index_add(0, index, torch.ones_like(logps))
         self.tally["completions"] += completions
-        self.tally["reward"] += float(rollouts.rewards.sum())
-        self.tally["reward_std"] += float(rollouts.rewards.std(dim=1).sum() * group)
         self.tally["completion_tokens"] += float(counts.sum())
         self.tally["clip_fraction"] += float(clipped) * completions
         if reference is not None:
@@ -214,10 +217,14 @@ class GRPOObjective:
         return (per_completion(per_token) / counts).sum(), float(clip.float().mean())
 
     def take_metrics(self, mode: str) -> dict[str, float]:
+        """Per step: ``reward`` and ``reward_std`` over every completion sampled (groups that dynamic
+        sampling dropped included: the policy's reward); ``kl``, ``completion_tokens`` and
+        ``clip_fraction`` over the completions trained on; ``dropped_groups`` and ``empty_batches`` counted."""
         tally, self.tally = self.tally, defaultdict(float)
-        count = tally.pop("completions", 0)
+        count, sampled = tally.pop("completions", 0), tally.pop("sampled", 0)
+        metrics = {key: tally.pop(key) / sampled for key in ("reward", "reward_std") if key in tally and sampled}
         totals = {key: tally.pop(key) for key in ("dropped_groups", "empty_batches") if key in tally}
-        return ({key: value / count for key, value in tally.items()} if count else {}) | totals
+        return metrics | ({key: value / count for key, value in tally.items()} if count else {}) | totals
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["index"].shape[0] * self.config.group_size
