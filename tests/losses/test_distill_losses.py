@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tunesmith.losses.distill import distill_loss_sum, divergence_per_token
+from tunesmith.losses.distill import at_labels, distill_loss_sum, divergence_per_token, teacher_top_k
 
 
 def test_generalised_jsd_by_hand_and_its_symmetry():
@@ -25,16 +25,29 @@ def test_generalised_jsd_by_hand_and_its_symmetry():
         float(divergence_per_token(p.log(), q.log(), "jsd", beta=0.9)))
 
 
-def test_top_k_keeps_the_teachers_support_and_full_k_is_exact():
+def test_top_k_buckets_the_rest_of_the_vocabulary_and_full_k_is_exact():
     torch.manual_seed(0)
     student, teacher = torch.randn(5, 12), torch.randn(5, 12)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        assert divergence_per_token(student, teacher, kind, top_k=12).tolist() == pytest.approx(
-            divergence_per_token(student, teacher, kind).tolist(), abs=1e-5)
-    # top 1: the teacher is certain of its argmax; forward KL is then −log q(argmax) over the whole vocabulary
-    forward = divergence_per_token(student, teacher, "forward_kl", top_k=1)
-    expected = -torch.log_softmax(student, -1).gather(-1, teacher.argmax(-1, keepdim=True)).squeeze(-1)
-    assert forward.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+        assert divergence_per_token(student, teacher_top_k(teacher, 12), kind).tolist() == pytest.approx(
+            divergence_per_token(student, teacher, kind).tolist(), abs=1e-4)  # the empty rest bucket: ~1e-30
+    # top 1: two buckets, the teacher's argmax and the rest; forward KL over them, worked by hand
+    p = torch.softmax(teacher, -1).max(-1)
+    q = torch.softmax(student, -1).gather(-1, p.indices[:, None]).squeeze(-1)
+    expected = p.values * (p.values / q).log() + (1 - p.values) * ((1 - p.values) / (1 - q)).log()
+    got = divergence_per_token(student, teacher_top_k(teacher, 1), "forward_kl")
+    assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_mass_the_student_moves_off_the_teachers_tokens_is_paid_for():
+    """The student puts nearly all its mass on a token outside the teacher's top 2: reverse KL and JSD
+    over the buckets stay large (renormalising the student over the top 2 alone would make them 0)."""
+    teacher = torch.tensor([[3.0, 2.0, -5.0, -5.0]])
+    student = torch.tensor([[3.0, 2.0, 20.0, -5.0]])
+    top = teacher_top_k(teacher, 2)
+    assert float(divergence_per_token(student, top, "reverse_kl")) > 5.0
+    assert float(divergence_per_token(student, top, "jsd")) > 0.3
+    assert float(divergence_per_token(student, top, "forward_kl")) > 5.0
 
 
 def test_descending_forward_kl_moves_the_student_to_the_teacher():
@@ -53,8 +66,9 @@ def test_the_summed_loss_counts_only_reply_positions_and_scales_by_t_squared():
     torch.manual_seed(1)
     student, teacher = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
     labels = torch.tensor([[-100, -100, 3, 4]])  # positions 1 and 2 predict labels
-    total = distill_loss_sum(student, teacher, labels, "reverse_kl", temperature=2.0)
+    total = distill_loss_sum(student, at_labels(teacher, labels), labels, "reverse_kl", temperature=2.0)
     by_hand = divergence_per_token(student[0, 1:3], teacher[0, 1:3], "reverse_kl", temperature=2.0).sum() * 4.0
     assert float(total) == pytest.approx(float(by_hand), abs=1e-5)
-    assert float(distill_loss_sum(student, teacher, torch.full((1, 4), -100), "jsd")) == 0.0
+    none = torch.full((1, 4), -100)
+    assert float(distill_loss_sum(student, at_labels(teacher, none), none, "jsd")) == 0.0
     assert math.isfinite(float(total))

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from tunesmith.config.load import build_config
 from tunesmith.errors import ConfigError
 from tunesmith.recipes.base import build_training_data, eval_batches_of
-from tunesmith.losses.distill import distill_loss_sum
+from tunesmith.losses.distill import at_labels, distill_loss_sum
 from tunesmith.recipes.distill import collate_with_prompts, run_distill
 from helpers import counting_rows, read_metrics, tiny_tree, write_jsonl
 
@@ -69,8 +69,8 @@ def held_out_divergence(config, student_dir, teacher_dir) -> float:
     with torch.no_grad():
         for batch in batches:
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            total += float(distill_loss_sum(student(**inputs).logits, teacher(**inputs).logits, batch["labels"],
-                                            "forward_kl"))
+            teacher_at = at_labels(teacher(**inputs).logits, batch["labels"])
+            total += float(distill_loss_sum(student(**inputs).logits, teacher_at, batch["labels"], "forward_kl"))
             tokens += int((batch["labels"][:, 1:] != -100).sum())
     return total / tokens
 
@@ -104,7 +104,8 @@ def test_on_policy_batches_sample_the_students_own_replies(student_dir, teacher_
         return sampled
 
     monkeypatch.setattr(distill.DistillObjective, "_sampled", spy)
-    tree = distill_tree(student_dir, teacher_dir, tmp_path, on_policy=1.0, max_new_tokens=5, loss="reverse_kl")
+    tree = distill_tree(student_dir, teacher_dir, tmp_path, on_policy=1.0, max_new_tokens=5, loss="reverse_kl",
+                        top_k=32)  # the teacher's top 32, taken from its hidden states a chunk at a time
     tree["training"].update(max_steps=3, log_every=1)
     run = run_distill(build_config(tree))
     assert len(seen) == 3

@@ -168,3 +168,66 @@ def test_dynamic_sampling_never_trains_on_a_group_without_a_signal(tiny_model_di
     records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
     assert seen and all(float(group.std()) > 0 for rewards in seen for group in rewards)
     assert sum(r.get("dropped_groups", 0) for r in records) >= 2  # the "Flat" prompts of the first batch at least
+
+
+def test_repeated_batches_hand_out_each_steps_micro_batches_several_times():
+    """Two micro-batches a step (grad_accum 1 x 2 processes), three updates each: positions 0-5 are the
+    first step's two micro-batches three times, then the next two."""
+    from tunesmith.train.loop import RepeatedBatches
+
+    class Stream:
+        per_epoch = 4
+
+        def __getitem__(self, position):
+            return {"index": torch.tensor([position])}
+
+    repeated = RepeatedBatches(Stream(), 3, per_step=2)
+    seen = [(int(repeated[p]["rollout"]), int(repeated[p]["pass"])) for p in range(8)]
+    assert seen == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 0), (3, 0)]
+    assert repeated.per_epoch == 12 and repeated.checkpoint_every == 3
+
+
+def test_variant_defaults_yield_to_the_users_clip_and_steps_must_fill_whole_batches(tiny_model_dir, tmp_path):
+    from tunesmith.config.schema import GRPOConfig
+
+    assert GRPOConfig(loss="gspo").clip_high == 4e-4
+    assert GRPOConfig(loss="dapo", epsilon=0.1).clip_high == 0.1  # not DAPO's 0.28 above a 0.1 below
+    assert GRPOConfig(loss="dapo", epsilon=0.1, epsilon_high=0.3).clip_high == 0.3
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(4))
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", updates_per_batch=3)
+    tree["training"].update(max_steps=7, save_every=None)
+    with pytest.raises(ConfigError, match="max_steps \\(7\\) must be a multiple of grpo.updates_per_batch"):
+        build_config(tree)
+
+
+def test_a_batch_with_nothing_to_learn_still_runs_the_model(tiny_model_dir):
+    """A process past the data's end (DDP: marked no_loss), and a dynamic-sampling batch with no signal,
+    return a zero loss that went through the model's forward, so DDP's gradient sync still happens."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.recipes.grpo import GRPOObjective
+    from tunesmith.train.loop import _no_loss
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    batch = _no_loss({"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                      "index": torch.tensor([0])})
+    assert int(batch["no_loss"]) == 1
+    objective = GRPOObjective.__new__(GRPOObjective)
+    objective.config = None
+    loss = objective.loss_sum(model, batch)
+    loss.backward()
+    assert float(loss) == 0.0 and calls and all(float(p.grad.abs().sum()) == 0 for p in model.parameters()
+                                                 if p.grad is not None)
+
+
+def test_dynamic_sampling_with_no_signal_anywhere_skips_the_step(tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Flat {i}."}, {"role": "assistant", "content": "x"}]}
+            for i in range(4)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", max_new_tokens=4, group_size=2, loss="dapo",
+                     rewards=["helpers:flat_or_parity"], max_resample_rounds=2)
+    tree["training"].update(max_steps=2, log_every=1)
+    records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
+    assert [r["empty_batches"] for r in records] == [1, 1] and all(r["loss"] == 0.0 for r in records)

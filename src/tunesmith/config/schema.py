@@ -430,7 +430,8 @@ class GRPOConfig(SampledRewards):
     group_size: int = Field(4, ge=2, description="completions sampled per prompt (G)")
     loss: GRPOLoss = Field("grpo", description="grpo | dr_grpo (no std, no length normalisation) | dapo (clip-higher, "
                            "token-level, dynamic sampling) | gspo (sequence-level ratio) | rloo (leave-one-out "
-                           "baseline) | reinforce_pp (REINFORCE++: KL in the return, batch-whitened advantages)")
+                           "baseline; the whole reply's log-probability, so its gradient is about |y| times "
+                           "grpo's: a smaller lr) | reinforce_pp (REINFORCE++: KL in the return, batch-whitened advantages)")
     beta: float = Field(0.04, ge=0.0, description="coefficient of the KL to the reference (0: no reference); "
                         "dapo and gspo default to 0")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="clip range of the probability ratio below 1 (and above "
@@ -451,7 +452,10 @@ class GRPOConfig(SampledRewards):
     def _variant_defaults(cls, value: Any) -> Any:
         """The variant's own defaults, where the config leaves a field unset."""
         if isinstance(value, dict) and value.get("loss") in _GRPO_VARIANT_DEFAULTS:
-            return {**_GRPO_VARIANT_DEFAULTS[value["loss"]], **value}
+            defaults = dict(_GRPO_VARIANT_DEFAULTS[value["loss"]])
+            if "epsilon" in value:  # a clip range of the user's own: above 1 as below, unless epsilon_high says
+                defaults.pop("epsilon_high", None)
+            return {**defaults, **value}
         return value
 
     @model_validator(mode="after")
@@ -517,8 +521,9 @@ class DistillConfig(StrictModel):
                                                              "KL(student || teacher), or GKD's generalised JSD")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="jsd: the interpolation β (teacher's weight in the mixture)")
     temperature: float = Field(1.0, gt=0.0, description="softens both distributions; the loss is scaled by T²")
-    top_k: int = Field(0, ge=0, description="keep the teacher's k most likely tokens per position (memory); "
-                       "0: the whole vocabulary")
+    top_k: int = Field(0, ge=0, description="keep the teacher's k most likely tokens per position, the rest of "
+                       "the vocabulary as one bucket; its logits are then taken a chunk of positions at a time "
+                       "(memory). 0: the whole vocabulary")
     on_policy: float = Field(0.0, ge=0.0, le=1.0, description="GKD's λ: the share of micro-batches whose replies "
                              "the student samples itself (the rest use the dataset's replies)")
     max_new_tokens: int = Field(128, ge=1, description="on-policy replies: tokens at most")
@@ -658,6 +663,11 @@ class GRPOTaskConfig(RunConfig):
     @model_validator(mode="after")
     def _updates_per_batch(self) -> GRPOTaskConfig:
         updates = self.grpo.updates_per_batch
+        if updates > 1 and self.training.max_steps and self.training.max_steps % updates:
+            raise ValueError(f"task grpo: training.max_steps ({self.training.max_steps}) must be a multiple of "
+                             f"grpo.updates_per_batch ({updates}): the last sampled batch would get fewer updates")
+        if updates > 1 and self.training.save_every and "save_every" not in self.training.model_fields_set:
+            self.training.save_every = -(-self.training.save_every // updates) * updates  # the default, rounded up
         if updates > 1 and self.training.save_every and self.training.save_every % updates:
             raise ValueError(f"task grpo: training.save_every ({self.training.save_every}) must be a multiple of "
                              f"grpo.updates_per_batch ({updates}), so that checkpoints fall between sampled "

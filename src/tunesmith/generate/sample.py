@@ -155,7 +155,11 @@ def _sharded(model: torch.nn.Module) -> bool:
 def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
                  sampling: SamplingConfig) -> list[list[int]]:
     """One sampled completion of each prompt (token ids; greedy at temperature 0), all generated in
-    one left-padded batch with a KV cache; each is cut after its first stop token, which it keeps."""
+    one left-padded batch with a KV cache; each is cut after its first stop token, which it keeps. A DDP
+    wrapper is looked through (it has no ``generate``; sampling needs no gradient sync)."""
+    sharded = _sharded(model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -165,7 +169,7 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     with evaluating(model):
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **_decoding(sampling),
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, use_cache=True,
-                                pad_token_id=pad, synced_gpus=_sharded(model))
+                                pad_token_id=pad, synced_gpus=sharded)
     return _cut_at_stop(output[:, width:].tolist(), eos)
 
 

@@ -173,7 +173,9 @@ def sequence_ratio_loss(logps: torch.Tensor, old_logps: torch.Tensor, index: tor
     if geometric:
         counts = logps.new_zeros(sequences).index_add(0, index, torch.ones_like(logps))
         log_ratio = log_ratio / counts.clamp(min=1)
-    ratio = torch.exp(log_ratio)
+    # A whole reply's log-ratio can pass float32's exp range (about 88) after a few updates; past ±20 the
+    # clip has long bound, and an overflow would turn the untaken branch's gradient into NaN.
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     plain, clipped = ratio * advantages, torch.clamp(ratio, 1.0 - low, 1.0 + high) * advantages
     return -torch.minimum(plain, clipped), clipped < plain
 
@@ -201,5 +203,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, logps: torch.Tensor, referenc
         first = torch.full((rewards.numel(),), kl.numel() - 1, device=kl.device).scatter_reduce(
             0, index, positions, reduce="amin")  # each completion's first token
         per_completion = per_completion - beta * (totals[index] - (before - before[first[index]]))
+    if not bool(centred_advantages(rewards).any()):  # equal rewards: only the KL is left, not scaled up to unit size
+        return per_completion
     centred = per_completion - per_completion.mean()
     return centred / (centred.std(unbiased=False) + 1e-8)

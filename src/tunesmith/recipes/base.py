@@ -163,6 +163,16 @@ def _record_end(run_dir: Path, err: BaseException) -> None:
         log.warning("%s", write_err)
 
 
+def micro_batches_per_step(config: Config, accelerator: Accelerator, checkpoint: Path | None) -> int:
+    """Micro-batches in one optimizer step over all processes: grad_accum x processes, or, resuming, what the
+    checkpoint was trained with (an elastic resume keeps it; the loop adapts grad_accum to it)."""
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("micro_per_step")
+        if saved:
+            return int(saved)
+    return config.training.grad_accum * accelerator.num_processes
+
+
 def finish_run(config: Config, accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                result: TrainResult, run_dir: Path, **summary: Any) -> RunResult:
     """What every task does last, inside ``lifetime``: the final model, summary.json (``summary`` adds task

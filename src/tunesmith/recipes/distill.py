@@ -24,9 +24,9 @@ from tunesmith.data.collate import collate_batch
 from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.generate.sample import SamplingConfig, sample_batch
-from tunesmith.losses.distill import distill_loss_sum
+from tunesmith.losses.distill import TeacherTopK, at_labels, distill_loss_sum, teacher_top_k
 from tunesmith.losses.sft import count_label_tokens, sft_loss_sum
-from tunesmith.models.fastpath import apply_speedups
+from tunesmith.models.fastpath import apply_speedups, decoder_and_head
 from tunesmith.recipes.base import (RunResult, batch_tokens_for, build_trainable_model, build_training_data,
                                     eval_batches_of, finish_run, lifetime, start_run, training_controls)
 from tunesmith.targets import load_target
@@ -58,12 +58,14 @@ class DistillObjective:
 
     def __init__(self, config: DistillConfig, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.config, self.teacher, self.tokenizer = config, teacher, tokenizer
+        self.teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
         self.sampling = SamplingConfig(config.max_new_tokens, config.sampling_temperature)
         self.tally: defaultdict = defaultdict(float)
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        config, scale = self.config, 1.0
+        config, scale, sampled = self.config, 1.0, False
         if model.training and config.on_policy and float(torch.rand(())) < config.on_policy:
+            sampled = True
             units = count_label_tokens(batch["labels"])
             batch = self._sampled(model, batch)
             scale = units / max(count_label_tokens(batch["labels"]), 1)  # the mean over its tokens, as `units` sums
@@ -71,14 +73,32 @@ class DistillObjective:
         self.tally["batches"] += 1
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         logits = model(**inputs).logits
-        with torch.no_grad():
-            teacher = self.teacher(**inputs).logits
-        vocab = min(logits.shape[-1], teacher.shape[-1])  # a padded embedding adds columns no token uses
-        loss = distill_loss_sum(logits[..., :vocab], teacher[..., :vocab], batch["labels"], config.loss, config.beta,
-                                config.temperature, config.top_k)
-        if config.sft_weight:
+        vocab = min(logits.shape[-1], self.teacher_vocab)  # a padded embedding adds columns no token uses
+        teacher = self._teacher_at_labels(inputs, batch["labels"], vocab)
+        loss = distill_loss_sum(logits[..., :vocab], teacher, batch["labels"], config.loss, config.beta,
+                                config.temperature)
+        if config.sft_weight and model.training and not sampled:  # the dataset's replies only; eval: the divergence
             loss = loss + config.sft_weight * sft_loss_sum(logits, batch["labels"])
         return loss * scale
+
+    def _teacher_at_labels(self, inputs: dict, labels: torch.Tensor, vocab: int) -> torch.Tensor | TeacherTopK:
+        """The teacher at the positions that predict a label: its logits, or with ``top_k`` its k most likely
+        tokens, taken from its last hidden states a chunk of positions at a time, so that its full logits
+        never exist at once."""
+        k, temperature = self.config.top_k, self.config.temperature
+        with torch.no_grad():
+            parts = decoder_and_head(self.teacher) if k else None
+            if parts is None:
+                logits = at_labels(self.teacher(**inputs).logits, labels)[..., :vocab]
+                return teacher_top_k(logits, k, temperature) if k else logits
+            decoder, head = parts
+            hidden = at_labels(decoder(**inputs).last_hidden_state, labels)  # (tokens, hidden)
+            pieces = [teacher_top_k(head(hidden[s:s + 256])[..., :vocab], k, temperature)
+                      for s in range(0, hidden.shape[0], 256)]
+        if not pieces:
+            width = min(k, vocab)
+            return TeacherTopK(hidden.new_zeros(0, width), torch.zeros(0, width, dtype=torch.long, device=hidden.device))
+        return TeacherTopK(torch.cat([p.logprobs for p in pieces]), torch.cat([p.ids for p in pieces]))
 
     def _sampled(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch's prompts with replies the student samples (GKD's on-policy data)."""

@@ -34,7 +34,7 @@ from tunesmith.losses.rl import (centred_advantages, clipped_surrogate, group_ad
                                  leave_one_out_advantages, overlong_penalty, reinforce_pp_advantages,
                                  sequence_ratio_loss)
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
-from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
+from tunesmith.recipes.base import micro_batches_per_step, lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
 from tunesmith.train.loop import MicroBatches, RepeatedBatches, train
 from tunesmith.train.run import open_run_dir
@@ -51,6 +51,7 @@ class _Rollouts:
     rewards: torch.Tensor  # (groups, group_size)
     old_logps: torch.Tensor | None  # per completion token; None: the current policy's (one update per batch)
     dropped: int = 0  # groups dynamic sampling dropped for equal rewards
+    empty: bool = False  # no group had a signal: ``sequences`` are the last round's, to train on nothing
 
 
 class GRPOObjective:
@@ -80,18 +81,19 @@ class GRPOObjective:
     divergence_signals: tuple[str, ...] = ()
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
-                 rewards: WeightedRewards, reference, packed: bool):
+                 rewards: WeightedRewards, reference, packed: bool, seed: int = 0, process: int = 0):
         self.config, self.tokenizer, self.prompts, self.reference, self.packed = config, tokenizer, prompts, \
             reference, packed
+        self.seed, self.process = seed, process
         self.rewards = rewards
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p)
         self.tally: defaultdict = defaultdict(float)
         self.kept: dict[int, _Rollouts] = {}  # by the micro-batch's stream position, while it is reused
-        self.trained_rewards: list[torch.Tensor] = []  # the reward groups each step trained on (for tests)
 
-    def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
-        """G completions of each row as training sequences, and their rewards (groups, G)."""
+    def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """G completions of each row as training sequences, their rewards (groups, G), and the rewards before
+        over-long shaping (what dynamic sampling judges a group's signal by, as DAPO does)."""
         group = self.config.group_size
         sequences, prompts, texts, answers, lengths = [], [], [], [], []
         # Every prompt's G completions in one left-padded generate call: on a CPU the per-token
@@ -106,6 +108,7 @@ class GRPOObjective:
             answers.append(row["answer"])
             lengths.append(len(completion))
         rewards = torch.tensor(self.rewards(prompts, texts, answers), dtype=torch.float32)
+        task_rewards = rewards.view(len(rows), group)
         if self.config.overlong_buffer:
             rewards = rewards + overlong_penalty(torch.tensor(lengths), self.config.max_new_tokens,
                                                  self.config.overlong_buffer)
@@ -114,34 +117,41 @@ class GRPOObjective:
         self.tally["sampled"] += rewards.numel()
         self.tally["reward"] += float(rewards.sum())
         self.tally["reward_std"] += float(rewards.std(dim=1).sum() * group)
-        return sequences, rewards
+        return sequences, rewards, task_rewards
 
     def _rollouts(self, model: nn.Module, rows: list[dict]) -> _Rollouts:
-        """A sampled batch; with dynamic sampling, only groups whose rewards differ, refilled with groups of
-        prompts drawn at random (torch's RNG, which checkpoints keep) for up to ``max_resample_rounds``."""
+        """A sampled batch; with dynamic sampling, only groups whose (unshaped) rewards differ, refilled with
+        groups of prompts drawn at random for up to ``max_resample_rounds``. The draws come from a generator
+        seeded by the run's seed, the batch's prompts, the round and the process: a resume draws the same,
+        and two processes draw different prompts."""
         if not self.config.dynamic_sampling:
-            sequences, rewards = self._sample(model, rows)
+            sequences, rewards, _ = self._sample(model, rows)
             return _Rollouts(sequences, rewards, None)
+        key = hash((self.seed, tuple(int(row["index"]) for row in rows), self.process)) % 2**62
         group, wanted = self.config.group_size, len(rows)
         kept_sequences: list[dict] = []
         kept_rewards: list[torch.Tensor] = []
         dropped = 0
-        for _ in range(self.config.max_resample_rounds):
-            sequences, rewards = self._sample(model, rows)
+        for round_ in range(self.config.max_resample_rounds):
+            sequences, rewards, task_rewards = self._sample(model, rows)
             for g in range(len(rows)):
-                if len(kept_rewards) < wanted and float(rewards[g].std()) > 0:
+                if float(task_rewards[g].std()) == 0:
+                    dropped += 1
+                elif len(kept_rewards) < wanted:
                     kept_sequences += sequences[g * group:(g + 1) * group]
                     kept_rewards.append(rewards[g])
-                elif float(rewards[g].std()) == 0:
-                    dropped += 1
             if len(kept_rewards) >= wanted:
                 break
-            draw = torch.randint(len(self.prompts), (wanted - len(kept_rewards),)).tolist()
+            generator = torch.Generator().manual_seed(key + round_)
+            draw = torch.randint(len(self.prompts), (wanted - len(kept_rewards),), generator=generator).tolist()
             rows = [self.prompts[i] for i in draw]
-        stacked = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, group)
-        return _Rollouts(kept_sequences, stacked, None, dropped)
+        if not kept_rewards:  # nothing to learn; the last round's groups still go through the model (DDP's sync)
+            return _Rollouts(sequences, rewards, None, dropped, empty=True)
+        return _Rollouts(kept_sequences, torch.stack(kept_rewards), None, dropped)
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "no_loss" in batch:  # a process past the data's end joins the step with nothing to learn (DDP)
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum() * 0.0
         config, group = self.config, self.config.group_size
         position = int(batch["rollout"]) if "rollout" in batch else None
         repeat = int(batch["pass"]) if "pass" in batch else 0
@@ -153,13 +163,13 @@ class GRPOObjective:
             rollouts = self._rollouts(model, [self.prompts[i] for i in batch["index"].tolist()])
             self.tally["dropped_groups"] += rollouts.dropped
         units = batch["index"].shape[0] * group
-        if not rollouts.sequences:  # dynamic sampling found no group with a signal: nothing to learn here
-            self.tally["empty_batches"] += 1
-            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         packed = collate_padding_free(rollouts.sequences) if self.packed else collate_batch(
             rollouts.sequences, self.tokenizer.pad_token_id)
         packed = {k: v.to(device) for k, v in packed.items()}
         logps, index = token_logps(model, packed)
+        if rollouts.empty:  # dynamic sampling found no group with a signal: a step that changes nothing
+            self.tally["empty_batches"] += 1
+            return logps.sum() * 0.0
         if config.updates_per_batch > 1 and rollouts.old_logps is None:
             rollouts.old_logps = logps.detach()  # the sampling policy's, kept for the next updates
         if config.updates_per_batch > 1 and position is not None:
@@ -174,7 +184,6 @@ class GRPOObjective:
                 reference = token_logps(frozen, packed)[0]
         completions = rollouts.rewards.numel()
         loss, clipped = self._loss(logps, old, reference, rollouts.rewards.to(device), index, completions)
-        self.trained_rewards.append(rollouts.rewards)
         counts = logps.new_zeros(completions).index_add(0, index, torch.ones_like(logps))
         self.tally["completions"] += completions
         self.tally["completion_tokens"] += float(counts.sum())
@@ -203,7 +212,7 @@ class GRPOObjective:
                 loss = loss + config.beta * per_completion(kl) / counts
             return loss.sum(), float(clip.float().mean())
         if kind == "reinforce_pp":
-            advantages = reinforce_pp_advantages(rewards, logps.detach(), reference, index, config.beta)
+            advantages = reinforce_pp_advantages(rewards, old, reference, index, config.beta)  # fixed at sampling
             per_token, clip = clipped_surrogate(logps, old, advantages, low, high)
             return per_token.sum() / per_token.numel() * completions, float(clip.float().mean())
         advantages = centred_advantages(rewards) if kind == "dr_grpo" else group_advantages(rewards)
@@ -244,12 +253,13 @@ def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = Fal
     packed = packs_padding_free(config, model)
     apply_speedups(model, config.training, packed)
     reference = reference_scope(model) if config.grpo.beta > 0 else None
-    objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed)
+    objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed, config.training.seed,
+                              accelerator.process_index)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     if config.grpo.updates_per_batch > 1:
         stream = RepeatedBatches(stream, config.grpo.updates_per_batch,
-                                 config.training.grad_accum * accelerator.num_processes)
+                                 micro_batches_per_step(config, accelerator, checkpoint))
     with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
         result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

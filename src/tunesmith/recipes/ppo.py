@@ -42,7 +42,7 @@ from tunesmith.losses.logprobs import label_outputs, token_logps
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.models.modes import evaluating
-from tunesmith.recipes.base import lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
+from tunesmith.recipes.base import micro_batches_per_step, lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
 from tunesmith.rundir import VALUE_HEAD_FILE, RunDir
 from tunesmith.targets import load_target, resolve_target
@@ -184,6 +184,8 @@ class PPOObjective:
                         [a[:n] for a, n in zip(advantages, lengths)], [r[:n] for r, n in zip(returns, lengths)])
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "no_loss" in batch:  # a process past the data's end joins the step with nothing to learn (DDP)
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum() * 0.0
         number, step = int(batch["rollout"]), int(batch["pass"])
         if self.rollouts is None or self.rollouts.number != number:
             if step != 0:
@@ -273,7 +275,8 @@ def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
-        result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch), None,
+        result = train(model, objective, RepeatedBatches(stream, config.ppo.steps_per_batch,
+                                                     micro_batches_per_step(config, accelerator, checkpoint)), None,
                        config.training, run_dir, accelerator, checkpoint)
         value_head = accelerator.unwrap_model(model).value_head
         del accelerator.unwrap_model(model).value_head  # the saved model is the policy alone, as chat loads it

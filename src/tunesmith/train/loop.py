@@ -267,7 +267,10 @@ def _tokens(batch: Batch) -> int:
 
 
 def _no_loss(batch: Batch) -> Batch:
-    """A batch whose labels are all ignored: a process with no data left still joins the step (DDP)."""
+    """A batch that trains nothing: a process with no data left still joins the step (DDP). Its labels all
+    ignored; a task whose batches have none (it samples: grpo, ppo) finds it marked ``no_loss``."""
+    if "labels" not in batch:
+        return {**batch, "no_loss": torch.tensor(1)}
     return {**batch, "labels": torch.full_like(batch["labels"], -100)}
 
 
