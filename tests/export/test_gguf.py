@@ -113,12 +113,13 @@ def test_failed_gguf_parity_writes_nothing(tiny_model_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_round_trips_at_f32_f16_and_q8_0(embedded_dir, tmp_path):
-    _, files = export_gguf("embedded", tmp_path / "out", ["f32", "f16", "q8_0"])
+def test_embedded_smollm2_round_trips_at_f16_and_q8_0(embedded_dir, tmp_path):
+    """f32's exact round trip is checked on the tiny models above; here the real model's two shipped quants
+    (f32 of the 135M model took a third of this test's 98 s)."""
+    _, files = export_gguf("embedded", tmp_path / "out", ["f16", "q8_0"])
     by_quant = {f.quant: f.parity for f in files}
     for quant, report in by_quant.items():
         print(f"embedded SmolLM2-135M GGUF {quant}: {report.summary()}")
-    assert by_quant["f32"].max_abs_logit_diff < 1e-3 and by_quant["f32"].greedy_agreement == 1.0
     # 20 prompts, up to 16 greedy tokens each (fewer where the model ends its reply).
     assert by_quant["f16"].greedy_agreement >= 0.99 and by_quant["f16"].positions > 200
     assert by_quant["q8_0"].greedy_agreement >= 0.8

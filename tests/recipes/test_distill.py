@@ -75,7 +75,7 @@ def held_out_divergence(config, student_dir, teacher_dir) -> float:
     return total / tokens
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("loss", ["jsd"])  # forward_kl: 0.5937 -> 0.1119 the same way (the divergences' own tests cover it)
 def test_distillation_lowers_the_students_held_out_divergence(student_dir, teacher_dir, tmp_path, loss):
     """24 steps of full fine-tuning: the held-out forward KL to the teacher (rows whose prompts are in no
     training row; measured here, not by the recipe) falls under 30% of where it started (to 19% here). Planted

@@ -60,12 +60,12 @@ def grpo_tree(model_dir, data, out, **grpo):
 
 @pytest.mark.slow
 def test_grpo_raises_the_mean_reward(embedded_dir, tmp_path):
-    """The embedded model, LoRA, a reward for replies that open with "The": 8 steps of 2 prompts x 6 (the
-    same run as bench/grpo_family.py's first 8 steps, whose reward is 1.0 from step 4 on)."""
+    """The embedded model, LoRA, a reward for replies that open with "The": 6 steps of 2 prompts x 6 (the
+    same run as bench/grpo_family.py's first 6 steps, whose reward is 1.0 from step 4 on)."""
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]} for p in PROMPTS]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     tree = grpo_tree(embedded_dir, data, tmp_path / "runs")
-    tree["training"]["max_steps"] = 8
+    tree["training"]["max_steps"] = 6
     run = run_grpo(build_config(tree))
     records = [r for r in read_metrics(run.run_dir) if "reward" in r]
     rewards = [r["reward"] for r in records]

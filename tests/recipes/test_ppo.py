@@ -134,11 +134,11 @@ PROMPTS = ["Name a color.", "Name an animal.", "Pick a color for my new car.", "
 
 @pytest.mark.slow
 def test_ppo_raises_the_mean_reward(embedded_dir, tmp_path):
-    """The embedded model, LoRA, a reward for replies that open with "The": 8 batches of the 6
-    prompts, 4 PPO epochs each."""
+    """The embedded model, LoRA, a reward for replies that open with "The": 6 batches of the 6
+    prompts, 4 PPO epochs each (0.167 before any update, 1.000 over the last 3 batches)."""
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]} for p in PROMPTS]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    tree = tiny_tree(embedded_dir, data, tmp_path / "runs", "lora", max_steps=32, batch_size=6, lr=2e-3)
+    tree = tiny_tree(embedded_dir, data, tmp_path / "runs", "lora", max_steps=24, batch_size=6, lr=2e-3)
     tree["task"] = "ppo"
     tree["ppo"] = {"rewards": ["helpers:starts_with_the"], "max_new_tokens": 6, "ppo_epochs": 4}
     run = run_ppo(build_config(tree))
