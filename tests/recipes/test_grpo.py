@@ -222,12 +222,16 @@ def test_a_batch_with_nothing_to_learn_still_runs_the_model(tiny_model_dir):
                                                  if p.grad is not None)
 
 
-def test_dynamic_sampling_with_no_signal_anywhere_skips_the_step(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("updates", [1, 2])
+def test_dynamic_sampling_with_no_signal_anywhere_skips_the_step(tiny_model_dir, tmp_path, caplog, updates):
+    """Every group has equal rewards: each step is skipped; with μ = 2 the empty batch is kept for its
+    second update too, not sampled again. Planted defect seen failing: the empty batch not kept."""
     rows = [{"messages": [{"role": "user", "content": f"Flat {i}."}, {"role": "assistant", "content": "x"}]}
             for i in range(4)]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", max_new_tokens=4, group_size=2, loss="dapo",
-                     rewards=["helpers:flat_or_parity"], max_resample_rounds=2)
-    tree["training"].update(max_steps=2, log_every=1)
+                     rewards=["helpers:flat_or_parity"], max_resample_rounds=2, updates_per_batch=updates)
+    tree["training"].update(max_steps=2, log_every=1, save_every=None)
     records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
     assert [r["empty_batches"] for r in records] == [1, 1] and all(r["loss"] == 0.0 for r in records)
+    assert "sampling it again" not in caplog.text

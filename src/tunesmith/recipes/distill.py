@@ -59,6 +59,7 @@ class DistillObjective:
     def __init__(self, config: DistillConfig, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.config, self.teacher, self.tokenizer = config, teacher, tokenizer
         self.teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+        self.teacher_parts = decoder_and_head(teacher) if config.top_k else None  # its hidden states, then its head
         self.sampling = SamplingConfig(config.max_new_tokens, config.sampling_temperature)
         self.tally: defaultdict = defaultdict(float)
 
@@ -87,7 +88,7 @@ class DistillObjective:
         never exist at once."""
         k, temperature = self.config.top_k, self.config.temperature
         with torch.no_grad():
-            parts = decoder_and_head(self.teacher) if k else None
+            parts = self.teacher_parts
             if parts is None:
                 logits = at_labels(self.teacher(**inputs).logits, labels)[..., :vocab]
                 return teacher_top_k(logits, k, temperature) if k else logits

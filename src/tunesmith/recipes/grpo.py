@@ -167,16 +167,16 @@ class GRPOObjective:
             rollouts.sequences, self.tokenizer.pad_token_id)
         packed = {k: v.to(device) for k, v in packed.items()}
         logps, index = token_logps(model, packed)
-        if rollouts.empty:  # dynamic sampling found no group with a signal: a step that changes nothing
-            self.tally["empty_batches"] += 1
-            return logps.sum() * 0.0
-        if config.updates_per_batch > 1 and rollouts.old_logps is None:
-            rollouts.old_logps = logps.detach()  # the sampling policy's, kept for the next updates
-        if config.updates_per_batch > 1 and position is not None:
+        if config.updates_per_batch > 1 and position is not None:  # kept for the next updates, an empty batch too
+            if rollouts.old_logps is None:
+                rollouts.old_logps = logps.detach()  # the sampling policy's
             if repeat + 1 < config.updates_per_batch:
                 self.kept[position] = rollouts
             else:
                 self.kept.pop(position, None)
+        if rollouts.empty:  # dynamic sampling found no group with a signal: a step that changes nothing
+            self.tally["empty_batches"] += 1
+            return logps.sum() * 0.0
         old = rollouts.old_logps if rollouts.old_logps is not None else logps.detach()
         reference = None
         if self.reference is not None:

@@ -698,7 +698,7 @@ class _RowStreamer(BaseStreamer):
                 self.done = self.engine._advance(self.row, token, logprob) is not None
 
     def end(self) -> None:
-        pass
+        """Nothing to flush: the completion's last text goes with it (``Engine._finish``)."""
 
 
 class SequentialEngine(Engine):
@@ -708,6 +708,7 @@ class SequentialEngine(Engine):
 
     @staticmethod
     def _adapter_mode(model: PreTrainedModel) -> tuple[set[str] | None, bool]:
+        """Never mixed: ``Engine._selected`` then makes the request's adapter the active one."""
         return (set(model.peft_config) if isinstance(model, PeftModel) else None), False
 
     def _serve_until_idle(self) -> None:
@@ -743,17 +744,6 @@ class SequentialEngine(Engine):
         row.logprobs_sent = min(row.logprobs_sent, len(row.logprobs))
         row.sent = min(row.sent, len(row.text))
         return generation.finish_reason  # type: ignore[return-value]
-
-    @contextmanager
-    def _selected(self, adapter: str | None) -> Iterator[None]:
-        if self.adapters is None:
-            yield
-        elif adapter is None:
-            with self.model.disable_adapter():
-                yield
-        else:
-            self.model.set_adapter(adapter)
-            yield
 
 
 def engine_for(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 32,
