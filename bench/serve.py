@@ -36,7 +36,7 @@ import torch
 import uvicorn
 
 from tunesmith.models.device import serving_dtype
-from tunesmith.serve import vllm
+from tunesmith.generate import vllm
 from tunesmith.serve.app import Served, VLLMFront, create_app
 from tunesmith.serve.load import build_for_vllm, build_served
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,13 @@ def starts_with_the(prompts: list, completions: list[str], answers: list) -> lis
     return [float(text.split(maxsplit=1)[:1] == ["The"]) for text in completions]
 
 
+def opens_with_word(prompts: list, completions: list[str], answers: list) -> list[float]:
+    """1.0 where the reply opens with the word in $TUNESMITH_TEST_WORD, else 0.0: a test sets it to a word its
+    tiny random model already opens with now and then, so that the reward is learnable in a few steps."""
+    word = os.environ["TUNESMITH_TEST_WORD"]
+    return [float(text.split(maxsplit=1)[:1] == [word]) for text in completions]
+
+
 def flat_or_parity(prompts: list, completions: list[str], answers: list) -> list[float]:
     """A reward with no signal for some prompts: 0.5 whatever the reply where the user's message starts with
     "Flat", else the parity of the reply's length (1.0 for odd). A group of a "Flat" prompt always has
@@ -85,3 +93,22 @@ def run_under_triton_interpreter(script: str) -> None:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel ok" in done.stdout
+
+
+class EchoEnvironment:
+    """A multi-turn environment for tiny random models: the first turn starts with a complete call (prefill),
+    the tool answers "echoed", and the reward is the last reply's length / 40 (variance on any model)."""
+
+    tools = [{"type": "function", "function": {"name": "echo", "description": "echo",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    instructions = ""
+    prefill = '<tool_call>\n{"name": "echo", "arguments": {}}\n</tool_call>'
+
+    def start(self, row):
+        return {}
+
+    def step(self, state, calls):
+        return ["echoed"] * len(calls)
+
+    def reward(self, state, messages):
+        return len(messages[-1]["content"]) / 40

@@ -316,7 +316,7 @@ def fitting_batch_tokens(arch: Architecture, plan: Plan, max_seq_len: int, devic
 def _loss_path(config: Config, plan: Plan, chunked: bool) -> Loss:
     if config.task == "reward":
         return "score"
-    if config.task in ("dpo", "grpo", "ppo"):
+    if config.task in ("dpo", "grpo", "ppo", "online_dpo"):
         return "labels" if chunked else "logits"
     if not chunked:
         return "logits"
@@ -344,6 +344,12 @@ def _task_fields(config: Config, plan: Plan) -> dict[str, Any]:
         rows = math.ceil(plan.micro_batch / section.minibatches)  # one minibatch of rollouts per step
         return {"reference": copy_or_off if section.kl_coef > 0 else "none", "micro_batch": rows,
                 "prompt_tokens": max(plan.seq_len - section.max_new_tokens, 1), "generation_rows": plan.micro_batch,
+                "label_tokens": rows * section.max_new_tokens}
+    if config.task == "online_dpo":  # two sampled replies per prompt: a pair, the loss on the replies only
+        section = config.online_dpo
+        rows = plan.micro_batch * 2
+        return {"reference": copy_or_off, "rows_per_unit": 2,
+                "prompt_tokens": max(plan.seq_len - section.max_new_tokens, 1), "generation_rows": rows,
                 "label_tokens": rows * section.max_new_tokens}
     kl = config.regularization.kl_to_base
     return {"reference": copy_or_off if kl > 0 else "none"}
@@ -581,7 +587,7 @@ def loss_bytes(arch: Architecture, plan: Plan) -> tuple[float, float]:
     if plan.loss == "labels":
         reference = plan.reference in ("adapters-off", "copy")
         return labels * vocab * (4 + logits + 8 if reference else 12), 0.0
-    if plan.task in ("dpo", "grpo", "ppo"):  # full logits, then the label positions'
+    if plan.task in ("dpo", "grpo", "ppo", "online_dpo"):  # full logits, then the label positions'
         return tokens * vocab * logits + labels * vocab * 12, 0.0
     return tokens * vocab * (4 + 2 * logits) + (8 * min(labels, CHUNK) * vocab if logits == 2 else 0), 0.0
 

@@ -45,6 +45,7 @@ SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"
 BEST_DIR = "best"  # checkpoints/best/: the weights of the best eval loss (training.keep_best)
 TRACKING_FILE = "tracking.json"
+ROLLOUT_LOG = "vllm-rollouts.log"  # grpo.engine vllm: the output of the colocated vLLM server
 EVAL_PREFIX = "eval-"
 EVAL_FILE = "eval.json"
 EVAL_REPORT = "report.html"
@@ -147,6 +148,10 @@ class RunDir:
     @property
     def best_dir(self) -> Path:
         return self.checkpoints_dir / BEST_DIR
+
+    def rollout_log(self, process: int = 0) -> Path:
+        """vLLM's output when it samples a run's rollouts (one server per training process)."""
+        return self.path / (ROLLOUT_LOG if process == 0 else ROLLOUT_LOG.replace(".log", f"-{process}.log"))
 
     def saved_config(self) -> dict[str, Any]:
         """config.yaml as the current config model reads it (an older run's other-task sections dropped)."""

@@ -43,15 +43,19 @@ SHRINK_TASK = {
     "grpo": ["grpo.group_size=2", "grpo.max_new_tokens=16"],
     # One batch of rollouts, two optimizer steps on it.
     "ppo": ["ppo.max_new_tokens=16", "ppo.ppo_epochs=2", "ppo.minibatches=1"],
+    "online_dpo": ["online_dpo.max_new_tokens=16"],
 }
+# What one config needs beyond its task's: the calculator's instructions and tools take 350 tokens.
+SHRINK_CONFIG = {"grpo_tools.yaml": ["data.max_seq_len=512", "grpo.max_turns=2"]}
 # What each task adds to the step records in metrics.jsonl.
 STEP_METRICS = {"dpo": ("rewards/accuracy", "rewards/margin"), "reward": ("rewards/accuracy", "rewards/margin"),
-                "grpo": ("reward", "kl", "completion_tokens"), "ppo": ("reward", "policy_loss", "value_loss")}
+                "grpo": ("reward", "kl", "completion_tokens"), "ppo": ("reward", "policy_loss", "value_loss"),
+                "online_dpo": ("reward", "tie_share", "completion_tokens")}
 
 
 def test_configs_cover_every_task_and_the_main_methods():
     shipped = {(c.task, c.method.type) for c in map(load_config, training_configs())}
-    assert {task for task, _ in shipped} == {"sft", "pretrain", "dpo", "reward", "grpo", "ppo"}
+    assert {task for task, _ in shipped} == {"sft", "pretrain", "dpo", "reward", "grpo", "ppo", "online_dpo"}
     assert {method for task, method in shipped if task == "sft"} >= {"lora", "qlora", "full", "freeze"}
 
 
@@ -71,7 +75,7 @@ def test_the_example_data_is_what_the_generator_writes(tmp_path):
 @pytest.mark.parametrize("path", training_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_shipped_config_trains_two_steps(path, embedded_dir, tmp_path, capsys):
     task = load_config(path).task
-    overrides = [f"output.dir={tmp_path}", *SHRINK, *SHRINK_TASK.get(task, [])]
+    overrides = [f"output.dir={tmp_path}", *SHRINK, *SHRINK_TASK.get(task, []), *SHRINK_CONFIG.get(path.name, [])]
     config = load_config(path, overrides)
     assert config.model.name_or_path == "embedded"
 

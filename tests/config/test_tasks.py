@@ -3,6 +3,8 @@ lives in one place (PPO's reward source)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -21,7 +23,8 @@ def data(tmp_path):
 
 @pytest.mark.parametrize("task, section, owner", [("sft", "grpo", "grpo"), ("sft", "preference", "dpo"),
                                                   ("reward", "preference", "dpo"), ("dpo", "ppo", "ppo"),
-                                                  ("grpo", "regularization", "sft and pretrain")])
+                                                  ("grpo", "regularization", "sft and pretrain"),
+                                                  ("dpo", "online_dpo", "online_dpo")])
 def test_a_section_of_another_task_is_refused_by_name(data, task, section, owner):
     with pytest.raises(ConfigError) as caught:
         build_config({"task": task, "data": {"train": data}, section: {}})
@@ -53,6 +56,43 @@ def test_ppo_defaults_to_the_default_reward_with_or_without_its_section(data):
     with pytest.raises(ConfigError, match="ppo takes one reward source"):
         build_config({"task": "ppo", "data": {"train": data},
                       "ppo": {"reward_model": "runs/rm", "rewards": ["tunesmith.rewards:gsm8k_exact"]}})
+
+
+ONE_SOURCE = "online_dpo takes exactly one source of preferences: online_dpo.rewards"
+
+
+@pytest.mark.parametrize("section, message", [
+    (None, "online_dpo: required field is missing"),
+    ({}, f"{ONE_SOURCE} .*; none is set"),
+    ({"rewards": ["m:f"], "reward_model": "runs/rm"}, f"{ONE_SOURCE} .*; got online_dpo.rewards and "
+                                                      "online_dpo.reward_model"),
+    ({"reward_model": "runs/rm", "judge": {"url": "http://j/v1", "model": "m"}},
+     f"{ONE_SOURCE} .*; got online_dpo.reward_model and online_dpo.judge"),
+    ({"reward_model": "runs/rm", "reward_weights": [1.0]}, "online_dpo.reward_weights weigh online_dpo.rewards"),
+    ({"rewards": ["m:f"], "reward_weights": [1.0, 2.0]}, "online_dpo.reward_weights has 2 entries for 1 "
+                                                         "online_dpo.rewards"),
+    ({"judge": {"url": "http://j/v1"}}, "online_dpo.judge.model: required field is missing"),
+    ({"judge": {"url": "localhost:8000", "model": "m"}},
+     "online_dpo.judge.url: 'localhost:8000' is invalid: .*http://"),
+    ({"rewards": ["m:f"], "beta": 0}, "online_dpo.beta: 0 is invalid"),
+    ({"rewards": ["m:f"], "loss": "kto"}, "online_dpo.loss: 'kto' is invalid"),
+    ({"rewards": ["m:f"], "temperature": 0}, "online_dpo.temperature: 0 is invalid"),
+    ({"rewards": ["m:f"], "group_size": 2}, "online_dpo.group_size: unknown field"),
+])
+def test_online_dpo_config_errors_name_the_field(data, section, message):
+    tree = {"task": "online_dpo", "data": {"train": data}, **({"online_dpo": section} if section is not None else {})}
+    with pytest.raises(ConfigError) as caught:
+        build_config(tree)
+    assert len(caught.value.problems) == 1 and re.match(message, caught.value.problems[0]), caught.value.problems
+
+
+def test_online_dpo_takes_one_source_and_refuses_sharded_training(data):
+    config = build_config({"task": "online_dpo", "data": {"train": data},
+                           "online_dpo": {"judge": {"url": "http://j/v1", "model": "m"}}})
+    assert config.online_dpo.judge.api_key_env == "OPENAI_API_KEY" and config.online_dpo.rewards == []
+    with pytest.raises(ConfigError, match="training.distributed fsdp: task online_dpo samples inside each step"):
+        build_config({"task": "online_dpo", "data": {"train": data}, "online_dpo": {"rewards": ["m:f"]},
+                      "training": {"distributed": "fsdp"}})
 
 
 def test_the_reward_margin_lives_in_the_reward_section(data):

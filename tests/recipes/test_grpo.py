@@ -235,3 +235,38 @@ def test_dynamic_sampling_with_no_signal_anywhere_skips_the_step(tiny_model_dir,
     records = [r for r in read_metrics(run_grpo(build_config(tree)).run_dir) if "loss" in r]
     assert [r["empty_batches"] for r in records] == [1, 1] and all(r["loss"] == 0.0 for r in records)
     assert "sampling it again" not in caplog.text
+
+
+def test_multi_turn_rollouts_train_through_an_environment(tiny_model_dir, tmp_path):
+    """grpo.environment: each episode calls the tool once (its prefill), gets the result and replies again;
+    the environment's reward trains the policy and the calls and turns are in the metrics."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(4))
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", environment="helpers:EchoEnvironment", max_turns=3,
+                     group_size=2, max_new_tokens=6)
+    del tree["grpo"]["rewards"]
+    tree["data"]["max_seq_len"] = 256
+    tree["training"].update(max_steps=2)
+    run = run_grpo(build_config(tree))
+    records = [r for r in read_metrics(run.run_dir) if "loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and r["tool_calls"] == 1.0 for r in records)
+    assert all(2.0 <= r["turns"] <= 3.0 for r in records)
+
+
+def test_environment_and_engine_settings_are_checked(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", counting_rows(4))
+    cases = [({"environment": "helpers:EchoEnvironment"}, "leave grpo.rewards"),
+             ({"environment_args": {"x": 1}}, "environment_args are for grpo.environment"),
+             ({"vllm_args": ["--dtype", "float32"]}, "are for grpo.engine: vllm"),
+             ({"engine": "vllm", "max_turns": 0}, "max_turns")]
+    for grpo, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_config(grpo_tree(tiny_model_dir, data, tmp_path / "runs", **grpo))
+    full = grpo_tree(tiny_model_dir, data, tmp_path / "runs", engine="vllm")
+    full["method"] = {"type": "full"}
+    with pytest.raises(ConfigError, match="method full is not supported with it"):
+        build_config(full)
+    tree = grpo_tree(tiny_model_dir, data, tmp_path / "runs", environment="helpers:Nope")
+    del tree["grpo"]["rewards"]
+    with pytest.raises(ConfigError, match="grpo.environment: environment 'helpers:Nope': cannot import"):
+        run_grpo(build_config(tree))
+    assert not (tmp_path / "runs").exists()

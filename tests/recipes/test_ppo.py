@@ -10,8 +10,9 @@ import torch
 
 from tunesmith.config.load import build_config
 from tunesmith.errors import ConfigError
+from tunesmith.evaluation.reward import RewardModelScorer
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
-from tunesmith.recipes.ppo import RewardModelScorer, run_ppo
+from tunesmith.recipes.ppo import run_ppo
 from helpers import counting_rows, read_metrics, tiny_tree, write_jsonl
 
 

@@ -73,7 +73,7 @@ def test_reward_score_gives_the_training_time_evaluation_per_pair(reward_run, tm
 
 def test_ppo_reward_model_sees_the_completion_after_a_long_prompt(reward_run):
     """Seen failing before the fix: the completion was cut away, so every completion scored the same."""
-    from tunesmith.recipes.ppo import RewardModelScorer
+    from tunesmith.evaluation.reward import RewardModelScorer
 
     run_dir, _, _ = reward_run
     scorer = RewardModelScorer(str(run_dir), torch.device("cpu"), MAX_SEQ_LEN)

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tunesmith.serve import vllm
+from tunesmith.generate import vllm
 from tunesmith.serve.app import VLLMFront, _from_vllm, create_app
 
 REPO = Path(__file__).resolve().parents[2]

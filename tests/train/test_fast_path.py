@@ -102,3 +102,30 @@ def test_linear_cross_entropy_matches_autograd(bias):
     assert float(got) == pytest.approx(float(expected), rel=1e-6)
     for want, have in zip(wanted, grads):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rollouts_generate_with_the_plain_forward_and_the_fast_path_comes_back(tiny_model_dir, tokenizer):
+    """plain_forward: inside, every fused LoRA layer runs peft's own forward and attention is transformers'
+    sdpa (what plain transformers + peft generate with); after, the fast path is back, an error included.
+    Sampling through it gives the tokens the fast path gives (the same sums, other kernels)."""
+    from tunesmith.generate.rollout import HFRollouts
+    from tunesmith.generate.sample import SamplingConfig
+    from tunesmith.models.fastpath import plain_forward
+
+    model = model_for("lora", tiny_model_dir)
+    apply_speedups(model, TrainingConfig(), padding_free=True)
+    fused = [m for m in model.modules() if hasattr(m, "_peft_forward")]
+    assert fused and model.config._attn_implementation == VARLEN
+    fast_forwards = [m.forward for m in fused]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ("Count to 3.", "Count to 5, please.")]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    with plain_forward(model):
+        assert all(m.forward == m._peft_forward for m in fused) and model.config._attn_implementation == "sdpa"
+    assert [m.forward for m in fused] == fast_forwards and model.config._attn_implementation == VARLEN
+    with pytest.raises(RuntimeError), plain_forward(model):
+        raise RuntimeError("generation failed")
+    assert [m.forward for m in fused] == fast_forwards and model.config._attn_implementation == VARLEN
+    from tunesmith.generate.sample import sample_batch
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    assert HFRollouts(tokenizer).sample(model, prompts, greedy) == sample_batch(model, tokenizer, prompts, greedy)

@@ -97,7 +97,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     budget = config.training.batch_tokens
     if budget == "auto":  # what a run on these GPUs would pick (recipes.base.batch_tokens_for)
         budget = None
-        if plan.device == "cuda" and config.task not in ("grpo", "ppo") and not config.data.replay:
+        if plan.device == "cuda" and config.task not in ("grpo", "ppo", "online_dpo") and not config.data.replay:
             budget = model.fitting_batch_tokens(arch, plan, config.data.max_seq_len, memory)
         if budget:
             rows, seq_len = model.tokens_as_rows(budget, config.data.max_seq_len)

@@ -74,7 +74,8 @@ def _run_vllm(flags) -> int:
     import torch
     import uvicorn
 
-    from tunesmith.serve import tools, vllm
+    from tunesmith.generate import vllm
+    from tunesmith.serve import tools
     from tunesmith.serve.app import VLLMFront, create_app
     from tunesmith.serve.load import build_for_vllm
 

@@ -27,6 +27,7 @@ RECIPES = {
     "grpo": "tunesmith.recipes.grpo:run_grpo",
     "ppo": "tunesmith.recipes.ppo:run_ppo",
     "distill": "tunesmith.recipes.distill:run_distill",
+    "online_dpo": "tunesmith.recipes.online_dpo:run_online_dpo",
 }
 
 

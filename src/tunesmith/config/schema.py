@@ -446,6 +446,19 @@ class GRPOConfig(SampledRewards):
                                      "the batch then trains on the groups it has")
     overlong_buffer: int = Field(0, ge=0, description="DAPO's soft over-long punishment: a completion within this "
                                  "many tokens of max_new_tokens loses up to 1 reward, linearly (0: off)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="what samples the completions: hf (transformers' generate "
+                                          "on the training model) or vllm (vLLM colocated as a child process, the "
+                                          "policy's LoRA adapter synced into it after every update; method lora)")
+    vllm_python: str | None = Field(None, min_length=1, description="engine vllm: the Python that has vllm (default: "
+                                    "$TUNESMITH_VLLM_PYTHON, else ./.venv-vllm, which `make vllm` builds)")
+    vllm_args: list[str] = Field(default_factory=list, description="engine vllm: vLLM's own flags, passed on "
+                                 "(e.g. [--gpu-memory-utilization, '0.3'] beside training on one GPU)")
+    environment: str | None = Field(None, min_length=1, description="multi-turn rollouts: an environment class as "
+                                    "module:Class (tools, step, reward; tunesmith.environments:Calculator for "
+                                    "GSM8K); its reward replaces the reward functions")
+    environment_args: dict[str, Any] = Field(default_factory=dict, description="the environment's keyword arguments")
+    max_turns: int = Field(4, ge=1, description="multi-turn rollouts: the model's turns per episode at most (the "
+                           "last turn's tool calls are not run)")
 
     @model_validator(mode="before")
     @classmethod
@@ -463,6 +476,12 @@ class GRPOConfig(SampledRewards):
         if self.overlong_buffer >= self.max_new_tokens:
             raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be below max_new_tokens "
                              f"({self.max_new_tokens})")
+        if self.environment and ("rewards" in self.model_fields_set or self.reward_weights is not None):
+            raise ValueError("grpo.environment gives the reward; leave grpo.rewards and grpo.reward_weights unset")
+        if not self.environment and self.environment_args:
+            raise ValueError("grpo.environment_args are for grpo.environment, which is not set")
+        if self.engine != "vllm" and (self.vllm_python or self.vllm_args):
+            raise ValueError("grpo.vllm_python and grpo.vllm_args are for grpo.engine: vllm")
         return self
 
     @property
@@ -535,6 +554,60 @@ class RewardConfig(StrictModel):
     """``task: reward``: the pairwise loss of the scoring head."""
 
     margin: float = Field(0.0, description="the margin m of −log σ(r_c − r_r − m)")
+
+
+class JudgeConfig(StrictModel):
+    """An LLM judge behind an OpenAI-compatible chat endpoint (``online_dpo.judge``)."""
+
+    url: str = Field(min_length=1, description="the endpoint's base URL, e.g. http://localhost:8000/v1")
+    model: str = Field(min_length=1, description="the judge's model name at url")
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="the environment variable holding the "
+                             "endpoint's API key (unset: none is sent)")
+    use_reference: bool = Field(True, description="show the judge the prompt row's own last reply as a reference "
+                                "answer (where the row has one)")
+    timeout_s: float = Field(60.0, gt=0.0, description="seconds to wait for one answer of the judge")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("give the endpoint's base URL, starting with http:// or https:// (e.g. "
+                             "http://localhost:8000/v1)")
+        return value
+
+
+class OnlineDPOConfig(SampledRewards):
+    """``task: online_dpo``: two replies sampled per prompt, ranked by exactly one source (reward functions, a
+    reward model run or an LLM judge), and the DPO loss on the (chosen, rejected) pair."""
+
+    reward_model: str | None = Field(None, description="a task: reward run folder whose model scores each "
+                                     "prompt + reply (instead of rewards or judge)")
+    judge: JudgeConfig | None = Field(None, description="an LLM judge that compares the two replies, in both "
+                                      "orders (instead of rewards or reward_model)")
+    loss: Literal["dpo", "ipo"] = Field("dpo", description="dpo (−log σ(β·h)) or ipo ((h − 1/(2β))², β as "
+                                        "IPO's τ)")
+    beta: float = Field(0.1, gt=0.0, description="β of the implicit reward β·log(π/π_ref); IPO's τ")
+    max_new_tokens: int = Field(64, ge=1, description="tokens per sampled reply at most")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the two replies (above 0: "
+                               "greedy replies would be the same)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling's probability mass")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> OnlineDPOConfig:  # SampledRewards' check by the same name, with the source's
+        given = [name for name, value in (("rewards", self.rewards), ("reward_model", self.reward_model),
+                                          ("judge", self.judge)) if value]
+        if len(given) != 1:
+            found = "none is set" if not given else f"got {' and '.join('online_dpo.' + g for g in given)}"
+            raise ValueError("online_dpo takes exactly one source of preferences: online_dpo.rewards (module:function "
+                             "names), online_dpo.reward_model (a task: reward run folder) or online_dpo.judge "
+                             f"({{url, model}} of an OpenAI-compatible endpoint); {found}")
+        if self.reward_weights is not None and not self.rewards:
+            raise ValueError("online_dpo.reward_weights weigh online_dpo.rewards; the reward model or judge gives "
+                             "one preference")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"online_dpo.reward_weights has {len(self.reward_weights)} entries for "
+                             f"{len(self.rewards)} online_dpo.rewards")
+        return self
 
 
 class RunConfig(StrictModel):
@@ -662,6 +735,11 @@ class GRPOTaskConfig(RunConfig):
 
     @model_validator(mode="after")
     def _updates_per_batch(self) -> GRPOTaskConfig:
+        if self.grpo.engine == "vllm" and self.method.type != "lora":
+            raise ValueError(f"grpo.engine vllm syncs the policy's LoRA adapter into vLLM after each update; method "
+                             f"{self.method.type} is not supported with it (use method lora, or grpo.engine hf)")
+        if self.grpo.engine == "vllm" and self.model.add_tokens:
+            raise ValueError("grpo.engine vllm serves the base model's vocabulary; model.add_tokens needs grpo.engine hf")
         updates = self.grpo.updates_per_batch
         if updates > 1 and self.training.max_steps and self.training.max_steps % updates:
             raise ValueError(f"task grpo: training.max_steps ({self.training.max_steps}) must be a multiple of "
@@ -716,13 +794,31 @@ class DistillTaskConfig(RunConfig):
         return self
 
 
+class OnlineDPOTaskConfig(RunConfig):
+    """``task: online_dpo``: two replies of each prompt sampled from the policy, ranked, and DPO on the pair
+    (the online_dpo section)."""
+
+    task: Literal["online_dpo"]
+    online_dpo: OnlineDPOConfig
+
+    @model_validator(mode="after")
+    def _online_limits(self) -> OnlineDPOTaskConfig:
+        if self.training.distributed in ("fsdp", "deepspeed"):
+            raise ValueError(f"training.distributed {self.training.distributed}: task online_dpo samples inside "
+                             "each step, and sharded generation is not supported yet; use ddp")
+        if isinstance(self.training.batch_tokens, int):
+            raise ValueError("training.batch_tokens: task online_dpo batches prompts (training.batch_size); set "
+                             "batch_tokens: null")
+        return self
+
+
 TASK_CONFIGS: dict[str, type[RunConfig]] = {
     "sft": SFTTaskConfig, "pretrain": PretrainTaskConfig, "dpo": DPOTaskConfig, "reward": RewardTaskConfig,
-    "grpo": GRPOTaskConfig, "ppo": PPOTaskConfig, "distill": DistillTaskConfig,
+    "grpo": GRPOTaskConfig, "ppo": PPOTaskConfig, "distill": DistillTaskConfig, "online_dpo": OnlineDPOTaskConfig,
 }
 # The sections only some tasks take, and which: a refused section's message names its task.
 TASK_SECTIONS = {"regularization": ("sft", "pretrain"), "preference": ("dpo",), "reward": ("reward",),
-                 "grpo": ("grpo",), "ppo": ("ppo",), "distill": ("distill",)}
+                 "grpo": ("grpo",), "ppo": ("ppo",), "distill": ("distill",), "online_dpo": ("online_dpo",)}
 
 
 def _task_of(value: Any) -> str:
@@ -735,7 +831,7 @@ Config = Annotated[
     Annotated[SFTTaskConfig, Tag("sft")] | Annotated[PretrainTaskConfig, Tag("pretrain")]
     | Annotated[DPOTaskConfig, Tag("dpo")] | Annotated[RewardTaskConfig, Tag("reward")]
     | Annotated[GRPOTaskConfig, Tag("grpo")] | Annotated[PPOTaskConfig, Tag("ppo")]
-    | Annotated[DistillTaskConfig, Tag("distill")],
+    | Annotated[DistillTaskConfig, Tag("distill")] | Annotated[OnlineDPOTaskConfig, Tag("online_dpo")],
     Discriminator(_task_of, custom_error_type="unknown_task",
                   custom_error_message=f"task must be one of {', '.join(TASK_CONFIGS)}"),
 ]

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith.errors import TunesmithError
+
 log = logging.getLogger(__name__)
 
 JUDGE_SYSTEM = ("You compare two assistant replies to the same conversation. Judge which reply better answers "
@@ -62,18 +64,48 @@ def order_score(answer: str | None, target_is: str) -> float:
     return 1.0 if answer == target_is else 0.0
 
 
-def judge_rows(settings: JudgeSettings, prompts: list[list[dict[str, str]]], references: list[str],
-               target: list[str], other: list[str], client: Any = None) -> dict[str, Any]:
+def open_client(settings: JudgeSettings, max_retries: int = 2, timeout: float = 120.0) -> Any:
+    """An ``openai.OpenAI`` client of the judge's endpoint, its key read from ``settings.api_key_env``."""
+    try:
+        import openai
+    except ImportError:
+        raise ImportError("the LLM judge talks to its endpoint with the openai package: pip install openai") from None
+    return openai.OpenAI(base_url=settings.url, api_key=os.environ.get(settings.api_key_env) or "none",
+                         max_retries=max_retries, timeout=timeout)
+
+
+def check_endpoint(settings: JudgeSettings, timeout: float = 30.0) -> None:
+    """One short request to the judge, at once (no retries), so that a wrong URL, model or key fails before any
+    work: a ``TunesmithError`` that says which, else nothing."""
+    import openai
+
+    client = open_client(settings, max_retries=0, timeout=timeout)
+    try:
+        client.chat.completions.create(model=settings.model, temperature=0, max_tokens=settings.max_tokens,
+                                       messages=[{"role": "user", "content": "Answer with the letter A."}])
+    except (openai.APIConnectionError, openai.APITimeoutError) as err:
+        cause = err.__cause__ or err  # httpx's error, which says what failed (refused, unknown host, timed out)
+        raise TunesmithError(f"the judge's endpoint {settings.url} cannot be reached ({type(err).__name__}: "
+                             f"{str(cause) or type(cause).__name__}); "
+                             "start its server or fix the url (an OpenAI-compatible base URL, e.g. "
+                             "http://localhost:8000/v1)") from None
+    except openai.AuthenticationError as err:
+        raise TunesmithError(f"the judge's endpoint {settings.url} refused the key in ${settings.api_key_env} "
+                             f"({err.status_code}); set that variable to a valid key") from None
+    except openai.NotFoundError as err:
+        raise TunesmithError(f"the judge's endpoint {settings.url} answered 404 for model {settings.model!r} ({err}); "
+                             "check the model name and that the url ends where the API starts (…/v1)") from None
+    except openai.APIStatusError as err:
+        raise TunesmithError(f"the judge's endpoint {settings.url} answered {err.status_code}: {err}") from None
+
+
+def judge_rows(settings: JudgeSettings, prompts: list[list[dict[str, str]]], references: list[str | None],
+               target: list[str], other: list[str], client: Any = None, progress: bool = True) -> dict[str, Any]:
     """Both orders for every row; returns per-row scores and verdicts, the position consistency (the
-    share of rows whose winner did not depend on the order) and the count of unusable answers."""
+    share of rows whose winner did not depend on the order) and the count of unusable answers. A reference
+    of None is left out of the judge's prompt; ``progress`` logs every 10 rows."""
     if client is None:
-        try:
-            import openai
-        except ImportError:
-            raise ImportError("the LLM judge talks to its endpoint with the openai package: pip install openai") \
-                from None
-        client = openai.OpenAI(base_url=settings.url, api_key=os.environ.get(settings.api_key_env) or "none",
-                               max_retries=2, timeout=120)
+        client = open_client(settings)
     scores, verdicts, consistent, unparsed = [], [], 0, 0
     started = time.monotonic()
     for index, (prompt, reference, mine, theirs) in enumerate(zip(prompts, references, target, other)):
@@ -89,7 +121,7 @@ def judge_rows(settings: JudgeSettings, prompts: list[list[dict[str, str]]], ref
         consistent += forward == swapped
         scores.append((forward + swapped) / 2)
         verdicts.append(answers)
-        if (index + 1) % 10 == 0 or index + 1 == len(prompts):
+        if progress and ((index + 1) % 10 == 0 or index + 1 == len(prompts)):
             log.info("judge: %d/%d rows, %.1f s", index + 1, len(prompts), time.monotonic() - started)
     return {"scores": np.array(scores), "verdicts": verdicts, "consistency": consistent / max(len(prompts), 1),
             "unparsed": unparsed}

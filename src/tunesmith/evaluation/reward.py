@@ -1,7 +1,7 @@
-"""Score rows with a trained reward model (``tunesmith reward score RUN --file F``, and PPO's reward
-model): each conversation encoded as reward training encodes it (``data.pairs.encode_conversations``:
-an over-long one loses the start of its prompt, never its reply), then the scoring head's value at
-its last token."""
+"""Score rows with a trained reward model (``tunesmith reward score RUN --file F``, and the reward model
+of ppo and online_dpo: ``RewardModelScorer``): each conversation encoded as reward training encodes it
+(``data.pairs.encode_conversations``: an over-long one loses the start of its prompt, never its reply),
+then the scoring head's value at its last token."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from tunesmith.data.build import DataReport, read_canonical
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pairs import encode_conversations
 from tunesmith.data.preference import as_chat
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.losses.logprobs import reward_scores
+from tunesmith.targets import load_target, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,32 @@ def score_conversations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, co
         if isinstance(tokenized, ValueError):
             raise DataError([f"a conversation could not be rendered for the reward model: {tokenized}"])
     return score_sequences(model, tokenizer.pad_token_id, [t.input_ids for t, _ in encoded], batch_size)
+
+
+def check_reward_run(run: str, field: str) -> None:
+    """``run`` is a finished ``task: reward`` run folder, else a ``ConfigError`` that names ``field``."""
+    target = resolve_target(run)
+    if target.run is None or not target.run.has_model:
+        raise ConfigError([f"{field}: {run} is not a finished run folder (config.yaml and model/); train one with "
+                           "task: reward"])
+    if target.config.task != "reward":
+        raise ConfigError([f"{field}: {run} is a task {target.config.task} run, not a reward model (task: reward)"])
+
+
+class RewardModelScorer:
+    """A ``task: reward`` run's model scoring prompt + completion as a chat (its own tokenizer and template),
+    encoded as ``reward score`` and reward training encode it: a long prompt loses its start, never the
+    completion. Called as a reward function: (prompts, completions, answers) -> one score each."""
+
+    def __init__(self, run: str, device: torch.device, max_seq_len: int):
+        self.model, self.tokenizer = load_target(run, str(device), head="score")
+        self.model.eval().requires_grad_(False)
+        self.max_seq_len = max_seq_len
+
+    def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
+        conversations = [[*prompt, {"role": "assistant", "content": text}]
+                         for prompt, text in zip(prompts, completions)]
+        return score_conversations(self.model, self.tokenizer, conversations, self.max_seq_len, len(conversations))
 
 
 def score_file(model: nn.Module, tokenizer: PreTrainedTokenizerBase, file: str, max_seq_len: int,

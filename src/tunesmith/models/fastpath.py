@@ -10,7 +10,8 @@ import functools
 import logging
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -127,6 +128,31 @@ def _chunked_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():  # nothing is kept for backward: one chunk's intermediates at a time
         return torch.cat([plain(piece) for piece in x.split(size, dim=-2)], dim=-2)
     return torch.cat([checkpoint(plain, piece, use_reentrant=False) for piece in x.split(size, dim=-2)], dim=-2)
+
+
+@contextmanager
+def plain_forward(model: nn.Module) -> Iterator[None]:
+    """The fast path's training kernels off inside (rollout generation): fused LoRA layers run peft's own
+    forward and per-row attention goes back to transformers' ``sdpa``, so ``generate`` runs exactly what plain
+    transformers + peft run. Those kernels pay off on long packed rows with a backward; a decoding step is a
+    few rows of one token, where they only add calls. Both are restored on every exit path (STYLE 8)."""
+    model = unwrapped_parts(model)[1]
+    fused = [m for m in model.modules() if hasattr(m, "_peft_forward") and "forward" in vars(m)]
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = getattr(inner, "config", None)
+    varlen_on = config is not None and getattr(config, "_attn_implementation", None) == varlen.NAME
+    swapped = [(m, m.forward) for m in fused]
+    try:
+        for module in fused:
+            module.forward = module._peft_forward
+        if varlen_on:
+            inner.set_attn_implementation("sdpa")
+        yield
+    finally:
+        for module, forward in swapped:
+            module.forward = forward
+        if varlen_on:
+            inner.set_attn_implementation(varlen.NAME)
 
 
 def packs_padding_free(config: Config, model: nn.Module) -> bool:

@@ -38,13 +38,15 @@ from tunesmith.data.build import build_datasets
 from tunesmith.data.pack import packed_dataset
 from tunesmith.data.pairs import build_pair_datasets, collate_pairs
 from tunesmith.data.tokenize import UNLIMITED  # max_seq_len while tokenizing documents for packing
+from tunesmith.evaluation.reward import RewardModelScorer, check_reward_run
 from tunesmith.models.device import select_device, select_mixed_precision
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free, zero3_partitioned
 from tunesmith.models.load import initialise_added_tokens, load_model, load_tokenizer, resolve_model_source, \
     tokens_to_add
 from tunesmith.models.modes import evaluating
+from tunesmith.rewards import WeightedRewards
 from tunesmith.rundir import RunDir
-from tunesmith.errors import RunStopped, TunesmithError
+from tunesmith.errors import ConfigError, RunStopped, TunesmithError
 from tunesmith.tracking import check_backends, ended_as, finish_tracking, tracked
 from tunesmith.train import shard, zero
 from tunesmith.train.guard import stop_signals
@@ -91,7 +93,7 @@ def batch_tokens_for(config: Config, model: nn.Module, accelerator: Accelerator,
         log.info("training.batch_tokens auto: %s, as the checkpoint was trained", f"{saved} tokens per micro-batch"
                  if saved else "batch_size rows")
         return saved
-    if device.type != "cuda" or config.task in ("grpo", "ppo", "distill") or config.data.replay:
+    if device.type != "cuda" or config.task in ("grpo", "ppo", "distill", "online_dpo") or config.data.replay:
         return None  # (distill: the estimate does not count the teacher beside the student)
     from tunesmith import estimate
 
@@ -264,6 +266,30 @@ def base_reference(model: nn.Module) -> Reference:
         with scope() as reference:
             return reference(**batch).logits
     return logits
+
+
+Scorer = Callable[[list[list[dict]], list[str], list[str]], list[float]]  # (prompts, completions, answers) -> scores
+
+
+def reward_source(section: str, rewards: list[str], weights: list[float] | None, reward_model: str | None
+                  ) -> Callable[[torch.device, int], Scorer]:
+    """A sampling task's reward functions or reward model, checked before anything loads (a ``ConfigError``
+    naming ``section``'s field); returns what builds the scorer once the device is known: (device,
+    max_seq_len) -> (prompts, completions, answers) -> one score per completion."""
+    if reward_model:
+        check_reward_run(reward_model, f"{section}.reward_model")
+
+        def load_model_scorer(device: torch.device, max_seq_len: int) -> Scorer:
+            try:
+                return RewardModelScorer(reward_model, device, max_seq_len)
+            except TunesmithError as err:
+                raise ConfigError([f"{section}.reward_model: {err}"]) from None
+        return load_model_scorer
+    try:
+        functions = WeightedRewards(rewards, weights)
+    except ValueError as err:
+        raise ConfigError([f"{section}.rewards: {err}"]) from None
+    return lambda device, max_seq_len: functions
 
 
 def build_training_data(config: Config, tokenizer: PreTrainedTokenizerBase

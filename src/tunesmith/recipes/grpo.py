@@ -1,4 +1,5 @@
-"""GRPO (``task: grpo``; Shao et al. 2024, DeepSeekMath): for each prompt, G completions are
+"""GRPO (``task: grpo``; Shao et al. 2024, DeepSeekMath): for each prompt, G completions (or multi-turn
+episodes with an environment's tools, ``grpo.environment``; generate/episodes.py) are
 sampled from the current policy, scored by the configured reward functions, and their rewards
 normalised within the group into advantages; the policy then takes the clipped surrogate step
 with a per-token k3 KL to the reference (the model with its adapters off, or a frozen copy).
@@ -8,11 +9,13 @@ checkpoints save, so a resumed run samples what the uninterrupted one would have
 update per sampled batch (μ = 1) the ratio π/π_old is 1 at the step and its gradient is the
 advantage-weighted log-likelihood gradient; ``grpo.updates_per_batch`` > 1 reuses each sampled batch
 for μ updates against the sampling policy's log-probabilities, so the clip binds; checkpoints (and
-stops for a signal) fall between sampled batches, as PPO's do. ``grpo.loss`` picks the variant (``GRPOObjective``).
+stops for a signal) fall between sampled batches, as PPO's do. ``grpo.loss`` picks the variant (``GRPOObjective``);
+``grpo.engine`` what samples (generate/rollout.py: transformers on the policy, or vLLM with its LoRA synced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -28,7 +31,11 @@ from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.prompts import build_prompts, collate_prompts
 from tunesmith.errors import ConfigError
-from tunesmith.generate.sample import SamplingConfig, sample_batch
+from tunesmith.environments import Environment, load_environment
+from tunesmith.generate.episodes import longest_prompt, run_episodes
+from tunesmith.generate.rollout import HFRollouts, RolloutEngine, rollout_engine
+from tunesmith.generate.vllm import VLLMError, find_python as vllm_python
+from tunesmith.generate.sample import SamplingConfig
 from tunesmith.losses.logprobs import token_logps
 from tunesmith.losses.rl import (centred_advantages, clipped_surrogate, group_advantages, k3_kl,
                                  leave_one_out_advantages, overlong_penalty, reinforce_pp_advantages,
@@ -36,6 +43,7 @@ from tunesmith.losses.rl import (centred_advantages, clipped_surrogate, group_ad
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.recipes.base import micro_batches_per_step, lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
 from tunesmith.rewards import WeightedRewards
+from tunesmith.rundir import RunDir
 from tunesmith.train.loop import MicroBatches, RepeatedBatches, train
 from tunesmith.train.run import open_run_dir
 
@@ -81,9 +89,12 @@ class GRPOObjective:
     divergence_signals: tuple[str, ...] = ()
 
     def __init__(self, config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, prompts: datasets.Dataset,
-                 rewards: WeightedRewards, reference, packed: bool, seed: int = 0, process: int = 0):
+                 rewards: WeightedRewards | None, reference, packed: bool, seed: int = 0, process: int = 0,
+                 engine: RolloutEngine | None = None, environment: Environment | None = None, max_length: int = 2048):
         self.config, self.tokenizer, self.prompts, self.reference, self.packed = config, tokenizer, prompts, \
             reference, packed
+        self.engine = engine if engine is not None else HFRollouts(tokenizer)
+        self.environment, self.max_length = environment, max_length
         self.seed, self.process = seed, process
         self.rewards = rewards
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -99,7 +110,9 @@ class GRPOObjective:
         # Every prompt's G completions in one left-padded generate call: on a CPU the per-token
         # cost of decoding is nearly flat in the batch size, so one call beats one per prompt.
         copies = [row for row in rows for _ in range(group)]
-        completions = sample_batch(model, self.tokenizer, [row["prompt_ids"] for row in copies], self.sampling)
+        if self.environment is not None:
+            return self._episodes(model, rows, copies)
+        completions = self.engine.sample(model, [row["prompt_ids"] for row in copies], self.sampling)
         for row, completion in zip(copies, completions):
             sequences.append({"input_ids": row["prompt_ids"] + completion,
                               "labels": [-100] * len(row["prompt_ids"]) + completion})
@@ -113,11 +126,30 @@ class GRPOObjective:
             rewards = rewards + overlong_penalty(torch.tensor(lengths), self.config.max_new_tokens,
                                                  self.config.overlong_buffer)
         rewards = rewards.view(len(rows), group)
-        # The policy's reward, over every group sampled: those dynamic sampling drops included.
+        self._count(rewards)
+        return sequences, rewards, task_rewards
+
+    def _count(self, rewards: torch.Tensor) -> None:
+        """The policy's reward, over every group sampled: those dynamic sampling drops included."""
         self.tally["sampled"] += rewards.numel()
         self.tally["reward"] += float(rewards.sum())
-        self.tally["reward_std"] += float(rewards.std(dim=1).sum() * group)
-        return sequences, rewards, task_rewards
+        self.tally["reward_std"] += float(rewards.std(dim=1).sum() * rewards.shape[1])
+
+    def _episodes(self, model: nn.Module, rows: list[dict], copies: list[dict]
+                  ) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """``_sample`` for multi-turn rollouts: G episodes of each row with the environment, the sampled turns
+        trained on and the tool results masked; the environment's final reward (over-long shaping does
+        not apply: an episode has several turns)."""
+        episodes = run_episodes(self.engine, model, self.tokenizer, self.environment,
+                                [{"messages": json.loads(row["prompt"]), "answer": row["answer"]} for row in copies],
+                                self.sampling, self.config.max_turns, self.max_length)
+        sequences = [{"input_ids": e.input_ids, "labels": e.labels} for e in episodes]
+        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(rows), self.config.group_size)
+        self.tally["episodes"] += len(episodes)
+        self.tally["tool_calls"] += sum(e.calls for e in episodes)
+        self.tally["turns"] += sum(e.turns for e in episodes)
+        self._count(rewards)
+        return sequences, rewards, rewards
 
     def _rollouts(self, model: nn.Module, rows: list[dict]) -> _Rollouts:
         """A sampled batch; with dynamic sampling, only groups whose (unshaped) rewards differ, refilled with
@@ -232,6 +264,8 @@ class GRPOObjective:
         tally, self.tally = self.tally, defaultdict(float)
         count, sampled = tally.pop("completions", 0), tally.pop("sampled", 0)
         metrics = {key: tally.pop(key) / sampled for key in ("reward", "reward_std") if key in tally and sampled}
+        episodes = tally.pop("episodes", 0)
+        metrics |= {key: tally.pop(key) / episodes for key in ("tool_calls", "turns") if key in tally and episodes}
         totals = {key: tally.pop(key) for key in ("dropped_groups", "empty_batches") if key in tally}
         return metrics | ({key: value / count for key, value in tally.items()} if count else {}) | totals
 
@@ -240,26 +274,47 @@ class GRPOObjective:
 
 
 def run_grpo(config: GRPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Check the prompts and reward functions, train, and write the run folder (as SFT does)."""
+    """Check the prompts and reward functions (or the environment), train, and write the run folder (as SFT
+    does)."""
+    rewards, environment = None, None
     try:
-        rewards = WeightedRewards(config.grpo.rewards, config.grpo.reward_weights)
+        if config.grpo.environment:
+            environment = load_environment(config.grpo.environment, config.grpo.environment_args)
+        else:
+            rewards = WeightedRewards(config.grpo.rewards, config.grpo.reward_weights)
     except ValueError as err:
-        raise ConfigError([f"grpo.rewards: {err}"]) from None
+        raise ConfigError([f"grpo.{'environment' if config.grpo.environment else 'rewards'}: {err}"]) from None
+    if config.grpo.engine == "vllm":
+        try:
+            vllm_python(config.grpo.vllm_python)  # vLLM missing: said before anything loads
+        except VLLMError as err:
+            raise ConfigError([f"grpo.engine: {err}"]) from None
     accelerator, source, tokenizer = start_run(config)
     prompts = build_prompts(config.data, tokenizer, config.grpo.max_new_tokens)
     log.info("data: %d prompts, %d completions each", len(prompts), config.grpo.group_size)
+    if environment is not None:
+        longest = longest_prompt(tokenizer, environment, [json.loads(p) for p in prompts["prompt"]])
+        if longest + config.grpo.max_new_tokens > config.data.max_seq_len:
+            raise ConfigError([f"data.max_seq_len: {config.data.max_seq_len} tokens leave no room for a turn: the "
+                               f"longest prompt with the environment's instructions and tools takes {longest}, plus "
+                               f"grpo.max_new_tokens {config.grpo.max_new_tokens}"])
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
     packed = packs_padding_free(config, model)
     apply_speedups(model, config.training, packed)
     reference = reference_scope(model) if config.grpo.beta > 0 else None
+    if config.grpo.engine == "vllm" and source[1] is not None:
+        raise ConfigError([f"grpo.engine: vllm loads a model folder; {config.model.name_or_path} is a GGUF file"])
+    engine = rollout_engine(config.grpo.engine, model, tokenizer, source[0], config.data.max_seq_len,
+                            RunDir(run_dir).rollout_log(accelerator.process_index), config.grpo.vllm_python,
+                            config.grpo.vllm_args)
     objective = GRPOObjective(config.grpo, tokenizer, prompts, rewards, reference, packed, config.training.seed,
-                              accelerator.process_index)
+                              accelerator.process_index, engine, environment, config.data.max_seq_len)
     stream = MicroBatches(prompts.with_format(None), config.training.batch_size, config.training.seed,
                           lambda rows: collate_prompts(rows, tokenizer.pad_token_id))
     if config.grpo.updates_per_batch > 1:
         stream = RepeatedBatches(stream, config.grpo.updates_per_batch,
                                  micro_batches_per_step(config, accelerator, checkpoint))
-    with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None):
+    with lifetime(config, run_dir, accelerator, resumed=checkpoint is not None), contextlib.closing(engine):
         result = train(model, objective, stream, None, config.training, run_dir, accelerator, checkpoint)
         return finish_run(config, accelerator, model, tokenizer, result, run_dir, task="grpo")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -34,38 +33,18 @@ from tunesmith.config.schema import PPOConfig, PPOTaskConfig
 from tunesmith.data.collate import collate_batch
 from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.prompts import build_prompts, collate_prompts
-from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.evaluation.reward import score_conversations
 from tunesmith.generate.sample import SamplingConfig, sample_batch
 from tunesmith.io import atomic_directory, writing
 from tunesmith.losses.logprobs import label_outputs, token_logps
 from tunesmith.losses.rl import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
 from tunesmith.models.modes import evaluating
-from tunesmith.recipes.base import micro_batches_per_step, lifetime, RunResult, build_trainable_model, finish_run, reference_scope, start_run
-from tunesmith.rewards import WeightedRewards
+from tunesmith.recipes.base import micro_batches_per_step, lifetime, RunResult, Scorer, build_trainable_model, finish_run, reference_scope, reward_source, start_run
 from tunesmith.rundir import VALUE_HEAD_FILE, RunDir
-from tunesmith.targets import load_target, resolve_target
 from tunesmith.train.loop import MicroBatches, RepeatedBatches, train
 from tunesmith.train.run import open_run_dir
 
 log = logging.getLogger(__name__)
-Scorer = Callable[[list[list[dict]], list[str], list[str]], list[float]]
-
-
-class RewardModelScorer:
-    """A ``task: reward`` run's model scoring prompt + completion as a chat (its own tokenizer and template),
-    encoded as ``reward score`` and reward training encode it: a long prompt loses its start, never the
-    completion."""
-
-    def __init__(self, run: str, device: torch.device, max_seq_len: int):
-        self.model, self.tokenizer = load_target(run, str(device), head="score")
-        self.model.eval().requires_grad_(False)
-        self.max_seq_len = max_seq_len
-
-    def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
-        conversations = [[*prompt, {"role": "assistant", "content": text}] for prompt, text in zip(prompts, completions)]
-        return score_conversations(self.model, self.tokenizer, conversations, self.max_seq_len, len(conversations))
 
 
 def policy_outputs(model: nn.Module, value_head: nn.Module, batch: dict[str, torch.Tensor]
@@ -231,36 +210,15 @@ class PPOObjective:
         return metrics
 
 
-def _check_reward_model(run: str) -> None:
-    target = resolve_target(run)
-    if target.run is None or not target.run.has_model:
-        raise ConfigError([f"ppo.reward_model: {run} is not a finished run folder (config.yaml and model/); "
-                           f"train one with task: reward"])
-    if target.config.task != "reward":
-        raise ConfigError([f"ppo.reward_model: {run} is a task {target.config.task} run, not a reward model "
-                           "(task: reward)"])
-
-
 def run_ppo(config: PPOTaskConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Check the prompts and the reward source, train, and write the run folder (the policy as the
     model, the value head beside it in value_head/value_head.safetensors)."""
-    scorer: Scorer | None = None
-    if config.ppo.reward_model:
-        _check_reward_model(config.ppo.reward_model)
-    else:
-        try:
-            scorer = WeightedRewards(config.ppo.rewards, config.ppo.reward_weights)
-        except ValueError as err:
-            raise ConfigError([f"ppo.rewards: {err}"]) from None
+    load_scorer = reward_source("ppo", config.ppo.rewards, config.ppo.reward_weights, config.ppo.reward_model)
     accelerator, source, tokenizer = start_run(config)
     prompts = build_prompts(config.data, tokenizer, config.ppo.max_new_tokens, task="ppo")
     log.info("data: %d prompts; %d optimizer steps per batch of %d rollouts", len(prompts),
              config.ppo.steps_per_batch, config.training.batch_size)
-    if scorer is None:
-        try:
-            scorer = RewardModelScorer(config.ppo.reward_model, accelerator.device, config.data.max_seq_len)
-        except TunesmithError as err:
-            raise ConfigError([f"ppo.reward_model: {err}"]) from None
+    scorer = load_scorer(accelerator.device, config.data.max_seq_len)
     run_dir, checkpoint = open_run_dir(config, resume, overwrite, accelerator)
     model = build_trainable_model(config, source, accelerator.device, tokenizer)
     packed = packs_padding_free(config, model)

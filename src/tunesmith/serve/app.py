@@ -256,7 +256,7 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
     waiting included; beyond it, 408 (or an error event in a stream) and its generation stops.
     ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop.
     ``prefix_cache_bytes``: the keys and values of recent prompts' beginnings kept for reuse (0: none).
-    ``vllm``: forward the checked requests to a running vLLM server instead (``vllm.py``)."""
+    ``vllm``: forward the checked requests to a running vLLM server instead (``generate/vllm.py``)."""
     gate = _Gate(max_concurrency)
     engine = None if vllm is not None else engine_for(served.model, served.tokenizer, max_batch_size, batched,
                                                        prefix_cache_bytes)
