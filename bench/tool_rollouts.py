@@ -7,8 +7,9 @@ one calculator step (one ``<<...>>`` annotation) and whose question is under 200
 environment is ``tunesmith.environments:Calculator`` with ``prefill_call`` (the 135M model never calls a tool
 on its own: 0 calls in 48 episodes with the instructions and a worked example) and ``tool_bonus`` 0.5, so
 the reward is 1 for a right final answer plus 0.5 for an episode whose calculator call returned a value.
-Prints, over the first and last 3 steps: the mean reward, and the tool calls and turns per episode (a call
-counts when it is well formed, whether or not its expression evaluates).
+Prints, over the first and last 3 steps: the mean reward, the share of episodes with the right answer and
+with a call that returned a value (the environment's metrics), and the tool calls and turns per episode (a
+call counts when it is well formed, whether or not its expression evaluates).
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ def main() -> int:
           f"episodes (max 3 turns), {seconds:.0f} s:\n")
     print("| | first 3 steps | last 3 steps |")
     print("|---|---|---|")
-    for key, label in (("reward", "mean reward"), ("tool_calls", "tool calls per episode"),
+    for key, label in (("reward", "mean reward"), ("env/correct", "right answer (share of episodes)"),
+                       ("env/calculated", "a call returned a value (share)"), ("tool_calls", "tool calls per episode"),
                        ("turns", "turns per episode")):
         print(f"| {label} | {mean(key, first):.3f} | {mean(key, last):.3f} |")
-    print("\nper step (reward, tool calls, turns):",
-          " ".join(f"{r['reward']:.2f}/{r['tool_calls']:.2f}/{r['turns']:.2f}" for r in steps))
+    print("\nper step (reward / right answers / calls that returned a value):",
+          " ".join(f"{r['reward']:.2f}/{r['env/correct']:.2f}/{r['env/calculated']:.2f}" for r in steps))
     return 0
 
 

@@ -14,6 +14,8 @@ keyword arguments) with:
   "arguments"}}``, arguments a JSON string), one string per call, in order.
 - ``reward(state, messages) -> float``: the final reward, given the whole conversation (the prompt's messages,
   the model's turns and the tools' results; the last message is the model's last reply).
+- ``metrics(state) -> dict[str, float]`` (optional): numbers of a finished episode, averaged over a step's
+  episodes into metrics.jsonl as ``env/NAME``.
 
 The rollout (``generate/episodes.py``) alternates the model's turns with the tools' results until a turn
 calls no tool, ``grpo.max_turns`` turns have been generated, or the context is full; the results are in
@@ -46,6 +48,7 @@ class Environment(Protocol):
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _LIMIT = 1e15  # a result past this is refused (and 2 ** 10 ** 9 never computed)
+_LONGEST = 200  # characters of an expression at most: a model's arithmetic, not a stress test
 
 
 def calculate(expression: str) -> float:
@@ -59,9 +62,11 @@ def calculate(expression: str) -> float:
     ...
     ValueError: only numbers and + - * / // % ** ( ) are allowed
     """
+    if len(expression) > _LONGEST:
+        raise ValueError(f"the expression is longer than {_LONGEST} characters")
     try:
         tree = ast.parse(expression.replace(",", "").replace("×", "*").replace("÷", "/").strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError):
         raise ValueError("not an arithmetic expression") from None
 
     def value(node: ast.AST) -> float:
@@ -83,7 +88,10 @@ def calculate(expression: str) -> float:
             return result
         raise ValueError("only numbers and + - * / // % ** ( ) are allowed")
 
-    return value(tree.body)
+    try:
+        return value(tree.body)
+    except (OverflowError, RecursionError, MemoryError):  # a float past its range; nesting past Python's stack
+        raise ValueError("the result is out of range") from None
 
 
 def _shown(number: float) -> str:
@@ -138,8 +146,12 @@ class Calculator:
 
     def reward(self, state: dict, messages: list[dict]) -> float:
         expected, got = final_answer(state["answer"]), final_answer(messages[-1]["content"])
-        correct = expected is not None and got is not None and abs(expected - got) < 1e-6
-        return float(correct) + (self.tool_bonus if state["used"] else 0.0)
+        state["correct"] = expected is not None and got is not None and abs(expected - got) < 1e-6
+        return float(state["correct"]) + (self.tool_bonus if state["used"] else 0.0)
+
+    def metrics(self, state: dict) -> dict[str, float]:
+        """``correct``: the share of episodes with the right answer; ``calculated``: with a call that returned a value."""
+        return {"correct": float(state.get("correct", False)), "calculated": float(state["used"] > 0)}
 
 
 def load_environment(name: str, arguments: dict | None = None) -> Environment:

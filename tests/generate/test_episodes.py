@@ -46,6 +46,7 @@ def test_tool_results_are_context_and_the_sampled_turns_are_trained_on(tokenizer
     engine = Scripted(tokenizer, [CALL, "So the answer is 42.\n#### 42"])
     [episode] = run_episodes(engine, model, tokenizer, Calculator(), [ROW], SamplingConfig(32), 4, 1024)
     assert (episode.turns, episode.calls, episode.reward) == (2, 1, 1.0)
+    assert Calculator().metrics(episode.state) == {"correct": 1.0, "calculated": 1.0}
     # The whole sequence is exactly what the template renders for the conversation.
     rendered, sampled = render(tokenizer, episode.messages, False), tokenizer.decode(episode.input_ids)
     assert rendered.startswith(sampled) and rendered[len(sampled):] == "\n"  # the template's tail after the last turn
@@ -126,3 +127,27 @@ def test_an_environment_is_named_module_colon_class():
         load_environment("tunesmith.environments:Calculator", {"bonus": 1})
     with pytest.raises(ValueError, match="has no tools"):
         load_environment("collections:OrderedDict")
+
+
+def test_hostile_calls_are_errors_for_the_model_not_for_the_run(tokenizer, model):
+    """Deep nesting, float overflow and very long expressions come back as the tool's error; a call nested
+    past Python's parser is not a call."""
+    for expression in ("-" * 3000 + "1", "100000.0 ** 64", "9" * 400 + " / 3", "+".join(["1"] * 3000),
+                       "(" * 500 + "1" + ")" * 500):
+        with pytest.raises(ValueError):
+            calculate(expression)
+    deep = '<tool_call>\n{"name": "calculator", "arguments": {"expression": ' + "[" * 3000
+    [episode] = run_episodes(Scripted(tokenizer, [deep]), model, tokenizer, Calculator(), [ROW], SamplingConfig(32),
+                             4, 8192)
+    assert (episode.turns, episode.calls) == (1, 0)
+
+
+def test_a_call_whose_results_do_not_fit_is_not_run_and_the_reward_reads_the_models_reply(tokenizer, model):
+    """The model computes the answer with the tool, then the context is full: the results are not shown, so
+    they neither reach the reward nor pay the tool bonus."""
+    opening = len(run_episodes(Scripted(tokenizer, ["x"]), model, tokenizer, Calculator(), [ROW], SamplingConfig(8),
+                               1, 4096)[0].input_ids)
+    call = len(tokenizer(CALL)["input_ids"]) + 1
+    [episode] = run_episodes(Scripted(tokenizer, [CALL]), model, tokenizer, Calculator(tool_bonus=0.5), [ROW],
+                             SamplingConfig(8), 4, opening - 2 + call + 8 + 3)
+    assert episode.messages[-1]["role"] == "assistant" and (episode.calls, episode.reward) == (0, 0.0)

@@ -1,5 +1,5 @@
 """grpo.engine vllm: vLLM (its CPU build, from .venv-vllm) samples with the policy's LoRA adapter, synced
-after each change of the weights. In float32 its greedy completions are the training model's own, before
+(under a new name) after each change of the weights. In float32 its greedy completions are the training model's own, before
 and after an update; seeds from the torch RNG make sampled completions reproducible.
 
 Skips, saying why, where vLLM's environment is not built (`make vllm`)."""
@@ -34,12 +34,15 @@ def test_vllm_samples_with_the_policys_current_adapter(embedded_dir, tokenizer, 
     try:
         before = engine.sample(model, prompts, greedy)
         assert before == HFRollouts(tokenizer).sample(model, prompts, greedy) and engine.syncs == 1
-        with torch.no_grad():  # an "update": in place, as the optimizer's
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.2)
+        # A real update by a fused optimizer step, which does not count as an in-place change on the tensors'
+        # version counters (a sync keyed on them missed it).
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+        for parameter in optimizer.param_groups[0]["params"]:
+            parameter.grad = torch.randn_like(parameter)
+        optimizer.step()
         after = engine.sample(model, prompts, greedy)
-        assert engine.syncs == 2 and after != before
+        assert engine.syncs == 2 and after != before and engine.name == "policy-1"
+        assert [p.name for p in engine.folder.iterdir()] == ["adapter-1"]  # the previous adapter is gone
         assert after == HFRollouts(tokenizer).sample(model, prompts, greedy)
         sampled = SamplingConfig(max_new_tokens=8, temperature=1.0)
         torch.manual_seed(3)

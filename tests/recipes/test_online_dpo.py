@@ -63,7 +63,7 @@ def test_the_loss_takes_chosen_and_rejected_from_the_ranking_and_skips_ties(tiny
             parameter.add_(0.05 * torch.randn_like(parameter))
     prompts = [[1, 200, 300], [1, 400], [1, 500, 600, 700]]
     replies = [[11, 12, 13], [21, 22], [31], [41, 42, 43, 44], [51, 52], [51, 52]]  # (first, second) per prompt
-    monkeypatch.setattr(online_dpo, "sample_batch", lambda model, tokenizer, ids, sampling: replies)
+    monkeypatch.setattr(online_dpo.HFRollouts, "sample", lambda self, model, ids, sampling: replies)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     rows = datasets.Dataset.from_dict({"prompt_ids": prompts, "prompt": ["[]"] * 3, "answer": [""] * 3,
                                        "index": [0, 1, 2]})

@@ -478,8 +478,12 @@ class GRPOConfig(SampledRewards):
                              f"({self.max_new_tokens})")
         if self.environment and ("rewards" in self.model_fields_set or self.reward_weights is not None):
             raise ValueError("grpo.environment gives the reward; leave grpo.rewards and grpo.reward_weights unset")
-        if not self.environment and self.environment_args:
-            raise ValueError("grpo.environment_args are for grpo.environment, which is not set")
+        # (a saved config writes every field out: a default max_turns is not the user's setting)
+        if not self.environment and (self.environment_args or self.max_turns != type(self).model_fields["max_turns"].default):
+            raise ValueError("grpo.environment_args and grpo.max_turns are for grpo.environment, which is not set")
+        if self.environment and self.overlong_buffer:
+            raise ValueError("grpo.overlong_buffer shapes a single completion's reward; with grpo.environment the "
+                             "environment gives the reward of the whole episode")
         if self.engine != "vllm" and (self.vllm_python or self.vllm_args):
             raise ValueError("grpo.vllm_python and grpo.vllm_args are for grpo.engine: vllm")
         return self

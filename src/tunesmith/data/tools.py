@@ -90,7 +90,7 @@ def parse_calls(text: str, syntax: CallSyntax) -> tuple[str | None, list[dict[st
             break
         try:
             arguments, end = decoder.raw_decode(text, name_end + len(syntax.after_name))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             break
         if not isinstance(arguments, dict) or not text.startswith(syntax.after_arguments, end):
             break

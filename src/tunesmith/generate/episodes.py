@@ -16,6 +16,7 @@ trained on the tokens it sampled, and nothing else.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ def _system_text(environment: Environment, syntax: CallSyntax | None) -> str:
     parts = [getattr(environment, "instructions", "") or ""]
     if syntax is None and environment.tools:
         example = environment.tools[0]["function"]
-        call = HERMES.opening(example["name"]) + json.dumps({"…": "…"}) + HERMES.after_arguments
+        call = HERMES.opening(example["name"]) + json.dumps({"…": "…"}, ensure_ascii=False) + HERMES.after_arguments
         parts.append("You can call these tools:\n" + "\n".join(json.dumps(t["function"]) for t in environment.tools)
                      + f"\nTo call one, write\n{call}\nwith its arguments as a JSON object, then wait for the result.")
     return "\n\n".join(p for p in parts if p)
@@ -123,13 +124,18 @@ def longest_prompt(tokenizer: PreTrainedTokenizerBase, environment: Environment,
 
 
 def _after_first_call(tokenizer: PreTrainedTokenizerBase, start: str, completion: list[int], syntax: CallSyntax
-                      ) -> int | None:
+                      ) -> int:
     """How many of ``completion``'s tokens it takes to complete the first tool call (``start``, the turn's
-    prefill, before them); None when that is the whole completion (nothing to cut)."""
-    for count in range(1, len(completion)):
-        if parse_calls(start + tokenizer.decode(completion[:count], skip_special_tokens=True), syntax)[1]:
-            return count
-    return None
+    prefill, before them); the completion holds one. A binary search: once complete, a call stays complete
+    as tokens are added."""
+    low, high = 1, len(completion)  # the answer is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if parse_calls(start + tokenizer.decode(completion[:middle], skip_special_tokens=True), syntax)[1]:
+            high = middle
+        else:
+            low = middle + 1
+    return high
 
 
 def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -155,7 +161,8 @@ def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedT
             _, calls = parse_calls(text, syntax)
             ending: list[int] = []
             sampled = completion[:-1] if stopped else completion  # a stop right after the call is the model's own
-            if calls and (cut := _after_first_call(tokenizer, start, sampled, syntax)) is not None:
+            cut = _after_first_call(tokenizer, start, sampled, syntax) if calls else None
+            if cut is not None and not (stopped and cut == len(sampled)):  # else it stopped right after the call
                 # The turn ends with its first complete call, as a stop string would end it; the template's
                 # turn end follows, context the model did not sample (masked).
                 completion, ending, stopped = completion[:cut], [conversation.turn_end_id], True
@@ -166,18 +173,20 @@ def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedT
             episode.turns += 1
             message = conversation.assistant(text, calls)
             episode.messages.append(message)
-            if not calls or not stopped or episode.turns >= max_turns:
-                episode.done = True
+            room = max_length - len(episode.input_ids) - sampling.max_new_tokens  # for the tools' results
+            if not calls or not stopped or episode.turns >= max_turns or room <= 0:
+                episode.done = True  # no room: the calls are not run, and the last message is the model's
                 continue
+            before = copy.deepcopy(episode.state)
             results = environment.step(episode.state, calls)
-            episode.calls += len(calls)
             replies = [{"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
                         "content": str(result)} for call, result in zip(calls, results)]
             segment = conversation.encode(conversation.after_turn(episode.messages, replies))
+            if len(segment) > room:  # the results do not fit with another turn: the calls are undone (the
+                episode.state, episode.done = before, True  # environment's state as it was), the last message
+                continue                                     # stays the model's
+            episode.calls += len(calls)
             episode.messages += replies
-            if len(episode.input_ids) + len(segment) + sampling.max_new_tokens > max_length:
-                episode.done = True  # no room for another turn: the results are not shown
-                continue
             episode.tool_spans.append((len(episode.input_ids), len(episode.input_ids) + len(segment)))
             episode.input_ids += segment
             episode.labels += [-100] * len(segment)

@@ -6,8 +6,8 @@
   one would have.
 - ``vllm``: vLLM's server colocated as a child process (the one ``tunesmith serve --engine vllm`` runs,
   ``generate/vllm.py``), serving the base model with the policy's LoRA adapter. After every optimizer
-  update the adapter is saved (safetensors) and loaded in place into vLLM through its runtime LoRA
-  endpoint before the next sampling; the base weights never change, so LoRA is what it syncs (other
+  update the adapter is saved (safetensors) and loaded into vLLM through its runtime LoRA endpoint, under
+  a new name, before the next sampling; the base weights never change, so LoRA is what it syncs (other
   methods are refused by the config). Each completion is a request with its own seed, drawn from the
   torch RNG: a resumed run sends the same seeds to the same weights. vLLM's batching decides the order
   of its floating-point sums (bfloat16 on CPU by default), so the completions are the same for the same
@@ -19,7 +19,9 @@ Both return token ids cut after the first stop token, which is kept (a policy le
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,10 +62,15 @@ class HFRollouts:
         pass
 
 
-def _version(parameters: list[torch.Tensor]) -> int:
-    """A number that changes whenever a parameter is changed in place (an optimizer step): the sum of
-    the tensors' version counters, read without touching their data."""
-    return sum(p._version for p in parameters)
+def fingerprint(parameters: list[torch.Tensor]) -> str:
+    """A digest of the tensors' bytes: it changes with any change of any weight. Tensors' version counters
+    would be cheaper but miss fused optimizer steps (``torch._fused_adamw_``, bitsandbytes' 8-bit kernels
+    update in place without counting), which plain ``adamw`` uses on CUDA; hashing a LoRA adapter's few
+    megabytes takes milliseconds."""
+    digest = hashlib.blake2b(digest_size=16)
+    for parameter in parameters:
+        digest.update(parameter.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class VLLMRollouts:
@@ -85,17 +92,30 @@ class VLLMRollouts:
         self.process: vllm.VLLMProcess | None = None
         self.client: httpx.Client | None = None
         self.folder: Path | None = None
-        self.synced: int | None = None  # the parameters' version vLLM has
+        self.synced: str | None = None  # the fingerprint of the weights vLLM has
         self.syncs = 0
+        self.name: str | None = None  # the adapter's name in vLLM now: a new one per sync
 
-    def start(self, cpu: bool) -> None:
+    def start(self, device: torch.device) -> None:
+        cpu = device.type == "cpu"
         python = vllm.find_python(self.python)
         models = vllm.VLLMModels(self.base_dir, "base", self.base_dir, context_length=self.context_length)
+        extra = list(self.extra)
+        if device.type == "cuda" and not any(a.startswith("--gpu-memory-utilization") for a in extra):
+            extra += ["--gpu-memory-utilization", "0.3"]  # beside the training process on the same GPU
         line = vllm.command(python, models, vllm.free_port(), self.max_batch_size, None,
                             ["--enable-lora", "--max-lora-rank", str(vllm.lora_rank(self.rank)), "--max-loras", "1",
-                             *self.extra], cpu)
+                             *extra], cpu)
         env = vllm.environment(cpu)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # its /v1/load_lora_adapter, on the loopback port only
+        # Not a member of the training job: torchrun's variables stay out, and the server uses this process's GPU.
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+            env.pop(name, None)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
         self.folder = Path(tempfile.mkdtemp(prefix="tunesmith-rollout-"))
         log.info("rollouts: starting vLLM (%s; log %s)", python, self.log_path)
         self.process = vllm.VLLMProcess(line, env, self.log_path, self.startup_timeout)
@@ -103,30 +123,38 @@ class VLLMRollouts:
         self.client = httpx.Client(base_url=self.process.url, timeout=httpx.Timeout(600.0, connect=10.0))
 
     def sync(self, model: nn.Module) -> None:
-        """Save the policy's adapter and load it into vLLM in place, when an update changed it since the last sync."""
+        """Save the policy's adapter and load it into vLLM, when its weights changed since the last sync. Each
+        sync is a new adapter name and folder, and the previous one is unloaded: vLLM keys its prefix cache
+        on both, so no key or value computed with older weights is reused (and an in-place load would be
+        read again at every step)."""
         peft_model = unwrapped_parts(model)[1]
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        version = _version(trainable)
-        if version == self.synced:
+        current = fingerprint(trainable)
+        if current == self.synced:
             return
-        target = self.folder / f"adapter-{self.syncs % 2}"  # two folders in turn: vLLM reads one while the next is written
-        shutil.rmtree(target, ignore_errors=True)
+        name, target = f"{self.NAME}-{self.syncs}", self.folder / f"adapter-{self.syncs}"
         peft_model.save_pretrained(target, safe_serialization=True)
-        response = self.client.post("/v1/load_lora_adapter", json={
-            "lora_name": self.NAME, "lora_path": str(target), "load_inplace": self.synced is not None})
+        if self.name is not None:
+            self._post("/v1/unload_lora_adapter", {"lora_name": self.name})
+            shutil.rmtree(self.folder / f"adapter-{self.syncs - 1}", ignore_errors=True)
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(target)})
+        self.name, self.synced, self.syncs = name, current, self.syncs + 1
+
+    def _post(self, path: str, body: dict) -> None:
+        response = self.client.post(path, json=body)
         if response.status_code != 200:
-            raise vllm.VLLMError(f"vLLM refused the policy's adapter ({response.status_code}): {response.text[:500]}")
-        self.synced, self.syncs = version, self.syncs + 1
+            raise vllm.VLLMError(f"vLLM refused {path} for the policy's adapter ({response.status_code}): "
+                                 f"{response.text[:500]}")
 
     def sample(self, model: nn.Module, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
         if self.process is None:
-            self.start(cpu=next(model.parameters()).device.type == "cpu")
+            self.start(next(model.parameters()).device)
         self.sync(model)
         # The seeds come from the torch RNG the checkpoints save; one per completion, so the G copies of a prompt differ.
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         stops = stop_token_ids(unwrapped_parts(model)[1], self.tokenizer)
         greedy = sampling.temperature <= 0
-        bodies = [{"model": self.NAME, "prompt": prompt, "max_tokens": sampling.max_new_tokens,
+        bodies = [{"model": self.name, "prompt": prompt, "max_tokens": sampling.max_new_tokens,
                    "temperature": 0.0 if greedy else sampling.temperature, "top_p": 1.0 if greedy else sampling.top_p,
                    "seed": seed, "stop_token_ids": stops, "return_token_ids": True, "skip_special_tokens": False}
                   for prompt, seed in zip(prompts, seeds)]

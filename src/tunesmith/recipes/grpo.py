@@ -101,6 +101,7 @@ class GRPOObjective:
                                        top_p=config.top_p)
         self.tally: defaultdict = defaultdict(float)
         self.kept: dict[int, _Rollouts] = {}  # by the micro-batch's stream position, while it is reused
+        self.signal = 0  # micro-batches with something to learn, since take_signal
 
     def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
         """G completions of each row as training sequences, their rewards (groups, G), and the rewards before
@@ -148,6 +149,10 @@ class GRPOObjective:
         self.tally["episodes"] += len(episodes)
         self.tally["tool_calls"] += sum(e.calls for e in episodes)
         self.tally["turns"] += sum(e.turns for e in episodes)
+        if hasattr(self.environment, "metrics"):
+            for episode in episodes:
+                for name, value in self.environment.metrics(episode.state).items():
+                    self.tally[f"env/{name}"] += float(value)
         self._count(rewards)
         return sequences, rewards, rewards
 
@@ -209,6 +214,7 @@ class GRPOObjective:
         if rollouts.empty:  # dynamic sampling found no group with a signal: a step that changes nothing
             self.tally["empty_batches"] += 1
             return logps.sum() * 0.0
+        self.signal += 1
         old = rollouts.old_logps if rollouts.old_logps is not None else logps.detach()
         reference = None
         if self.reference is not None:
@@ -257,6 +263,11 @@ class GRPOObjective:
             return (per_completion(per_token) / config.max_new_tokens).sum(), float(clip.float().mean())
         return (per_completion(per_token) / counts).sum(), float(clip.float().mean())
 
+    def take_signal(self) -> int:
+        """Micro-batches with something to learn since the last call (the loop skips an update without any)."""
+        signal, self.signal = self.signal, 0
+        return signal
+
     def take_metrics(self, mode: str) -> dict[str, float]:
         """Per step: ``reward`` and ``reward_std`` over every completion sampled (groups that dynamic
         sampling dropped included: the policy's reward); ``kl``, ``completion_tokens`` and
@@ -265,7 +276,8 @@ class GRPOObjective:
         count, sampled = tally.pop("completions", 0), tally.pop("sampled", 0)
         metrics = {key: tally.pop(key) / sampled for key in ("reward", "reward_std") if key in tally and sampled}
         episodes = tally.pop("episodes", 0)
-        metrics |= {key: tally.pop(key) / episodes for key in ("tool_calls", "turns") if key in tally and episodes}
+        metrics |= {key: tally.pop(key) / episodes for key in [*("tool_calls", "turns"), *(k for k in tally if
+                                                              k.startswith("env/"))] if key in tally and episodes}
         totals = {key: tally.pop(key) for key in ("dropped_groups", "empty_batches") if key in tally}
         return metrics | ({key: value / count for key, value in tally.items()} if count else {}) | totals
 

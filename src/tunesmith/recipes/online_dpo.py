@@ -27,7 +27,8 @@ from tunesmith.data.pack import collate_padding_free
 from tunesmith.data.prompts import build_prompts, collate_prompts
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.evaluation.judge import JudgeSettings, check_endpoint, judge_rows, open_client
-from tunesmith.generate.sample import SamplingConfig, sample_batch
+from tunesmith.generate.rollout import HFRollouts
+from tunesmith.generate.sample import SamplingConfig
 from tunesmith.losses import preference as losses
 from tunesmith.losses.logprobs import sequence_logps
 from tunesmith.models.fastpath import apply_speedups, packs_padding_free
@@ -48,10 +49,13 @@ def order_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From the rewards of each pair's two replies (pairs, 2): the pairs the rewards decide (a tie is left
     out), and which reply of each is chosen (0 or 1; the other is rejected).
 
-    >>> order_pairs(torch.tensor([[1.0, 0.0], [0.5, 0.5], [-1.0, 2.0]]))
+    A reward that is not a number (NaN, infinite) decides nothing: its pair is a tie.
+
+    >>> order_pairs(torch.tensor([[1.0, 0.0], [0.5, 0.5], [-1.0, 2.0], [float("nan"), 1.0]]))
     (tensor([0, 2]), tensor([0, 1]))
     """
-    decided = torch.nonzero(rewards[:, 0] != rewards[:, 1]).flatten()
+    finite = torch.isfinite(rewards).all(dim=1)
+    decided = torch.nonzero((rewards[:, 0] != rewards[:, 1]) & finite).flatten()
     return decided, (rewards[decided, 1] > rewards[decided, 0]).long()
 
 
@@ -109,11 +113,12 @@ class OnlineDPOObjective:
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p)
         self.tallies = Tallies()
+        self.signal = 0  # micro-batches with a decided pair, since take_signal
 
     def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
         """Two replies of each row (token ids) and their rewards (pairs, 2), tallied."""
-        replies = sample_batch(model, self.tokenizer, [row["prompt_ids"] for row in rows for _ in range(2)],
-                               self.sampling)
+        replies = HFRollouts(self.tokenizer).sample(model, [row["prompt_ids"] for row in rows for _ in range(2)],
+                                                    self.sampling)  # the fast path's kernels off for generation
         first, second = replies[0::2], replies[1::2]
         texts = [self.tokenizer.decode(reply, skip_special_tokens=True) for reply in replies]
         rewards = self.rank([json.loads(row["prompt"]) for row in rows], [row["answer"] for row in rows],
@@ -130,6 +135,7 @@ class OnlineDPOObjective:
         decided, chosen_side = order_pairs(rewards)
         self.tallies.add(model, "tie_share", float(len(rows) - decided.numel()), len(rows))
         if decided.numel():
+            self.signal += 1
             pair_rewards = rewards[decided]  # (decided, 2)
             chosen_reward = pair_rewards.gather(1, chosen_side[:, None]).squeeze(1)
             rejected_reward = pair_rewards.gather(1, 1 - chosen_side[:, None]).squeeze(1)
@@ -157,6 +163,12 @@ class OnlineDPOObjective:
         self.tallies.add_pairs(model, implicit[:pairs], implicit[pairs:])
         self.tallies.add(model, "kl_per_token", float((sums - reference).detach().sum()), int(counts.sum()))
         return loss.mean() * len(rows)
+
+    def take_signal(self) -> int:
+        """Micro-batches with a decided pair since the last call: a step of ties only is not applied (the loop
+        skips it), since the optimizer's momentum and weight decay would move the weights with nothing learnt."""
+        signal, self.signal = self.signal, 0
+        return signal
 
     def take_metrics(self, mode: str) -> dict[str, float]:
         """``reward`` over every sampled reply; ``reward_chosen``, ``reward_rejected`` and ``reward_margin``

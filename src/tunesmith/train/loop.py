@@ -411,6 +411,15 @@ def _train_step(model: nn.Module, objective: Objective, window: list[Batch], acc
         verdict, apply = judge(loss_total, grad_norm)
         return StepOutcome(loss_total, grad_norm, sum(_tokens(b) for b in window),
                            sum(count_rows(b) for b in window), verdict, apply)
+    signal = getattr(objective, "take_signal", None)  # sampling objectives: how many micro-batches had something to learn
+    if signal is not None and float(accelerator.reduce(torch.tensor(float(signal()), device=accelerator.device),
+                                                       "sum")) == 0:
+        # No process had anything to learn (GRPO's batch of equal rewards under dynamic sampling, online DPO's
+        # ties): the gradients are zero, but AdamW's momentum and weight decay would still move the weights.
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
+        return StepOutcome(loss_total, 0.0, sum(_tokens(b) for b in window), sum(count_rows(b) for b in window),
+                           None, False)
     for parameter in held:
         parameter.grad = None
     # The norm is measured on every step (an infinite threshold clips nothing) for the non-finite guard.
