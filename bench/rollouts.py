@@ -67,7 +67,7 @@ def tree(args: argparse.Namespace, data: Path, out: Path, engine: str = "hf") ->
     return {"name": f"rollouts-{engine}", "task": "grpo", "model": {"name_or_path": "embedded", "device": "cpu"},
             "data": {"train": str(data), "max_seq_len": 512},
             "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-            "training": {"lr": 1e-4, "max_steps": args.grpo_steps, "batch_size": args.prompts, "warmup_steps": 0,
+            "training": {"lr": 1e-4, "max_steps": max(args.grpo_steps, 1), "batch_size": args.prompts, "warmup_steps": 0,
                          "log_every": 1, "seed": 0, "save_every": 1000},
             "grpo": {"group_size": args.group, "max_new_tokens": args.max_new_tokens, "engine": engine},
             "output": {"dir": str(out)}, "tracking": {"backends": []}}

@@ -46,7 +46,7 @@ SHRINK_TASK = {
     "online_dpo": ["online_dpo.max_new_tokens=16"],
 }
 # What one config needs beyond its task's: the calculator's instructions and tools take 350 tokens.
-SHRINK_CONFIG = {"grpo_tools.yaml": ["data.max_seq_len=512", "grpo.max_turns=2"]}
+SHRINK_CONFIG = {"grpo_tools.yaml": ["data.max_seq_len=512", "grpo.max_turns=2", "grpo.max_new_tokens=8"]}
 # What each task adds to the step records in metrics.jsonl.
 STEP_METRICS = {"dpo": ("rewards/accuracy", "rewards/margin"), "reward": ("rewards/accuracy", "rewards/margin"),
                 "grpo": ("reward", "kl", "completion_tokens"), "ppo": ("reward", "policy_loss", "value_loss"),

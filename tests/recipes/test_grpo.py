@@ -61,12 +61,13 @@ def grpo_tree(model_dir, data, out, **grpo):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo", "rloo"])
 def test_grpo_raises_the_mean_reward(embedded_dir, tmp_path, loss):
-    """The embedded model, LoRA, a reward for replies that open with "The": 6 steps of 2 prompts x 6 (the
-    same runs as bench/grpo_family.py's first 6 steps), each variant with its own defaults. The margin, 0.2
-    of mean reward between the first and the last 3 steps, is about half of what the bench measured."""
+    """The embedded model, LoRA, a reward for replies that open with "The": 6 steps of 2 prompts x 4
+    completions of at most 3 tokens (bench/grpo_family.py's runs, smaller: the suite's time), each variant
+    with its own defaults. The margin, 0.2 of mean reward between the first and the last 3 steps; measured
+    0.417 for grpo, gspo and rloo (0.583 to 1.0) and 0.271 for dapo (0.729 to 1.0)."""
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]} for p in PROMPTS]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    tree = grpo_tree(embedded_dir, data, tmp_path / "runs", loss=loss)
+    tree = grpo_tree(embedded_dir, data, tmp_path / "runs", loss=loss, max_new_tokens=3, group_size=4)
     if loss in ("dapo", "gspo"):
         del tree["grpo"]["beta"]  # their own default (0)
     tree["training"]["max_steps"] = 6
