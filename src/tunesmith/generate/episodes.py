@@ -179,6 +179,9 @@ def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedT
                 continue
             before = copy.deepcopy(episode.state)
             results = environment.step(episode.state, calls)
+            if len(results) != len(calls):
+                raise ValueError(f"{type(environment).__name__}.step returned {len(results)} results for "
+                                 f"{len(calls)} tool calls (one string per call, in order)")
             replies = [{"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
                         "content": str(result)} for call, result in zip(calls, results)]
             segment = conversation.encode(conversation.after_turn(episode.messages, replies))
