@@ -90,11 +90,11 @@ class Conversation:
     def prompt(self, messages: list[dict], prefill: str = "") -> list[int]:
         return self.encode(self._render(messages, True) + prefill)
 
-    def assistant(self, text: str, calls: list[dict]) -> dict:
-        """The assistant message of a sampled turn as the template takes it."""
+    def assistant(self, text: str, content: str | None, calls: list[dict]) -> dict:
+        """The assistant message of a sampled turn (``text``; ``content`` and ``calls`` parsed from it) as the
+        template takes it."""
         if self.syntax is None or not calls:
             return {"role": "assistant", "content": text}
-        content, _ = parse_calls(text, self.syntax)
         return {"role": "assistant", "content": content or "", "tool_calls": [
             {"id": c["id"], "type": "function",
              "function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
@@ -158,7 +158,7 @@ def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedT
             start = prefill if episode.turns == 0 else ""
             stopped = bool(completion) and completion[-1] in stops
             text = start + tokenizer.decode(completion[:-1] if stopped else completion, skip_special_tokens=True)
-            _, calls = parse_calls(text, syntax)
+            content, calls = parse_calls(text, syntax)
             ending: list[int] = []
             sampled = completion[:-1] if stopped else completion  # a stop right after the call is the model's own
             cut = _after_first_call(tokenizer, start, sampled, syntax) if calls else None
@@ -167,11 +167,11 @@ def run_episodes(engine: RolloutEngine, model: nn.Module, tokenizer: PreTrainedT
                 # turn end follows, context the model did not sample (masked).
                 completion, ending, stopped = completion[:cut], [conversation.turn_end_id], True
                 text = start + tokenizer.decode(completion, skip_special_tokens=True)
-                _, calls = parse_calls(text, syntax)
+                content, calls = parse_calls(text, syntax)
             episode.input_ids += completion + ending
             episode.labels += completion + [-100] * len(ending)
             episode.turns += 1
-            message = conversation.assistant(text, calls)
+            message = conversation.assistant(text, content, calls)
             episode.messages.append(message)
             room = max_length - len(episode.input_ids) - sampling.max_new_tokens  # for the tools' results
             if not calls or not stopped or episode.turns >= max_turns or room <= 0:

@@ -51,15 +51,15 @@ class RolloutEngine(Protocol):
 class HFRollouts:
     """``generate`` on the training model, with the plain forward (``plain_forward``)."""
 
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
     def sample(self, model: nn.Module, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
         with plain_forward(model):
             return sample_batch(model, self.tokenizer, prompts, sampling)
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-
     def close(self) -> None:
-        pass
+        pass  # nothing outside this process to release
 
 
 def fingerprint(parameters: list[torch.Tensor]) -> str:

@@ -114,11 +114,11 @@ class OnlineDPOObjective:
                                        top_p=config.top_p)
         self.tallies = Tallies()
         self.signal = 0  # micro-batches with a decided pair, since take_signal
+        self.engine = HFRollouts(tokenizer)  # the fast path's kernels off for generation
 
     def _sample(self, model: nn.Module, rows: list[dict]) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
         """Two replies of each row (token ids) and their rewards (pairs, 2), tallied."""
-        replies = HFRollouts(self.tokenizer).sample(model, [row["prompt_ids"] for row in rows for _ in range(2)],
-                                                    self.sampling)  # the fast path's kernels off for generation
+        replies = self.engine.sample(model, [row["prompt_ids"] for row in rows for _ in range(2)], self.sampling)
         first, second = replies[0::2], replies[1::2]
         texts = [self.tokenizer.decode(reply, skip_special_tokens=True) for reply in replies]
         rewards = self.rank([json.loads(row["prompt"]) for row in rows], [row["answer"] for row in rows],
@@ -152,13 +152,13 @@ class OnlineDPOObjective:
                                                                                    self.tokenizer.pad_token_id)
         packed = {k: v.to(batch["input_ids"].device) for k, v in packed.items()}
         sums, counts = sequence_logps(model, packed, self.chunked)  # (2 × pairs,): the chosen, then the rejected
+        if not decided.numel():  # the forward alone keeps DDP's gradient sync; the reference is not needed
+            return sums.sum() * 0.0
         with self.reference() as frozen:
             reference = sequence_logps(frozen, packed, self.chunked)[0].to(sums.device)
         pairs = len(keep)
         loss = LOSSES[self.config.loss](sums[:pairs], sums[pairs:], reference[:pairs], reference[pairs:],
                                         self.config.beta)  # (pairs,)
-        if not decided.numel():
-            return loss.sum() * 0.0
         implicit = self.config.beta * (sums - reference).detach()
         self.tallies.add_pairs(model, implicit[:pairs], implicit[pairs:])
         self.tallies.add(model, "kl_per_token", float((sums - reference).detach().sum()), int(counts.sum()))
