@@ -5,6 +5,8 @@ Several LoRA adapters share one base model; the request's ``model`` field picks 
 is served under its own name). Every field of OpenAI's request bodies is either honoured, ignored
 because it cannot change the output, or refused with a 400 that names it (``protocol.py``).
 Every error, validation included, has OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
+Adapters join and leave while it serves (``app.state.load_adapter``, ``app.state.remove_adapter``), and
+a ``ModelAccess`` decides which models each request sees (``tunesmith server``: per API key).
 Protection: an optional API key (401), a body size limit (413), prompt + max_tokens over the context
 (400), a bounded queue (429 with Retry-After), a per-request timeout (408), and a client that
 disconnects, a timeout or a shutdown cancels its generation at the engine's next step. Concurrent
@@ -14,6 +16,7 @@ requests, for the base and for any adapters, decode together in one batch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import threading
@@ -24,7 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import jinja2
@@ -139,12 +143,92 @@ class _JSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def model_not_found(model: str) -> OpenAIError:
+    """OpenAI's 404 for a model the request may not use: the same words whether or not it exists for
+    another key."""
+    return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
+                       "model_not_found")
+
+
+class ModelAccess(Protocol):
+    """Which models a request sees, for a server with per-key visibility (``create_app(access=...)``)."""
+
+    def listed(self, request: Request) -> list[str]:
+        """The ids /v1/models lists for this request: all of them, the base model's too when it should."""
+        ...
+
+    async def prepare(self, request: Request, model: str) -> None:
+        """Called before a chat or completions request for ``model`` is checked: raise
+        ``model_not_found(model)`` when this request may not use it; may first load it
+        (``await app.state.load_adapter(model, folder)``), to serve it in this same request."""
+        ...
+
+
+class _LiveAdapters:
+    """Adapters loaded and removed while the app serves (``app.state.load_adapter`` and ``remove_adapter``):
+    the engine changes its model on its own thread, then, on the event loop, the public name is
+    registered in ``served.adapters`` (and ``served.model`` follows a wrapped or unwrapped model)."""
+
+    def __init__(self, served: Served, engine: Engine | None):
+        self.served, self.engine = served, engine
+        self.loading: dict[str, asyncio.Future[None]] = {}
+        self.count = 0
+
+    async def load(self, name: str, folder: Path | str) -> None:
+        """Serve the adapter in ``folder`` as model ``name``; done once requests for it can be made. A name
+        served already returns at once (its folder not compared); concurrent loads of one name load once.
+        ValueError for a folder the engine refuses; the app serves on as before."""
+        if name in self.served.adapters:
+            return
+        if self.engine is None:
+            raise ValueError(f"model {name!r}: adapters load live on the built-in engine only, not with vLLM")
+        if name == self.served.base_name:
+            raise ValueError(f"model {name!r}: the base model's name; choose another")
+        loading = self.loading.get(name)
+        if loading is None:
+            loading = self.loading[name] = asyncio.ensure_future(self._load(name, Path(folder)))
+            loading.add_done_callback(lambda done: self._loaded(name, done))
+        await asyncio.shield(loading)  # a request that goes away leaves the load to the others
+
+    async def _load(self, name: str, folder: Path) -> None:
+        assert self.engine is not None
+        adapter = self._peft_name(name)
+        await asyncio.wrap_future(self.engine.add_adapter(adapter, folder))
+        self.served.adapters[name] = adapter
+        self.served.model = self.engine.model
+
+    def _loaded(self, name: str, done: asyncio.Future[None]) -> None:
+        del self.loading[name]
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure no request waits for any more is not logged as lost
+
+    def _peft_name(self, name: str) -> str:
+        """An adapter name peft takes (no '.', which module names cannot hold) that is no part of another
+        one (peft matches adapter names in state-dict keys as substrings): ``live<n>_<hash of name>``."""
+        assert self.engine is not None
+        while True:
+            self.count += 1
+            adapter = f"live{self.count}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+            if adapter not in (self.engine.adapters or ()):
+                return adapter
+
+    async def remove(self, name: str) -> None:
+        """Stop serving model ``name``: its requests are refused (404) from now on, and the engine unloads it
+        once those in flight have finished. ValueError for a model not loaded."""
+        if name not in self.served.adapters or self.engine is None:
+            raise ValueError(f"model {name!r} is not an adapter served by the built-in engine")
+        adapter = self.served.adapters.pop(name)
+        await asyncio.wrap_future(self.engine.remove_adapter(adapter))
+        self.served.model = self.engine.model
+
+
 class _Guard:
     """Pure ASGI: the API key (401) and the body limit (413, counted on the bytes received, so a
-    chunked body is limited too) before anything else reads the request."""
+    chunked body is limited too) before anything else reads the request. Bodies sent to the paths
+    under ``unbuffered`` (uploads) pass as they come, their size the route's to limit."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, unbuffered: frozenset[str] = frozenset()):
+        self.app, self.api_key, self.max_body_bytes, self.unbuffered = app, api_key, max_body_bytes, unbuffered
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["path"] == "/health":
@@ -153,6 +237,8 @@ class _Guard:
         if self.api_key is not None and headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
             error = OpenAIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
             return await error.response()(scope, receive, send)
+        if any(scope["path"] == path or scope["path"].startswith(path + "/") for path in self.unbuffered):
+            return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -249,14 +335,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 64,
                max_body_bytes: int = 1 << 20, request_timeout: float = 300.0, shutdown_timeout: float = 30.0,
                max_batch_size: int = 32, batched: bool = True, prefix_cache_bytes: int = 256 << 20,
-               vllm: VLLMFront | None = None) -> FastAPI:
+               vllm: VLLMFront | None = None, access: ModelAccess | None = None,
+               unbuffered: set[str] | frozenset[str] = frozenset()) -> FastAPI:
     """``max_concurrency``: requests admitted at once, generating or waiting for room in the batch;
     beyond it, 429. ``max_batch_size``: completions decoded together (``batched``: the batching
     engine, else one completion after another). ``request_timeout``: seconds a request may take,
     waiting included; beyond it, 408 (or an error event in a stream) and its generation stops.
     ``shutdown_timeout``: at shutdown, how long the cancelled generations may take to stop.
     ``prefix_cache_bytes``: the keys and values of recent prompts' beginnings kept for reuse (0: none).
-    ``vllm``: forward the checked requests to a running vLLM server instead (``generate/vllm.py``)."""
+    ``vllm``: forward the checked requests to a running vLLM server instead (``generate/vllm.py``).
+    ``access``: which models each request sees (/v1/models, and a 404 that does not tell whether a
+    model exists for others); None: every served model, to every request. ``unbuffered``: paths whose
+    bodies neither the body limit nor the guard's buffering touch (an upload route limits its own).
+    ``app.state.load_adapter(name, folder)`` and ``app.state.remove_adapter(name)`` (awaited on the app's
+    event loop) serve and stop serving adapters without a restart (``_LiveAdapters``)."""
     gate = _Gate(max_concurrency)
     engine = None if vllm is not None else engine_for(served.model, served.tokenizer, max_batch_size, batched,
                                                        prefix_cache_bytes)
@@ -273,19 +365,23 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
         compiling.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, unbuffered=frozenset(unbuffered))
     app.state.engine = engine
+    live = _LiveAdapters(served, engine)
+    app.state.load_adapter, app.state.remove_adapter = live.load, live.remove
     _install_error_handlers(app)
-    context = _Context(served, gate, engine, compiling, vllm)
+    context = _Context(served, gate, engine, compiling, vllm, access)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "models": served.names, "queued": gate.inside}
+    async def health() -> dict:  # open to all: with access, it names no model but the base
+        return {"status": "ok", "models": served.names if access is None else [served.base_name],
+                "queued": gate.inside}
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        names = served.names if access is None else access.listed(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}
-                                           for name in served.names]}
+                                           for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -309,6 +405,7 @@ class _Context:
     engine: Engine | None  # None: vLLM generates
     compiling: ThreadPoolExecutor  # grammar compilation, off the event loop and off the default pool
     vllm: VLLMFront | None = None
+    access: ModelAccess | None = None  # None: every served model, to every request
 
 
 async def _drain(gate: _Gate, grace: float) -> None:
@@ -433,8 +530,7 @@ def _check_fields(context: _Context, body: ChatRequest | CompletionRequest) -> t
     template's tool-call syntax (None: it has no tool support)."""
     served = context.served
     if body.model not in served.names:
-        raise OpenAIError(404, f"model {body.model!r} is not served; available: {', '.join(served.names)}",
-                          "model", "model_not_found")
+        raise _unknown_model(context, body.model)
     syntax = tools.call_syntax(served.tokenizer)
     tools_supported = syntax is not None and (context.vllm is None or context.vllm.tools)
     found = refusal(body, tools_supported=tools_supported, constrained=context.vllm is not None or structured.available())
@@ -447,6 +543,15 @@ def _check_fields(context: _Context, body: ChatRequest | CompletionRequest) -> t
         if not (key.isascii() and key.isdigit()) or int(key) >= served.vocab_size:
             raise OpenAIError(400, f"logit_bias: {key!r} is not a token id in [0, {served.vocab_size})", "logit_bias")
     return syntax
+
+
+def _unknown_model(context: _Context, model: str) -> OpenAIError:
+    """404 for a model not served: with ``access``, words that do not tell whether it exists for another."""
+    if context.access is not None:
+        return model_not_found(model)
+    served = context.served
+    return OpenAIError(404, f"model {model!r} is not served; available: {', '.join(served.names)}", "model",
+                       "model_not_found")
 
 
 def _grammars(served: Served) -> structured.GrammarCompiler:
@@ -516,6 +621,8 @@ async def _respond(context: _Context, body: ChatRequest | CompletionRequest, mak
                           kind="rate_limit_error", headers={"Retry-After": "1"})
     ticket = _Ticket(gate)
     try:
+        if context.access is not None:
+            await context.access.prepare(request, body.model)
         job = await make_job()
     except BaseException:
         ticket.release()
@@ -553,7 +660,12 @@ async def _respond(context: _Context, body: ChatRequest | CompletionRequest, mak
 
 
 def _submit(context: _Context, job: _Job, cancel: threading.Event) -> Handle:
-    adapter = context.served.adapters.get(job.model)  # None: the base model
+    """The job to the engine; 404 for an adapter removed since the job was checked (the engine's removal
+    waits for every request submitted before it was asked for)."""
+    served = context.served
+    if job.model != served.base_name and job.model not in served.adapters:
+        raise _unknown_model(context, job.model)
+    adapter = served.adapters.get(job.model)  # None: the base model
     assert context.engine is not None
     return context.engine.submit(job.input_ids, job.sampling, job.stop, adapter, cancel, job.n, job.top_logprobs,
                                  job.processors(context.served))
@@ -730,6 +842,8 @@ async def _stream(context: _Context, job: _Job, ident: str, request: Request, de
                                  code="request_timeout", kind="timeout_error").body())
     except EngineError as err:
         yield _event(_engine_error(context, err).body())
+    except OpenAIError as err:
+        yield _event(err.body())
     except Exception:
         log.exception("unexpected error in a stream")
         yield _event(OpenAIError(500, "the server had an error while processing the request",

@@ -24,6 +24,13 @@ strings (the text excludes the stop string; the token ids keep the token that co
 temperature and top-p. Cancelling a request finishes its rows with ``"cancelled"`` before the
 next step.
 
+Adapters come and go while it serves: ``add_adapter`` and ``remove_adapter`` queue a change that the
+engine's thread makes between two decoding steps (at once when idle), never during a forward. The
+rows in flight decode on with their own adapters, token for token as without the change: a new LoRA
+adapter adds per-row branches that the other rows' adapter names skip. The first adapter of a model
+without peft wraps it in ``PeftModel`` (``engine.model`` changes; base rows then pass peft's
+``"__base__"``); removing the last one unwraps it again.
+
 Use (the engine owns the model while it runs: nothing else may call it or switch its adapters)::
 
     engine = Engine(model, tokenizer)                       # starts the thread
@@ -31,6 +38,7 @@ Use (the engine owns the model while it runs: nothing else may call it or switch
     for piece in handle:                                     # streamed text, optional
         print(piece.index, piece.text)
     [completion] = handle.result()                           # token_ids, text, finish_reason, logprobs
+    engine.add_adapter("second", "runs/second/model").result()  # a concurrent.futures.Future
     engine.close()
 
 In an asyncio server: ``async for piece in handle.stream()`` and ``await handle.wait()``.
@@ -42,14 +50,16 @@ import asyncio
 import queue
 import re
 import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, PeftType
+from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, PeftType
 from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.cache_utils import DynamicLayer
@@ -57,9 +67,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunesmith.generate.sample import LogprobRecorder, SamplingConfig, generate_ids, stop_token_ids
 from tunesmith.models.modes import evaluating
+from tunesmith.rundir import PEFT_ADAPTER_CONFIG
 from tunesmith.serve.prefix import PrefixCache
 
 BASE = "__base__"  # peft's name for "no adapter" in a row of ``adapter_names``
+LIVE_ADAPTER_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR)  # what add_adapter loads (LoRA includes DoRA)
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -241,6 +253,16 @@ class _Batch:
     logits: torch.Tensor  # (batch, vocab) float32: each row's next-token logits
 
 
+@dataclass
+class _Change:
+    """A change of the model's adapters, made on the engine's thread between two decoding steps."""
+
+    make: Callable[[], None]
+    ready: Callable[[_Batch | None], bool]  # whether it can be made with this batch in flight (always when None)
+    blocks: bool  # while it is not ready, no request joins the batch, which drains until it is
+    done: Future[None] = field(default_factory=Future)
+
+
 def streamable(text: str, stop: list[str], whole_words: bool = False) -> int:
     """How much of a growing ``text`` can be streamed now: not a tail that may begin a stop string,
     not a trailing incomplete character, and with ``whole_words`` not the last word (a tokenizer
@@ -308,6 +330,48 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
     return _Batch([batch.rows[i] for i in keep], batch.cache, mask[:, start:], batch.logits[index])
 
 
+def _mixable(config: PeftConfig) -> bool:
+    """Whether peft can run this adapter per row (``adapter_names``): LoRA, not DoRA."""
+    return config.peft_type == PeftType.LORA and not getattr(config, "use_dora", False)
+
+
+def _adapter_config(folder: Path) -> PeftConfig:
+    """The config of the LoRA-family PEFT adapter in ``folder``, for inference; ValueError saying what
+    else the folder is."""
+    if not (folder / PEFT_ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{folder}: not a PEFT adapter folder (it has no {PEFT_ADAPTER_CONFIG}); give the folder "
+                         "that peft's save_pretrained wrote (a run's model/ folder)")
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise ValueError(f"{folder / PEFT_ADAPTER_CONFIG}: not a PEFT adapter config peft can read ({error})") from error
+    kinds = ", ".join(kind.value for kind in LIVE_ADAPTER_TYPES)
+    if config.is_prompt_learning or config.is_adaption_prompt:
+        raise ValueError(f"{folder}: a {config.peft_type.value} adapter, which learns a prompt and cannot join a "
+                         f"model that serves others; live adapters are LoRA-family ({kinds})")
+    if config.peft_type not in LIVE_ADAPTER_TYPES:
+        raise ValueError(f"{folder}: a {config.peft_type.value} adapter; live adapters are LoRA-family ({kinds})")
+    config.inference_mode = True
+    return config
+
+
+def _check_fit(missing: list[str], unexpected: list[str]) -> None:
+    """ValueError unless the adapter's weights filled exactly the modules it adapts in the model (a tensor
+    of another shape fails the load itself). Shapes catch another architecture or width; these keys
+    catch another depth, which peft loads without a word (the extra weights dropped, the modules
+    without weights left at their initialisation)."""
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} of its weights are for modules the model lacks ({unexpected[0]}, ...)")
+    if missing:
+        raise ValueError(f"{len(missing)} weights of the modules it adapts are not in it ({missing[0]}, ...)")
+
+
+def _failed(error: BaseException) -> Future[None]:
+    future: Future[None] = Future()
+    future.set_exception(error)
+    return future
+
+
 class Engine:
     """Decodes all submitted requests together on one thread (see the module docstring)."""
 
@@ -325,6 +389,8 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.whole_words = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self._waiting: list[_Request] = []
+        self._changes: list[_Change] = []  # adapter changes not made yet, oldest first
+        self._retiring: set[str] = set()  # adapters being removed: no new request may use them
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
@@ -340,16 +406,48 @@ class Engine:
         completion, the logits processors of that completion. Rows of a request with a seed use
         seeds ``seed``, ``seed + 1``, ..."""
         prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
-        self._check(prompt, sampling, adapter, n, top_logprobs)
+        self._check(prompt, sampling, n, top_logprobs)
         cancel = cancel if cancel is not None else threading.Event()
         request = _Request(prompt, sampling, [s for s in stop or [] if s], adapter, top_logprobs, n, cancel,
                            Handle(n, cancel), processors)
-        with self._wakeup:
+        with self._wakeup:  # with the adapter check: a removal sees every request that passed it
             if self._closed:
                 raise EngineError("the engine is closed")
+            self._check_adapter(adapter)
             self._waiting.append(request)
             self._wakeup.notify()
         return request.handle
+
+    def add_adapter(self, name: str, folder: Path | str) -> Future[None]:
+        """Load the LoRA-family PEFT adapter in ``folder`` as the model's adapter ``name``, on the engine's
+        thread between two decoding steps; the future is done once requests may name it. It fails with
+        ValueError, the engine left as it was, for a name loaded already, a folder that is not such an
+        adapter (prompt learning included), or an adapter that does not fit the model (see ``_check_fit``:
+        another base model of the same shapes cannot be told apart). An adapter peft cannot mix per row
+        (DoRA, LoHa, LoKr) turns a mixing engine into one adapter per batch: it waits, admitting no
+        request, until the rows in flight share one adapter."""
+        folder = Path(folder)
+        try:
+            config = _adapter_config(folder)
+        except ValueError as error:
+            return _failed(error)
+
+        def ready(batch: _Batch | None) -> bool:
+            return (batch is None or not self.mixed or _mixable(config)
+                    or len({row.request.adapter for row in batch.rows}) == 1)
+
+        return self._queue(_Change(lambda: self._load_adapter(name, folder, config), ready, blocks=True))
+
+    def remove_adapter(self, name: str) -> Future[None]:
+        """Unload adapter ``name``: from now on requests for it are refused; those in flight or waiting
+        finish first (other requests go on joining), then the engine's thread deletes it and the future is
+        done. Removing the last adapter unwraps the model from ``PeftModel``. ValueError for a name not loaded."""
+        with self._wakeup:
+            if name not in (self.adapters or ()) or name in self._retiring:
+                return _failed(ValueError(f"adapter {name!r} is not loaded (or is being removed already)"))
+            self._retiring.add(name)
+        return self._queue(_Change(lambda: self._unload_adapter(name), lambda batch: not self._in_use(name, batch),
+                                   blocks=False))
 
     def close(self) -> None:
         """Stop the thread; requests not finished fail with ``EngineError``."""
@@ -368,6 +466,83 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _queue(self, change: _Change) -> Future[None]:
+        with self._wakeup:
+            if self._closed:
+                change.done.set_exception(EngineError("the engine is closed"))
+            else:
+                self._changes.append(change)
+                self._wakeup.notify()
+        return change.done
+
+    def _in_use(self, name: str, batch: _Batch | None) -> bool:
+        """Whether a row in flight or a waiting request uses adapter ``name``."""
+        with self._wakeup:
+            if any(request.adapter == name for request in self._waiting):
+                return True
+        return batch is not None and any(row.request.adapter == name for row in batch.rows)
+
+    def _make_changes(self, batch: _Batch | None) -> bool:
+        """Make the pending adapter changes that can be made with ``batch`` in flight, oldest first (on the
+        engine's thread, between two forwards). False while one that blocks admission is not ready."""
+        with self._wakeup:
+            pending = list(self._changes)
+        for change in pending:
+            if not change.ready(batch):
+                if change.blocks:
+                    return False
+                continue
+            with self._wakeup:
+                self._changes.remove(change)
+            try:
+                change.make()
+            except Exception as error:  # the change failed and left the model as it was: serving goes on
+                change.done.set_exception(error)
+            else:
+                change.done.set_result(None)
+        return True
+
+    def _load_adapter(self, name: str, folder: Path, config: PeftConfig) -> None:
+        """On the engine's thread: load the adapter, or undo what was done of it and raise ValueError."""
+        if name == BASE or name in (self.adapters or ()):
+            raise ValueError(f"adapter {name!r}: a name loaded already; remove that adapter first, or choose another")
+        before = self.model
+        loaded: PeftModel | None = None
+        try:
+            if isinstance(before, PeftModel):
+                loaded = before
+            else:  # as PeftModel.from_pretrained builds it, kept at hand to be unwrapped if the load fails
+                loaded = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(before, config, name)
+            result = loaded.load_adapter(str(folder), adapter_name=name, torch_device=str(self.device))
+            _check_fit(result.missing_keys, result.unexpected_keys)
+            adapters, mixed = self._adapter_mode(loaded)
+        except Exception as error:
+            if loaded is before and name in loaded.peft_config:
+                loaded.delete_adapter(name)
+            elif loaded is not None and loaded is not before:
+                loaded.unload()  # the plain model again, its layers restored
+            trained, served = config.base_model_name_or_path, getattr(before.config, "name_or_path", "")
+            bases = f"; it was trained on {trained!r}, the server serves {served!r}" if trained and served else ""
+            raise ValueError(f"{folder}: cannot load the adapter on the served model "
+                             f"({' '.join(str(error).split())[:400]}){bases}") from error
+        with self._wakeup:
+            self.model, self.adapters, self.mixed = loaded, adapters, mixed
+
+    def _unload_adapter(self, name: str) -> None:
+        """On the engine's thread, once no row uses it: delete the adapter (unwrap after the last one)."""
+        model = self.model
+        assert isinstance(model, PeftModel)
+        if set(model.peft_config) == {name}:
+            model = model.unload()
+        else:
+            model.delete_adapter(name)
+        if self.prefixes is not None:  # its keys and values may be cached under its name, which may come back
+            self.prefixes = PrefixCache(self.prefixes.capacity_bytes, self.prefixes.block)
+        adapters, mixed = self._adapter_mode(model)
+        with self._wakeup:
+            self.model, self.adapters, self.mixed = model, adapters, mixed
+            self._retiring.discard(name)
+
     @staticmethod
     def _adapter_mode(model: PreTrainedModel) -> tuple[set[str] | None, bool]:
         """(the peft adapter names, or None without peft; whether rows of different adapters can share a
@@ -380,11 +555,9 @@ class Engine:
         if any(config.is_prompt_learning for config in configs):
             raise ValueError("prompt-learning adapters (prefix, prompt or p-tuning) cannot be batched by this "
                              "engine; serve them with SequentialEngine")
-        mixed = all(config.peft_type == PeftType.LORA and not getattr(config, "use_dora", False) for config in configs)
-        return set(model.peft_config), mixed
+        return set(model.peft_config), all(_mixable(config) for config in configs)
 
-    def _check(self, prompt: list[int], sampling: SamplingConfig, adapter: str | None, n: int,
-               top_logprobs: int | None) -> None:
+    def _check(self, prompt: list[int], sampling: SamplingConfig, n: int, top_logprobs: int | None) -> None:
         if not prompt:
             raise ValueError("prompt_ids: empty; a request needs at least one prompt token")
         if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:  # one bad row would fail its whole batch
@@ -396,31 +569,39 @@ class Engine:
             raise ValueError(f"n: {n}; use 1 to {self.max_batch_size} (the engine's max_batch_size)")
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
             raise ValueError(f"top_logprobs: {top_logprobs}; use 0 to 20, or None for no logprobs")
-        if adapter is not None and adapter not in (self.adapters or ()):
-            known = ", ".join(sorted(self.adapters or ())) or "none (the model has no adapters)"
-            raise ValueError(f"adapter: {adapter!r} is not loaded on the model; loaded: {known}")
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        """(Under ``_wakeup``.) ValueError for an adapter not loaded, or being removed."""
+        if adapter is not None and (adapter not in (self.adapters or ()) or adapter in self._retiring):
+            known = ", ".join(sorted(set(self.adapters or ()) - self._retiring)) or "none (the model has no adapters)"
+            being = " (it is being removed)" if adapter in self._retiring else ""
+            raise ValueError(f"adapter: {adapter!r} is not loaded on the model{being}; loaded: {known}")
 
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._changes and not self._closed:
                     self._wakeup.wait()
                 if self._closed:
                     break
             self._serve_until_idle()
         with self._wakeup:
             waiting, self._waiting = self._waiting, []
+            changes, self._changes = self._changes, []
         for request in waiting:
             request.handle._fail(EngineError("the engine closed before the request started"))
+        for change in changes:
+            change.done.set_exception(EngineError("the engine closed before the adapter change was made"))
 
     def _serve_until_idle(self) -> None:
-        """Decode until no row is left and none waits: admit, choose tokens, drop finished rows, step."""
+        """Decode until no row is left and none waits: change adapters, admit, choose tokens, drop finished
+        rows, step."""
         batch: _Batch | None = None
         rows: list[_Row] = []
         try:
             with evaluating(self.model):
                 while not self._closed:
-                    joining = self._take_waiting(batch)
+                    joining = self._take_waiting(batch) if self._make_changes(batch) else []
                     if joining:
                         rows = (batch.rows if batch else []) + [row for request in joining for row in request]
                         batch = self._admit(batch, joining)
@@ -713,6 +894,7 @@ class SequentialEngine(Engine):
 
     def _serve_until_idle(self) -> None:
         while not self._closed:
+            self._make_changes(None)  # between two requests: no forward runs
             with self._wakeup:
                 if not self._waiting:
                     return
