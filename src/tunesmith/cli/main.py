@@ -9,10 +9,11 @@ import sys
 
 from tunesmith import __version__, quiet
 from tunesmith.cli import chat, config, data, estimate, evaluate, export, methods, models, registry, reward, runs, \
-    serve, train
+    serve, server, train
 from tunesmith.errors import ConfigError, DataError, RunStopped, TunesmithError
 
-COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, methods, config, models, reward, estimate)
+COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, server, methods, config, models, reward,
+            estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -281,6 +281,37 @@ def format_flag_errors(err: ValidationError) -> list[str]:
 C = TypeVar("C", bound=CommandConfig)
 
 
+class ServerCommandConfig(CommandConfig):
+    """`tunesmith server`."""
+
+    model: str = Field(min_length=1, description="the base model jobs fine-tune and the server serves")
+    root: str = Field(min_length=1, description="the storage root: files, jobs, runs and the SQLite store")
+    db: str | None = Field(min_length=1, description="an SQLAlchemy URL for the job store (default: SQLite in "
+                           "the root)")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    workers: int | None = Field(ge=1, description="trainings at once (default: one per GPU, one without)")
+    ray: str | None = Field(min_length=1, description="a Ray cluster's address: jobs run on its machines")
+    max_upload_mb: Count
+    job_defaults: str | None = Field(min_length=1)
+    max_batch_size: Count
+    max_concurrency: Count
+    max_tokens: Count
+    device: Device
+    dtype: Literal["auto", "bfloat16", "float16", "float32"]
+    request_timeout: float = Field(gt=0.0)
+    shutdown_timeout: float = Field(ge=0.0)
+
+    def conflicts(self) -> list[str]:
+        problems = []
+        if self.ray is not None and self.workers is not None:
+            problems.append("--workers and --ray: with Ray, the cluster's GPUs (or machines) decide how many jobs "
+                            "run at once; give one of them")
+        if self.job_defaults is not None and not Path(self.job_defaults).is_file():
+            problems.append(f"--job-defaults: {self.job_defaults} is not a file")
+        return problems
+
+
 def validate_command(model: type[C], args: argparse.Namespace, command: str) -> C:
     """The command's flags (``args``' entries that are fields of ``model``) as a validated ``model``;
     else a ``ConfigError`` from ``tunesmith COMMAND`` with one line per problem, each naming its flag."""

@@ -1,0 +1,1 @@
+"""tunesmith server: OpenAI's fine-tuning API on your own machines."""

@@ -1,0 +1,433 @@
+"""OpenAI's fine-tuning routes: /v1/files and /v1/fine_tuning/jobs (create, list, retrieve, cancel,
+pause, resume, events, checkpoints), with OpenAI's objects and error bodies. Every route reads only
+the calling key's rows (``store.owned``): another key's ids answer exactly as unknown ids do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse
+from python_multipart import FormParser
+from python_multipart.multipart import parse_options_header
+from sqlalchemy import select
+from transformers import PreTrainedTokenizerBase
+
+from tunesmith.data.inspect import validate_file
+from tunesmith.errors import DataError
+from tunesmith.io import write_text_atomic
+from tunesmith.serve.app import OpenAIError, model_not_found
+from tunesmith.server import jobspec
+from tunesmith.server.queue import JobQueue, checkpoint_steps
+from tunesmith.server.storage import Storage
+from tunesmith.server.store import File, Job, JobEvent, Store, new_id, now, owned
+
+PREFERENCE_FORMATS = {"openai_preference", "preference", "hh"}
+SUPERVISED_FORMATS = {"openai", "sharegpt", "alpaca", "completion", "qa", "text"}
+LIST_LIMIT = 10_000
+
+
+@dataclass
+class Service:
+    """What the routes work with."""
+
+    store: Store
+    storage: Storage
+    queue: JobQueue
+    tokenizer: PreTrainedTokenizerBase
+    base_model: str  # what jobs train on (as `tunesmith train` reads it: 'embedded', a folder...)
+    model_names: set[str]  # the names a create request may give for it
+    served_name: str  # the base's name in ft: ids
+    max_upload_bytes: int = 512 << 20
+    max_seq_len: int = 1024
+    job_defaults: dict[str, Any] = field(default_factory=lambda: dict(jobspec.JOB_DEFAULTS))
+
+
+def owner_of(request: Request) -> str:
+    return request.state.owner
+
+
+def fine_tuned_name(service: Service, job: Job) -> str:
+    """``ft:BASE:SUFFIX:ID`` (``ft:BASE:ID`` without a suffix); ID is the job id's first 8 hex digits."""
+    suffix = job.request.get("suffix")
+    short = job.id.removeprefix("ftjob-")[:8]
+    return f"ft:{service.served_name}:{suffix}:{short}" if suffix else f"ft:{service.served_name}:{short}"
+
+
+def install(app: FastAPI, service: Service) -> None:
+    router = APIRouter(prefix="/v1")
+    _file_routes(router, service)
+    _job_routes(router, service)
+    app.include_router(router)
+
+
+# files
+def _file_object(row: File) -> dict[str, Any]:
+    return {"object": "file", "id": row.id, "bytes": row.bytes, "created_at": row.created_at,
+            "filename": row.filename, "purpose": row.purpose, "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+def _page(items: list[Any], after: str | None, limit: int, ident: Any) -> tuple[list[Any], bool]:
+    """OpenAI's cursor pages: the ``limit`` items after the one whose id is ``after``."""
+    if not 1 <= limit <= LIST_LIMIT:
+        raise OpenAIError(400, f"limit: {limit}; use 1 to {LIST_LIMIT}", "limit", "invalid_value")
+    if after is not None:
+        ids = [ident(item) for item in items]
+        if after not in ids:
+            raise OpenAIError(400, f"after: {after!r} is not in this list", "after", "invalid_value")
+        items = items[ids.index(after) + 1:]
+    return items[:limit], len(items) > limit
+
+
+def _listing(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": data, "has_more": more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def _file_routes(router: APIRouter, service: Service) -> None:
+    @router.post("/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        owner = owner_of(request)
+        fields, received, filename = await _receive_upload(request, service)
+        try:
+            purpose = fields.get("purpose")
+            if purpose != "fine-tune":
+                raise OpenAIError(400, f"purpose: {purpose!r}; this server takes purpose 'fine-tune'", "purpose",
+                                  "invalid_value")
+            rows, kind = await asyncio.to_thread(_check_upload, service, received, filename)
+            file_id = new_id("file-")
+            size = received.stat().st_size
+            service.storage.keep(received, file_id)
+        finally:
+            received.unlink(missing_ok=True)
+        row = File(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, rows=rows, kind=kind,
+                   created_at=now())
+        with service.store.session() as session:
+            session.add(row)
+        return _file_object(row)
+
+    @router.get("/files")
+    async def list_files(request: Request, purpose: str | None = None, limit: int = LIST_LIMIT,
+                         order: str = "desc", after: str | None = None) -> dict[str, Any]:
+        if order not in ("asc", "desc"):
+            raise OpenAIError(400, f"order: {order!r}; use asc or desc", "order", "invalid_value")
+        with service.store.session() as session:
+            query = select(File).where(File.owner == owner_of(request))
+            if purpose is not None:
+                query = query.where(File.purpose == purpose)
+            newest = File.created_at.desc() if order == "desc" else File.created_at.asc()
+            rows = list(session.scalars(query.order_by(newest, File.id)))
+        page, more = _page(rows, after, limit, lambda row: row.id)
+        return _listing([_file_object(row) for row in page], more)
+
+    @router.get("/files/{file_id}")
+    async def retrieve_file(request: Request, file_id: str) -> dict[str, Any]:
+        return _file_object(_own_file(service, request, file_id))
+
+    @router.get("/files/{file_id}/content")
+    async def file_content(request: Request, file_id: str) -> FileResponse:
+        row = _own_file(service, request, file_id)
+        return FileResponse(service.storage.file_path(row.id), media_type="application/jsonl")
+
+    @router.delete("/files/{file_id}")
+    async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+        row = _own_file(service, request, file_id)
+        with service.store.session() as session:
+            active = session.scalars(select(Job).where(Job.owner == row.owner, Job.status.in_(
+                ("validating_files", "queued", "running"))))
+            using = next((job.id for job in active if row.id in (job.request.get("training_file"),
+                                                                 job.request.get("validation_file"))), None)
+            if using is not None:
+                raise OpenAIError(400, f"{row.id} is a file of {using}, which has not ended; cancel "
+                                  "it first", "file_id", "file_in_use")
+            session.delete(session.get(File, row.id))
+        service.storage.delete_file(row.id)
+        return {"object": "file", "id": row.id, "deleted": True}
+
+
+def _own_file(service: Service, request: Request, file_id: str) -> File:
+    with service.store.session() as session:
+        row = owned(session, File, file_id, owner_of(request))
+    if row is None:
+        raise OpenAIError(404, f"No such File object: {file_id}", "file_id", "file_not_found")
+    return row
+
+
+async def _receive_upload(request: Request, service: Service) -> tuple[dict[str, str], Path, str]:
+    """The multipart body, streamed: the file part into the storage root's tmp/ (never memory, never
+    another folder), counted against the upload limit as it arrives."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise OpenAIError(400, "an upload is multipart/form-data with the fields file and purpose", "file")
+    declared = request.headers.get("content-length")
+    limit = service.max_upload_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
+        raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
+                          "file_too_large")
+    fields: dict[str, str] = {}
+    files: list[Any] = []
+    tmp = service.storage.root / "tmp"
+    parser = FormParser("multipart/form-data", lambda f: fields.__setitem__(f.field_name.decode(), (f.value or b"")
+                                                                            .decode("utf-8", "replace")),
+                        files.append, boundary=options[b"boundary"],
+                        config={"UPLOAD_DIR": str(tmp), "UPLOAD_KEEP_FILENAME": False, "UPLOAD_DELETE_TMP": False,
+                                "MAX_MEMORY_FILE_SIZE": 0})
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit + 65536:
+                raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
+                                  "file_too_large")
+            parser.write(chunk)
+        parser.finalize()
+    except OpenAIError:
+        _discard(files)
+        raise
+    except Exception as err:  # the multipart parser's errors: a malformed body
+        _discard(files)
+        raise OpenAIError(400, f"the multipart body cannot be read: {err}", "file") from None
+    uploads = [f for f in files if f.field_name == b"file"]
+    if len(uploads) != 1:
+        _discard(files)
+        raise OpenAIError(400, "the upload needs exactly one file field named 'file'", "file")
+    _discard([f for f in files if f is not uploads[0]])
+    upload = uploads[0]
+    path = _on_disk(upload, tmp)
+    if path.stat().st_size > limit:
+        path.unlink(missing_ok=True)
+        raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
+                          "file_too_large")
+    name = (upload.file_name or b"upload.jsonl").decode("utf-8", "replace")
+    return fields, path, _display_name(name)
+
+
+def _on_disk(upload: Any, tmp: Path) -> Path:
+    """The uploaded part as a closed JSONL file in tmp/ (a part the parser kept in memory is written there)."""
+    target = tmp / f"upload-{new_id('')}.jsonl"
+    if upload.in_memory:
+        upload.file_object.seek(0)
+        target.write_bytes(upload.file_object.read())
+        upload.close()
+        return target
+    upload.close()
+    os.replace(upload.actual_file_name.decode(), target)
+    return target
+
+
+def _discard(files: list[Any]) -> None:
+    for item in files:
+        item.close()
+        if not item.in_memory and item.actual_file_name:
+            Path(item.actual_file_name.decode()).unlink(missing_ok=True)
+
+
+def _display_name(name: str) -> str:
+    """The client's file name, for showing back only: its last path part, printable, at most 255 chars."""
+    base = re.split(r"[\\/]", name)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip() or "upload.jsonl"
+    return base[:255]
+
+
+def _check_upload(service: Service, path: Path, filename: str) -> tuple[int, str]:
+    """tunesmith's data checks on an upload: (rows, supervised | preference); 400 naming the line and
+    field of the first problems."""
+    try:
+        report = validate_file(str(path), "auto", service.tokenizer, service.max_seq_len)
+    except DataError as err:  # the file as a whole cannot be read
+        shown = "; ".join(problem.replace(str(path), filename) for problem in err.problems[:5])
+        raise OpenAIError(400, f"the file cannot be read: {shown}", "file", "invalid_file_format") from None
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors:
+        shown = "; ".join(_finding(filename, f) for f in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise OpenAIError(400, f"the file has {len(errors)} problem{'s' if len(errors) > 1 else ''}: {shown}{more}",
+                          "file", "invalid_file_format")
+    formats = set(report.formats.values())
+    if report.rows == 0:
+        raise OpenAIError(400, f"{filename}: no rows", "file", "invalid_file_format")
+    if formats <= PREFERENCE_FORMATS:
+        return report.rows, "preference"
+    if formats <= SUPERVISED_FORMATS:
+        return report.rows, "supervised"
+    raise OpenAIError(400, f"{filename}: rows of the formats {sorted(formats)}; fine-tuning takes chat rows "
+                      "(supervised) or preference pairs (dpo)", "file", "invalid_file_format")
+
+
+def _finding(filename: str, finding: Any) -> str:
+    where = f"{filename}:{finding.line}" if finding.line is not None else filename
+    return f"{where}: {finding.field}: {finding.message}" if finding.field else f"{where}: {finding.message}"
+
+
+# jobs
+def job_object(service: Service, job: Job) -> dict[str, Any]:
+    request = jobspec.JobRequest.model_validate(job.request)
+    hyper = jobspec.resolved_hyperparameters(request, job.config)
+    kind = request.kind()
+    return {"object": "fine_tuning.job", "id": job.id, "model": job.model, "created_at": job.created_at,
+            "finished_at": job.finished_at, "fine_tuned_model": job.fine_tuned_model,
+            "organization_id": job.owner, "result_files": [], "status": job.status,
+            "training_file": request.training_file, "validation_file": request.validation_file,
+            "hyperparameters": hyper, "trained_tokens": job.trained_tokens, "error": job.error,
+            "seed": job.config["training"].get("seed", 0), "estimated_finish": None, "integrations": [],
+            "metadata": request.metadata, "user_provided_suffix": request.suffix,
+            "method": {"type": kind, kind: {"hyperparameters": hyper}},
+            "tunesmith": {"config": job.config, "launches": job.launches}}
+
+
+def _own_job(service: Service, request: Request, job_id: str) -> Job:
+    with service.store.session() as session:
+        job = owned(session, Job, job_id, owner_of(request))
+    if job is None:
+        raise OpenAIError(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
+    return job
+
+
+def _job_routes(router: APIRouter, service: Service) -> None:
+    @router.post("/fine_tuning/jobs")
+    async def create_job(body: jobspec.JobRequest, request: Request) -> dict[str, Any]:
+        job = _create_job(service, body, owner_of(request))
+        service.queue.wake()
+        return job_object(service, job)
+
+    @router.get("/fine_tuning/jobs")
+    async def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        with service.store.session() as session:
+            jobs = list(session.scalars(select(Job).where(Job.owner == owner_of(request))
+                                        .order_by(Job.created_at.desc(), Job.id.desc())))
+        page, more = _page(jobs, after, limit, lambda job: job.id)
+        return _listing([job_object(service, job) for job in page], more)
+
+    @router.get("/fine_tuning/jobs/{job_id}")
+    async def retrieve_job(request: Request, job_id: str) -> dict[str, Any]:
+        return job_object(service, _own_job(service, request, job_id))
+
+    @router.post("/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+        job = _own_job(service, request, job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            raise OpenAIError(400, f"{job_id} has already ended ({job.status})", "fine_tuning_job_id",
+                              "job_already_ended")
+        await asyncio.to_thread(service.queue.cancel, job_id)
+        return job_object(service, _own_job(service, request, job_id))
+
+    @router.post("/fine_tuning/jobs/{job_id}/pause")
+    async def pause_job(request: Request, job_id: str) -> dict[str, Any]:
+        job = _own_job(service, request, job_id)
+        if job.status not in ("queued", "running"):
+            raise OpenAIError(400, f"{job_id} is {job.status}; only a queued or running job can be paused",
+                              "fine_tuning_job_id", "invalid_job_status")
+        await asyncio.to_thread(service.queue.pause, job_id)
+        return job_object(service, _own_job(service, request, job_id))
+
+    @router.post("/fine_tuning/jobs/{job_id}/resume")
+    async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
+        job = _own_job(service, request, job_id)
+        if job.status != "paused":
+            raise OpenAIError(400, f"{job_id} is {job.status}; only a paused job can be resumed",
+                              "fine_tuning_job_id", "invalid_job_status")
+        await asyncio.to_thread(service.queue.resume, job_id)
+        return job_object(service, _own_job(service, request, job_id))
+
+    @router.delete("/models/{model:path}")
+    async def delete_model(request: Request, model: str) -> dict[str, Any]:
+        with service.store.session() as session:
+            job = session.scalar(select(Job).where(Job.fine_tuned_model == model, Job.owner == owner_of(request),
+                                                   Job.model_deleted.is_(False)))
+            if job is None:
+                raise model_not_found(model)
+            job.model_deleted = True
+        if model in request.app.state.service_served.adapters:
+            await request.app.state.remove_adapter(model)
+        return {"id": model, "object": "model", "deleted": True}
+
+    @router.get("/fine_tuning/jobs/{job_id}/events")
+    async def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        job = _own_job(service, request, job_id)
+        with service.store.session() as session:
+            events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
+                                          .order_by(JobEvent.seq.desc())))
+        page, more = _page(events, after, limit, lambda event: event.id)
+        return {"object": "list", "has_more": more, "data": [
+            {"object": "fine_tuning.job.event", "id": e.id, "created_at": e.created_at, "level": e.level,
+             "message": e.message, "type": e.type, "data": e.data or {}} for e in page]}
+
+    @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(request: Request, job_id: str, after: str | None = None,
+                              limit: int = 10) -> dict[str, Any]:
+        job = _own_job(service, request, job_id)
+        run = service.storage.run(job.id)
+        steps = checkpoint_steps(run)
+        final = (run.summary() or {}).get("steps") if job.status == "succeeded" else None
+        if isinstance(final, int) and final not in steps:  # the final model is the last epoch's checkpoint
+            steps.append(final)
+        items = [_checkpoint_object(service, job, step, final == step) for step in reversed(steps)]
+        page, more = _page(items, after, limit, lambda item: item["id"])
+        return _listing(page, more)
+
+
+def _create_job(service: Service, body: jobspec.JobRequest, owner: str) -> Job:
+    if body.model not in service.model_names:
+        raise OpenAIError(400, f"model: {body.model!r} is not fine-tuned by this server; it fine-tunes "
+                          f"{', '.join(sorted(service.model_names))}", "model", "model_not_available")
+    if body.integrations:
+        raise OpenAIError(400, "integrations: not supported; each job's run is tracked in MLflow in the server's "
+                          "storage", "integrations", "unsupported_parameter")
+    job_id = new_id("ftjob-")
+    with service.store.session() as session:
+        train = owned(session, File, body.training_file, owner)
+        valid = owned(session, File, body.validation_file, owner) if body.validation_file else None
+    if train is None:
+        raise OpenAIError(400, f"training_file: no file {body.training_file}", "training_file", "file_not_found")
+    if body.validation_file and valid is None:
+        raise OpenAIError(400, f"validation_file: no file {body.validation_file}", "validation_file",
+                          "file_not_found")
+    wanted = "preference" if body.kind() == "dpo" else "supervised"
+    for name, row in (("training_file", train), ("validation_file", valid)):
+        if row is not None and row.kind != wanted:
+            raise OpenAIError(400, f"{name}: {row.id} holds {row.kind} rows; method {body.kind()} trains on "
+                              f"{wanted} rows", name, "invalid_file_format")
+    try:
+        config = jobspec.build_config(body, job_id, service.base_model, str(service.storage.file_path(train.id)),
+                                      train.rows, str(service.storage.file_path(valid.id)) if valid else None,
+                                      str(service.storage.runs_dir), service.job_defaults)
+    except jobspec.RequestProblem as problem:
+        raise OpenAIError(400, str(problem), problem.param, "invalid_value") from None
+    folder = service.storage.job_dir(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(service.storage.job_config(job_id), yaml.safe_dump(config, sort_keys=False))
+    job = Job(id=job_id, owner=owner, model=body.model, status="queued", created_at=now(),
+              request=body.model_dump(mode="json", exclude_none=True), config=config, cancel_requested=False,
+              launches=0, events_step=0)
+    with service.store.session() as session:
+        session.add(job)
+        service.store.add_event(session, job_id, f"Created fine-tuning job: {job_id}")
+        service.store.add_event(session, job_id, f"Validated training file: {train.id} ({train.rows} rows)")
+        service.store.add_event(session, job_id, "Job queued")
+    return job
+
+
+def _checkpoint_object(service: Service, job: Job, step: int, final: bool = False) -> dict[str, Any]:
+    run = service.storage.run(job.id)
+    folder = run.model_dir if final else run.checkpoints_dir / f"step-{step:07d}"
+    metrics: dict[str, Any] = {"step": step}
+    for record in run.metrics():
+        if record.get("step") == step and "loss" in record:
+            metrics["train_loss"] = record["loss"]
+        if record.get("step") == step and "eval_loss" in record:
+            metrics["valid_loss"] = record["eval_loss"]
+    try:
+        created = int(os.stat(folder).st_mtime)
+    except OSError:
+        created = job.created_at
+    return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
+            "created_at": created, "fine_tuning_job_id": job.id, "step_number": step, "metrics": metrics,
+            "fine_tuned_model_checkpoint": f"{fine_tuned_name(service, job)}:ckpt-step-{step}"}
