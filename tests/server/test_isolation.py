@@ -17,30 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from helpers import counting_rows, write_jsonl
-from tunesmith.config.commands import ServerCommandConfig
+from server_helpers import server_flags, wait_for
 from tunesmith.server.app import build_server
 from tunesmith.server.storage import Storage
 from tunesmith.server.store import Store
 
 FAST = {"training.max_steps": 2, "training.batch_size": 4, "data.max_seq_len": 64, "training.log_every": 1}
-
-
-def server_flags(model: Path, root: Path, **changes) -> ServerCommandConfig:
-    values = dict(model=str(model), root=str(root), db=None, host="127.0.0.1", port=8000, workers=None, ray=None,
-                  max_upload_mb=1, job_defaults=None, max_batch_size=4, max_concurrency=8, max_tokens=8,
-                  device="cpu", dtype="float32", request_timeout=60.0, shutdown_timeout=20.0)
-    return ServerCommandConfig(**{**values, **changes})
-
-
-def wait_for(client: openai.OpenAI, job_id: str, timeout: float = 120.0,
-             until: tuple[str, ...] = ("succeeded", "failed", "cancelled")):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in until:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"{job_id} still {job.status} after {timeout} s")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`RayExecutor` on a real one-node Ray cluster started by the test (2 CPUs, no GPU): a tiny training
+"""`RayExecutor` on a real one-node Ray cluster started by the test (2 CPUs, no GPU): a job of `tunesmith server --ray`
 through an actor, SIGTERM through the actor, one slot per CPU node, a lost actor, and what a driver that
 disconnects leaves its trainings (SIGTERM, so that they checkpoint, not SIGKILL).
 
@@ -28,12 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import tiny_tree
+from helpers import counting_rows, write_jsonl
+from server_helpers import server_flags, wait_for
 from tunesmith.errors import TunesmithError
-from tunesmith.launch import EXIT_FINISHED, EXIT_STOPPED, train_command
-from tunesmith.rundir import RunDir
+from tunesmith.launch import EXIT_STOPPED
 from tunesmith.server.ray_executor import EXIT_LOST, RayExecutor, RayTraining
 
 pytestmark = pytest.mark.slow
@@ -99,7 +98,7 @@ def executor(ray_head: str) -> Iterator[RayExecutor]:
     executor.close()
 
 
-def wait_for(handle: RayTraining, timeout_s: float = 60.0) -> int | None:
+def wait_for_exit(handle: RayTraining, timeout_s: float = 60.0) -> int | None:
     """The exit code, polled as the job queue polls; None if it still runs after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -124,23 +123,38 @@ def start_sleeper(executor: RayExecutor, folder: Path) -> tuple[RayTraining, Pat
     return handle, out
 
 
-def test_a_tiny_training_finishes_through_an_actor(executor: RayExecutor, tiny_model_dir: Path, chat_file: Path,
-                                                   tmp_path: Path):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_tree(tiny_model_dir, chat_file, tmp_path / "runs", max_steps=3)))
-    log = tmp_path / "train.log"
-    handle = executor.start(train_command(config), log, executor.slots()[0], cwd=tmp_path)
-    assert wait_for(handle, 120) == EXIT_FINISHED, log.read_text()[-3000:]
-    run = RunDir.existing(tmp_path / "runs" / "tiny")
-    assert run.finished and run.status()["status"] == "finished"
-    assert run.metrics()[-1]["step"] == 3
-    assert handle.poll() == EXIT_FINISHED  # the actor is gone: the code is remembered
+def test_the_server_runs_a_job_on_ray(ray_head: str, tiny_model_dir: Path, tmp_path: Path):
+    """`tunesmith server --ray ADDRESS`: a job created with the openai client trains through a Ray actor
+    (its run folder finished, its log written) and its model is served."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from tunesmith.server.app import build_server
+    from tunesmith.server.storage import Storage
+    from tunesmith.server.store import Store
+
+    root = tmp_path / "root"
+    key = Store(Storage(root).database_url).create_key("ray")[1]
+    app = build_server(server_flags(tiny_model_dir, root, ray=ray_head))
+    with TestClient(app) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+        upload = client.files.create(file=("c.jsonl", write_jsonl(tmp_path / "c.jsonl", counting_rows(8))
+                                           .read_bytes()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=upload.id, extra_body={
+            "tunesmith": {"training.max_steps": 3, "training.batch_size": 4, "data.max_seq_len": 64}})
+        done = wait_for(client, job.id)
+        assert done.status == "succeeded", (done.error, Storage(root).job_log(job.id).read_text()[-3000:])
+        run = Storage(root).run(job.id)
+        assert run.finished and [r["step"] for r in run.metrics() if "loss" in r] == [1, 2, 3]
+        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                               messages=[{"role": "user", "content": "Count to 2."}])
+        assert reply.model == done.fine_tuned_model
 
 
 def test_terminate_reaches_the_child_through_the_actor(executor: RayExecutor, tmp_path: Path):
     handle, out = start_sleeper(executor, tmp_path)
     handle.terminate()
-    assert wait_for(handle) == EXIT_STOPPED
+    assert wait_for_exit(handle) == EXIT_STOPPED
     assert out.read_text() == "SIGTERM"
 
 
@@ -156,7 +170,7 @@ def test_an_actor_that_died_reads_as_lost(executor: RayExecutor, tmp_path: Path)
 
     handle, _ = start_sleeper(executor, tmp_path)
     ray.kill(handle.actor)  # as if its node were lost
-    assert wait_for(handle) == EXIT_LOST
+    assert wait_for_exit(handle) == EXIT_LOST
     assert "the Ray actor running this training died" in (tmp_path / "sleeper.log").read_text()
 
 

@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from helpers import counting_rows, write_jsonl
+from server_helpers import wait_for
 from tunesmith.server.storage import Storage
 from tunesmith.server.store import Store
 
@@ -71,17 +72,6 @@ class Server:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-
-
-def wait_for(client: openai.OpenAI, job_id: str, until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in until:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"{job_id}: still {job.status} after {timeout} s")
 
 
 def new_key(root: Path) -> str:
