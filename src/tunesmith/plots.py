@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 
 PALETTE = ("#4a7bd0", "#d0704a", "#4aa36b", "#9a5bc4", "#c4a43a", "#3ab0c4", "#c44a7b", "#7b7b7b")
 
@@ -59,3 +60,74 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label
     return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="12" '
             f'font-family="sans-serif"><text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>'
             + axes + "".join(lines) + "".join(legend) + "</svg>")
+
+
+def scatter_chart(title: str, series: dict[str, list[tuple[float, float, str]]], x_label: str, y_label: str,
+                  log_x: bool = False, x_labels: list[str] | None = None, width: int = 480, height: int = 300) -> str:
+    """Points (x, y, tooltip) of several series on shared axes, with a legend: the first series as filled dots,
+    the others as hollow rings of their own colours. ``log_x``: a log-scale x axis (every x above 0), with a
+    tick at each power of ten. ``x_labels``: a categorical x axis, where x is an index into ``x_labels``.
+
+    >>> svg = scatter_chart("loss vs lr", {"complete": [(1e-3, 2.0, "trial 0"), (1e-2, 1.5, "trial 2")],
+    ...                                    "pruned": [(1e-5, 3.0, "trial 1")]}, "lr", "loss", log_x=True)
+    >>> svg.count("<circle"), svg.count('fill="none"'), [t for t in (">1e-05<", ">0.0001<", ">0.001<") if t in svg]
+    (5, 2, ['>1e-05<', '>0.0001<', '>0.001<'])
+    """
+    points = [p for curve in series.values() for p in curve]
+    if not points:
+        return f"<p>{html.escape(title)}: no data</p>"
+    left, right, top, bottom = 56, 170, 40, 34
+    place_x = _axis([p[0] for p in points], left, width - right, log_x, x_labels)
+    place_y = _axis([p[1] for p in points], height - bottom, top)
+    marks, legend = [], []
+    for index, (name, curve) in enumerate(series.items()):
+        colour = PALETTE[index % len(PALETTE)]
+        paint = f'fill="{colour}"' if index == 0 else f'fill="none" stroke="{colour}" stroke-width="1.5"'
+        marks += [f'<circle cx="{place_x(x):.1f}" cy="{place_y(y):.1f}" r="4" {paint}><title>{html.escape(note)}'
+                  f"</title></circle>" for x, y, note in curve]
+        legend.append(f'<circle cx="{width - right + 16}" cy="{top + index * 18 + 6}" r="4" {paint}/>'
+                      f'<text x="{width - right + 26}" y="{top + index * 18 + 10}">{html.escape(name)}</text>')
+    ticks = _x_ticks([p[0] for p in points], log_x, x_labels)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    axes = (f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>'
+            f'<text x="{left - 4}" y="{place_y(y1) + 4:.1f}" text-anchor="end">{y1:.4g}</text>'
+            f'<text x="{left - 4}" y="{place_y(y0) + 4:.1f}" text-anchor="end">{y0:.4g}</text>'
+            + "".join(f'<text x="{place_x(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">'
+                      f"{html.escape(text)}</text>" for x, text in ticks)
+            + f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle">'
+              f"{html.escape(x_label)}{' (log scale)' if log_x else ''}</text>")
+    return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="12" '
+            f'font-family="sans-serif"><text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>'
+            f'<text x="4" y="{top - 8}">{html.escape(y_label)}</text>' + axes + "".join(marks) + "".join(legend)
+            + "</svg>")
+
+
+def _axis(values: list[float], start: float, end: float, log: bool = False, labels: list[str] | None = None):
+    """The pixel position of a value on an axis from ``start`` to ``end`` (either way round), with a margin of
+    5% of the range on each side (a categorical axis: half a slot)."""
+    if labels is not None:
+        low, high = -0.5, len(labels) - 0.5
+    else:
+        scaled = [math.log10(v) if log else v for v in values]
+        low, high = min(scaled), max(scaled)
+        margin = (high - low) * 0.05 or 0.5
+        low, high = low - margin, high + margin
+
+    def place(value: float) -> float:
+        scaled = math.log10(value) if log and labels is None else value
+        return start + (end - start) * (scaled - low) / (high - low)
+    return place
+
+
+def _x_ticks(values: list[float], log: bool, labels: list[str] | None) -> list[tuple[float, str]]:
+    """Where the x axis is labelled: each category; each power of ten in a log range (else its two ends); the
+    two ends of a linear range."""
+    if labels is not None:
+        return [(float(index), label) for index, label in enumerate(labels)]
+    low, high = min(values), max(values)
+    if log:
+        decades = [10.0 ** e for e in range(math.ceil(math.log10(low)), math.floor(math.log10(high)) + 1)]
+        if decades:
+            return [(d, f"{d:g}") for d in decades]
+    return [(low, f"{low:.3g}")] + ([(high, f"{high:.3g}")] if high > low else [])

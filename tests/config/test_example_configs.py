@@ -1,6 +1,7 @@
-"""Every shipped training config (configs/**/*.yaml but `methods compare` files) trains the embedded
+"""Every shipped training config (configs/**/*.yaml but `methods compare` and `sweep` files) trains the embedded
 SmolLM2-135M-Instruct for 2 optimizer steps through `tunesmith train`, with its own data and method,
-and leaves a finished run folder; the example data are what examples/make_example_data.py writes.
+and leaves a finished run folder; every shipped sweep file validates with each trial config it can make;
+the example data are what examples/make_example_data.py writes.
 
 The overrides only shrink the run (steps, batch, sequence and completion lengths, no eval, checkpoint
 or tracker): the task, the method, the data files and every other setting are the shipped ones.
@@ -21,16 +22,26 @@ import yaml
 from helpers import read_metrics
 from tunesmith.cli.main import main
 from tunesmith.config.load import load_config
+from tunesmith.config.sweep import load_sweep
 from tunesmith.runs import read_run
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
 
+def shipped_yamls() -> list[Path]:
+    """Every YAML under configs/ (subfolders too)."""
+    return sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))
+
+
 def training_configs() -> list[Path]:
-    """Every YAML under configs/ (subfolders too) that is a training config, not a compare file."""
-    paths = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))
-    return [p for p in paths if "methods" not in (yaml.safe_load(p.read_text()) or {})]
+    """Every YAML under configs/ (subfolders too) that is a training config, not a compare or sweep file."""
+    return [p for p in shipped_yamls() if not {"methods", "params"} & set(yaml.safe_load(p.read_text()) or {})]
+
+
+def sweep_files() -> list[Path]:
+    """Every `tunesmith sweep` file under configs/ (subfolders too): the YAMLs with search params."""
+    return [p for p in shipped_yamls() if "params" in (yaml.safe_load(p.read_text()) or {})]
 
 
 # Small enough that each example trains in seconds on 2 CPU cores; valid for every task. No held-out
@@ -57,6 +68,14 @@ def test_configs_cover_every_task_and_the_main_methods():
     shipped = {(c.task, c.method.type) for c in map(load_config, training_configs())}
     assert {task for task, _ in shipped} == {"sft", "pretrain", "dpo", "reward", "grpo", "ppo", "online_dpo"}
     assert {method for task, method in shipped if task == "sft"} >= {"lora", "qlora", "full", "freeze"}
+
+
+@pytest.mark.parametrize("path", sweep_files(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_sweep_file_validates(path):
+    """The sweep file and every trial config it can make (load_sweep builds them: each param at both ends of
+    its range and at each choice, each enqueued set) validate; its base is a shipped training config."""
+    plan = load_sweep(path)
+    assert plan.base in training_configs() and plan.study == path.stem
 
 
 def test_the_example_data_is_what_the_generator_writes(tmp_path):

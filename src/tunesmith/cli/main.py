@@ -9,11 +9,11 @@ import sys
 
 from tunesmith import __version__, quiet
 from tunesmith.cli import chat, config, data, estimate, evaluate, export, methods, models, registry, reward, runs, \
-    serve, server, train
+    serve, server, sweep, train
 from tunesmith.errors import ConfigError, DataError, RunStopped, TunesmithError
 
 COMMANDS = (train, chat, evaluate, runs, registry, data, export, serve, server, methods, config, models, reward,
-            estimate)
+            estimate, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
