@@ -24,7 +24,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from tunesmith.serve.app import Served, create_app
+from tunesmith.serve.app import create_app
+from tunesmith.serve.served import Served
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "Count to 4."}]
@@ -469,7 +470,7 @@ def test_streamed_content_beside_tool_calls_equals_the_whole_reply(text):
     non-streamed message says: whitespace before a call is held back and dropped, not sent. Planted
     defect seen failing: "Sure, checking.\n\n" streamed where the message says "Sure, checking."."""
     from tunesmith.serve.app import _Choice, _Job
-    from tunesmith.serve.engine import Completion
+    from tunesmith.serve.handle import Completion
     from tunesmith.serve.tools import CallSyntax, parse_calls
 
     syntax = CallSyntax('<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>")

@@ -14,7 +14,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from tunesmith.generate.sample import SamplingConfig, generate_ids
-from tunesmith.serve.engine import Engine, EngineError, Handle
+from tunesmith.serve.engine import Engine
+from tunesmith.serve.handle import EngineError, Handle
 
 PROMPTS = ["Count to 4.", "Hello there, how are you doing on this fine day, my friend?", "x", "1 2 3 4 5 6 7"]
 

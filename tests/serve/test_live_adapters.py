@@ -24,8 +24,10 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunesmith.generate.sample import SamplingConfig, generate_ids
-from tunesmith.serve.app import Served, create_app, model_not_found
+from tunesmith.serve.app import create_app
 from tunesmith.serve.engine import Engine, SequentialEngine
+from tunesmith.serve.live import model_not_found
+from tunesmith.serve.served import Served
 
 PROMPTS = ["Count to 4.", "Hello there, how are you doing on this fine day, my friend?", "1 2 3 4 5 6 7"]
 LONG, SHORT = SamplingConfig(max_new_tokens=32), SamplingConfig(max_new_tokens=8)

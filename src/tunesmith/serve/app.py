@@ -4,9 +4,10 @@ Routes: /health, /v1/models, /v1/chat/completions (streaming SSE or not), /v1/co
 Several LoRA adapters share one base model; the request's ``model`` field picks one (the base
 is served under its own name). Every field of OpenAI's request bodies is either honoured, ignored
 because it cannot change the output, or refused with a 400 that names it (``protocol.py``).
-Every error, validation included, has OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
-Adapters join and leave while it serves (``app.state.load_adapter``, ``app.state.remove_adapter``), and
-a ``ModelAccess`` decides which models each request sees (``tunesmith server``: per API key).
+Every error, validation included, has OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``
+(``errors.py``). Adapters join and leave while it serves (``app.state.load_adapter``,
+``app.state.remove_adapter``), and a ``ModelAccess`` decides which models each request sees
+(``live.py``; ``tunesmith server``: per API key).
 Protection: an optional API key (401), a body size limit (413), prompt + max_tokens over the context
 (400), a bounded queue (429 with Retry-After), a per-request timeout (408), and a client that
 disconnects, a timeout or a shutdown cancels its generation at the engine's next step. Concurrent
@@ -16,7 +17,6 @@ requests, for the base and for any adapters, decode together in one batch.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import threading
@@ -27,64 +27,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import jinja2
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from fastapi.responses import Response, StreamingResponse
 
 from tunesmith.data.tokenize import encode_prompt
 from tunesmith.generate.sample import SamplingConfig, stop_token_ids
-from tunesmith.serve import protocol, structured, tools
-from tunesmith.serve.engine import Completion, Engine, EngineError, Handle, RowProcessor, TokenLogprob, engine_for, streamable
+from tunesmith.serve import structured, tools
+from tunesmith.serve.engine import Engine, RowProcessor, engine_for, streamable
+from tunesmith.serve.errors import AsciiJSONResponse, Guard, OpenAIError, install_error_handlers
+from tunesmith.serve.handle import Completion, EngineError, Handle, TokenLogprob
+from tunesmith.serve.live import LiveAdapters, ModelAccess, model_not_found
 from tunesmith.serve.sampling import Bias, Penalties
-from tunesmith.serve.tokens import TokenBytes
+from tunesmith.serve.served import Served
 from tunesmith.serve.protocol import ChatRequest, CompletionRequest, NamedToolChoice, forces_call, refusal
 
 log = logging.getLogger(__name__)
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding
-
-
-@dataclass
-class Served:
-    """One base model, its tokenizer, and the adapter names loaded on it."""
-
-    model: PreTrainedModel | None  # None: the weights are another engine's (vLLM's)
-    tokenizer: PreTrainedTokenizerBase
-    base_name: str
-    adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft adapter name
-    default_max_tokens: int = 256
-    grammars: structured.GrammarCompiler | None = field(default=None, repr=False)  # built on first use
-    token_bytes: TokenBytes | None = field(default=None, repr=False)  # built on first use
-    config: PretrainedConfig | None = field(default=None, repr=False)  # without a model: the model's config
-
-    @property
-    def names(self) -> list[str]:
-        return [self.base_name, *self.adapters]
-
-    @property
-    def context_length(self) -> int:
-        config = self.config if self.model is None else getattr(self.model, "config", None)
-        return int(getattr(config, "max_position_embeddings", 2048))
-
-    @property
-    def vocab_size(self) -> int:
-        """The ids the model has embeddings for (a config's ``vocab_size`` may be absent or disagree)."""
-        if self.model is None:
-            return int(getattr(self.config, "vocab_size", 0) or len(self.tokenizer))
-        return int(self.model.get_input_embeddings().num_embeddings)
-
-    def bytes_of(self, token_id: int) -> list[int]:
-        if self.token_bytes is None:
-            self.token_bytes = TokenBytes(self.tokenizer)
-        return list(self.token_bytes(token_id))
 
 
 class _Gate:
@@ -119,219 +82,6 @@ class _Ticket:
             self.gate.leave()
 
 
-class OpenAIError(Exception):
-    """An error answered with OpenAI's body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind, self.headers = (
-            status, message, param, code, kind, headers)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return _JSON(self.body(), status_code=self.status, headers=self.headers)
-
-
-class _JSON(JSONResponse):
-    """JSON that any input can be written as: non-ASCII escaped (so a lone surrogate cannot fail to
-    encode), and no NaN or infinity (not JSON)."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def model_not_found(model: str) -> OpenAIError:
-    """OpenAI's 404 for a model the request may not use: the same words whether or not it exists for
-    another key."""
-    return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
-                       "model_not_found")
-
-
-class ModelAccess(Protocol):
-    """Which models a request sees, for a server with per-key visibility (``create_app(access=...)``)."""
-
-    def listed(self, request: Request) -> list[str]:
-        """The ids /v1/models lists for this request: all of them, the base model's too when it should."""
-        ...
-
-    async def prepare(self, request: Request, model: str) -> None:
-        """Called before a chat or completions request for ``model`` is checked: raise
-        ``model_not_found(model)`` when this request may not use it; may first load it
-        (``await app.state.load_adapter(model, folder)``), to serve it in this same request."""
-        ...
-
-
-class _LiveAdapters:
-    """Adapters loaded and removed while the app serves (``app.state.load_adapter`` and ``remove_adapter``):
-    the engine changes its model on its own thread, then, on the event loop, the public name is
-    registered in ``served.adapters`` (and ``served.model`` follows a wrapped or unwrapped model)."""
-
-    def __init__(self, served: Served, engine: Engine | None):
-        self.served, self.engine = served, engine
-        self.loading: dict[str, asyncio.Future[None]] = {}
-        self.count = 0
-
-    async def load(self, name: str, folder: Path | str) -> None:
-        """Serve the adapter in ``folder`` as model ``name``; done once requests for it can be made. A name
-        served already returns at once (its folder not compared); concurrent loads of one name load once.
-        ValueError for a folder the engine refuses; the app serves on as before."""
-        if name in self.served.adapters:
-            return
-        if self.engine is None:
-            raise ValueError(f"model {name!r}: adapters load live on the built-in engine only, not with vLLM")
-        if name == self.served.base_name:
-            raise ValueError(f"model {name!r}: the base model's name; choose another")
-        loading = self.loading.get(name)
-        if loading is None:
-            loading = self.loading[name] = asyncio.ensure_future(self._load(name, Path(folder)))
-            loading.add_done_callback(lambda done: self._loaded(name, done))
-        await asyncio.shield(loading)  # a request that goes away leaves the load to the others
-
-    async def _load(self, name: str, folder: Path) -> None:
-        assert self.engine is not None
-        adapter = self._peft_name(name)
-        await asyncio.wrap_future(self.engine.add_adapter(adapter, folder))
-        self.served.adapters[name] = adapter
-        self.served.model = self.engine.model
-
-    def _loaded(self, name: str, done: asyncio.Future[None]) -> None:
-        del self.loading[name]
-        if not done.cancelled():
-            done.exception()  # retrieved: a failure no request waits for any more is not logged as lost
-
-    def _peft_name(self, name: str) -> str:
-        """An adapter name peft takes (no '.', which module names cannot hold) that is no part of another
-        one (peft matches adapter names in state-dict keys as substrings): ``live<n>_<hash of name>``."""
-        assert self.engine is not None
-        while True:
-            self.count += 1
-            adapter = f"live{self.count}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-            if adapter not in (self.engine.adapters or ()):
-                return adapter
-
-    async def remove(self, name: str) -> None:
-        """Stop serving model ``name``: its requests are refused (404) from now on, and the engine unloads it
-        once those in flight have finished. ValueError for a model not loaded."""
-        if name not in self.served.adapters or self.engine is None:
-            raise ValueError(f"model {name!r} is not an adapter served by the built-in engine")
-        adapter = self.served.adapters.pop(name)
-        await asyncio.wrap_future(self.engine.remove_adapter(adapter))
-        self.served.model = self.engine.model
-
-
-class _Guard:
-    """Pure ASGI: the API key (401) and the body limit (413, counted on the bytes received, so a
-    chunked body is limited too) before anything else reads the request. Bodies sent to the paths
-    under ``unbuffered`` (uploads) pass as they come, their size the route's to limit."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, unbuffered: frozenset[str] = frozenset()):
-        self.app, self.api_key, self.max_body_bytes, self.unbuffered = app, api_key, max_body_bytes, unbuffered
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
-            error = OpenAIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
-            return await error.response()(scope, receive, send)
-        if any(scope["path"] == path or scope["path"].startswith(path + "/") for path in self.unbuffered):
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                error = OpenAIError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
-                return await error.response()(scope, receive, send)
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed() -> dict:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
-
-
-def _param(loc: tuple) -> str | None:
-    """A validation error's location as the request field's path: ('body', 'messages', 0, 'content')
-    -> 'messages[0].content'. pydantic's union-member tags ('str', 'list[ContentPart]') are dropped.
-
-    >>> _param(("body", "messages", 0, "content", "list[ContentPart]", 1, "type"))
-    'messages[0].content[1].type'
-    >>> _param(("body", "tool_choice", "NamedToolChoice", "type"))
-    'tool_choice.type'
-    """
-    path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not _is_union_tag(part):
-            path += f".{part}" if path else str(part)
-    return path or None
-
-
-_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"} | {
-    cls.__name__ for cls in vars(protocol).values() if isinstance(cls, type) and issubclass(cls, BaseModel)}
-
-
-def _is_union_tag(part: str) -> bool:
-    """Whether a location part names a union's member (a type), not a field."""
-    return "[" in part or part in _UNION_TAGS
-
-
-def _validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
-    """The first failing field (for a union, the member that got furthest) as a 400."""
-    first = errors[0]
-    loc = tuple(first.get("loc", ()))
-    tag_at = next((i for i, p in enumerate(loc) if isinstance(p, str) and _is_union_tag(p)), None)
-    if tag_at is not None:
-        first = max((e for e in errors if tuple(e.get("loc", ()))[:tag_at] == loc[:tag_at]),
-                    key=lambda e: len(e.get("loc", ())))
-        loc = tuple(first.get("loc", ()))
-    kind, param = first.get("type"), _param(loc)
-    if kind == "json_invalid":
-        message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
-        return OpenAIError(400, message, code="invalid_json")
-    if kind == "extra_forbidden":
-        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
-    if kind == "missing" and param is None:
-        return OpenAIError(400, "the request needs a JSON body", code="invalid_request")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return OpenAIError(400, f"{param}: {message}" if param else message, param, "invalid_value")
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _validation_error(list(error.errors()) or [{}]).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        if error.status_code == 404:
-            message = f"Invalid URL ({request.method} {request.url.path})"
-        elif error.status_code == 405:
-            message = f"Method {request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(error.detail)
-        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return OpenAIError(error.status_code, message, kind=kind, headers=getattr(error, "headers", None)).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return OpenAIError(500, "the server had an error while processing the request", kind="server_error").response()
-
-
 def create_app(served: Served, api_key: str | None = None, max_concurrency: int = 64,
                max_body_bytes: int = 1 << 20, request_timeout: float = 300.0, shutdown_timeout: float = 30.0,
                max_batch_size: int = 32, batched: bool = True, prefix_cache_bytes: int = 256 << 20,
@@ -348,7 +98,7 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
     model exists for others); None: every served model, to every request. ``unbuffered``: paths whose
     bodies neither the body limit nor the guard's buffering touch (an upload route limits its own).
     ``app.state.load_adapter(name, folder)`` and ``app.state.remove_adapter(name)`` (awaited on the app's
-    event loop) serve and stop serving adapters without a restart (``_LiveAdapters``)."""
+    event loop) serve and stop serving adapters without a restart (``live.LiveAdapters``)."""
     gate = _Gate(max_concurrency)
     engine = None if vllm is not None else engine_for(served.model, served.tokenizer, max_batch_size, batched,
                                                        prefix_cache_bytes)
@@ -365,11 +115,11 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
         compiling.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, unbuffered=frozenset(unbuffered))
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, unbuffered=frozenset(unbuffered))
     app.state.engine = engine
-    live = _LiveAdapters(served, engine)
+    live = LiveAdapters(served, engine)
     app.state.load_adapter, app.state.remove_adapter = live.load, live.remove
-    _install_error_handlers(app)
+    install_error_handlers(app)
     context = _Context(served, gate, engine, compiling, vllm, access)
 
     @app.get("/health")
@@ -656,7 +406,7 @@ async def _respond(context: _Context, body: ChatRequest | CompletionRequest, mak
         watcher.cancel()
         gate.running.discard(cancel)
         ticket.release()
-    return _JSON(_completion_body(context.served, job, ident, completions))
+    return AsciiJSONResponse(_completion_body(context.served, job, ident, completions))
 
 
 def _submit(context: _Context, job: _Job, cancel: threading.Event) -> Handle:

@@ -29,7 +29,7 @@ engine's thread makes between two decoding steps (at once when idle), never duri
 rows in flight decode on with their own adapters, token for token as without the change: a new LoRA
 adapter adds per-row branches that the other rows' adapter names skip. The first adapter of a model
 without peft wraps it in ``PeftModel`` (``engine.model`` changes; base rows then pass peft's
-``"__base__"``); removing the last one unwraps it again.
+``"__base__"``); removing the last one unwraps it again (``adapter_load.py``: which folders load, and how).
 
 Use (the engine owns the model while it runs: nothing else may call it or switch its adapters)::
 
@@ -41,25 +41,23 @@ Use (the engine owns the model while it runs: nothing else may call it or switch
     engine.add_adapter("second", "runs/second/model").result()  # a concurrent.futures.Future
     engine.close()
 
-In an asyncio server: ``async for piece in handle.stream()`` and ``await handle.wait()``.
+In an asyncio server: ``async for piece in handle.stream()`` and ``await handle.wait()`` (``handle.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
 import re
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, PeftType
+from peft import PeftConfig, PeftModel
 from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.cache_utils import DynamicLayer
@@ -67,41 +65,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunesmith.generate.sample import LogprobRecorder, SamplingConfig, generate_ids, stop_token_ids
 from tunesmith.models.modes import evaluating
-from tunesmith.rundir import PEFT_ADAPTER_CONFIG
+from tunesmith.serve.adapter_load import load_adapter, mixable, read_adapter_config, unload_adapter
+from tunesmith.serve.handle import Completion, EngineError, FinishReason, Handle, TokenLogprob
 from tunesmith.serve.prefix import PrefixCache
 
 BASE = "__base__"  # peft's name for "no adapter" in a row of ``adapter_names``
-LIVE_ADAPTER_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR)  # what add_adapter loads (LoRA includes DoRA)
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-class EngineError(RuntimeError):
-    """A request could not finish: the engine closed, or a forward failed (the cause is chained)."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float  # log-softmax of the model's logits (before temperature and top-p)
-    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # the new tokens, the stop token excluded
-    text: str  # the decoded tokens, cut before the first stop string
-    finish_reason: FinishReason
-    logprobs: list[TokenLogprob] | None  # one per token id, when the request asked for them
-
-
-class Piece(NamedTuple):
-    """Streamed output of one completion: its next text, the logprobs of the tokens that text
-    covers (when asked for), and, on its last piece, the finished completion."""
-
-    index: int  # which of the request's ``n`` completions
-    text: str
-    logprobs: list[TokenLogprob] = []
-    finished: Completion | None = None
 
 
 class RowProcessor(Protocol):
@@ -111,105 +79,6 @@ class RowProcessor(Protocol):
 
     def __call__(self, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
         """``tokens``: the completion's tokens so far; ``logits``: (vocab,) float32. Returns the new logits."""
-
-
-class Handle:
-    """One submitted request. Its streamed pieces, whose texts concatenate to each completion's text,
-    are read once: by iterating it (a thread waits) or ``async for piece in handle.stream()`` (no
-    thread waits: for an asyncio server, whose thread pool would otherwise cap the requests in
-    flight). ``result()`` or ``await wait()`` gives all ``n`` completions."""
-
-    def __init__(self, n: int, cancel: threading.Event):
-        self._pieces: queue.Queue[Piece | None] = queue.Queue()
-        self._completions: list[Completion | None] = [None] * n
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._cancel = cancel
-        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._wakers_lock = threading.Lock()
-
-    def __iter__(self) -> Iterator[Piece]:
-        while not self._read_all() and (piece := self._pieces.get()) is not None:
-            yield piece
-        self._raise_error()
-
-    def _read_all(self) -> bool:
-        """Whether the pieces have all been read (the end marker included): a second reading ends at once."""
-        return self._done.is_set() and self._pieces.empty()
-
-    async def stream(self) -> AsyncIterator[Piece]:
-        """The pieces, awaited on the running event loop (the engine's thread wakes it)."""
-        waker = (asyncio.get_running_loop(), asyncio.Event())
-        with self._wakers_lock:
-            self._wakers.append(waker)
-        try:
-            while not self._read_all():
-                waker[1].clear()  # before looking: a piece put after the look sets it again
-                try:
-                    piece = self._pieces.get_nowait()
-                except queue.Empty:
-                    await waker[1].wait()
-                    continue
-                if piece is None:
-                    break
-                yield piece
-        finally:
-            with self._wakers_lock:
-                self._wakers.remove(waker)
-        self._raise_error()
-
-    def result(self, timeout: float | None = None) -> list[Completion]:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"the request did not finish within {timeout} s")
-        self._raise_error()
-        return list(self._completions)  # type: ignore[arg-type]
-
-    async def wait(self) -> list[Completion]:
-        """``result()`` for asyncio: the completions, once all are done (reads the pieces)."""
-        async for _ in self.stream():
-            pass
-        return self.result(0)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise EngineError(f"the request failed: {self._error}") from self._error
-
-    def _put(self, piece: Piece | None) -> None:
-        self._pieces.put(piece)
-        with self._wakers_lock:
-            for loop, event in self._wakers:
-                try:
-                    loop.call_soon_threadsafe(event.set)
-                except RuntimeError:  # the reader's event loop has closed: nothing to wake
-                    pass
-
-    def _emit(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
-        if text or logprobs:
-            self._put(Piece(index, text, logprobs))
-
-    def _complete(self, index: int, completion: Completion, text: str, logprobs: list[TokenLogprob]) -> None:
-        if self._done.is_set():  # the request has failed already: nothing more is streamed
-            return
-        self._completions[index] = completion
-        self._put(Piece(index, text, logprobs, completion))
-        if all(c is not None for c in self._completions):
-            self._finish()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self._done.is_set():
-            self._error = error
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done.set()
-        self._put(None)
 
 
 @dataclass
@@ -330,42 +199,6 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
     return _Batch([batch.rows[i] for i in keep], batch.cache, mask[:, start:], batch.logits[index])
 
 
-def _mixable(config: PeftConfig) -> bool:
-    """Whether peft can run this adapter per row (``adapter_names``): LoRA, not DoRA."""
-    return config.peft_type == PeftType.LORA and not getattr(config, "use_dora", False)
-
-
-def _adapter_config(folder: Path) -> PeftConfig:
-    """The config of the LoRA-family PEFT adapter in ``folder``, for inference; ValueError saying what
-    else the folder is."""
-    if not (folder / PEFT_ADAPTER_CONFIG).is_file():
-        raise ValueError(f"{folder}: not a PEFT adapter folder (it has no {PEFT_ADAPTER_CONFIG}); give the folder "
-                         "that peft's save_pretrained wrote (a run's model/ folder)")
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except Exception as error:
-        raise ValueError(f"{folder / PEFT_ADAPTER_CONFIG}: not a PEFT adapter config peft can read ({error})") from error
-    kinds = ", ".join(kind.value for kind in LIVE_ADAPTER_TYPES)
-    if config.is_prompt_learning or config.is_adaption_prompt:
-        raise ValueError(f"{folder}: a {config.peft_type.value} adapter, which learns a prompt and cannot join a "
-                         f"model that serves others; live adapters are LoRA-family ({kinds})")
-    if config.peft_type not in LIVE_ADAPTER_TYPES:
-        raise ValueError(f"{folder}: a {config.peft_type.value} adapter; live adapters are LoRA-family ({kinds})")
-    config.inference_mode = True
-    return config
-
-
-def _check_fit(missing: list[str], unexpected: list[str]) -> None:
-    """ValueError unless the adapter's weights filled exactly the modules it adapts in the model (a tensor
-    of another shape fails the load itself). Shapes catch another architecture or width; these keys
-    catch another depth, which peft loads without a word (the extra weights dropped, the modules
-    without weights left at their initialisation)."""
-    if unexpected:
-        raise ValueError(f"{len(unexpected)} of its weights are for modules the model lacks ({unexpected[0]}, ...)")
-    if missing:
-        raise ValueError(f"{len(missing)} weights of the modules it adapts are not in it ({missing[0]}, ...)")
-
-
 def _failed(error: BaseException) -> Future[None]:
     future: Future[None] = Future()
     future.set_exception(error)
@@ -422,18 +255,18 @@ class Engine:
         """Load the LoRA-family PEFT adapter in ``folder`` as the model's adapter ``name``, on the engine's
         thread between two decoding steps; the future is done once requests may name it. It fails with
         ValueError, the engine left as it was, for a name loaded already, a folder that is not such an
-        adapter (prompt learning included), or an adapter that does not fit the model (see ``_check_fit``:
+        adapter (prompt learning included), or an adapter that does not fit the model (see ``check_fit``:
         another base model of the same shapes cannot be told apart). An adapter peft cannot mix per row
         (DoRA, LoHa, LoKr) turns a mixing engine into one adapter per batch: it waits, admitting no
         request, until the rows in flight share one adapter."""
         folder = Path(folder)
         try:
-            config = _adapter_config(folder)
+            config = read_adapter_config(folder)
         except ValueError as error:
             return _failed(error)
 
         def ready(batch: _Batch | None) -> bool:
-            return (batch is None or not self.mixed or _mixable(config)
+            return (batch is None or not self.mixed or mixable(config)
                     or len({row.request.adapter for row in batch.rows}) == 1)
 
         return self._queue(_Change(lambda: self._load_adapter(name, folder, config), ready, blocks=True))
@@ -506,36 +339,15 @@ class Engine:
         """On the engine's thread: load the adapter, or undo what was done of it and raise ValueError."""
         if name == BASE or name in (self.adapters or ()):
             raise ValueError(f"adapter {name!r}: a name loaded already; remove that adapter first, or choose another")
-        before = self.model
-        loaded: PeftModel | None = None
-        try:
-            if isinstance(before, PeftModel):
-                loaded = before
-            else:  # as PeftModel.from_pretrained builds it, kept at hand to be unwrapped if the load fails
-                loaded = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(before, config, name)
-            result = loaded.load_adapter(str(folder), adapter_name=name, torch_device=str(self.device))
-            _check_fit(result.missing_keys, result.unexpected_keys)
+        with load_adapter(self.model, name, folder, config, self.device) as loaded:
             adapters, mixed = self._adapter_mode(loaded)
-        except Exception as error:
-            if loaded is before and name in loaded.peft_config:
-                loaded.delete_adapter(name)
-            elif loaded is not None and loaded is not before:
-                loaded.unload()  # the plain model again, its layers restored
-            trained, served = config.base_model_name_or_path, getattr(before.config, "name_or_path", "")
-            bases = f"; it was trained on {trained!r}, the server serves {served!r}" if trained and served else ""
-            raise ValueError(f"{folder}: cannot load the adapter on the served model "
-                             f"({' '.join(str(error).split())[:400]}){bases}") from error
         with self._wakeup:
             self.model, self.adapters, self.mixed = loaded, adapters, mixed
 
     def _unload_adapter(self, name: str) -> None:
         """On the engine's thread, once no row uses it: delete the adapter (unwrap after the last one)."""
-        model = self.model
-        assert isinstance(model, PeftModel)
-        if set(model.peft_config) == {name}:
-            model = model.unload()
-        else:
-            model.delete_adapter(name)
+        assert isinstance(self.model, PeftModel)
+        model = unload_adapter(self.model, name)
         if self.prefixes is not None:  # its keys and values may be cached under its name, which may come back
             self.prefixes = PrefixCache(self.prefixes.capacity_bytes, self.prefixes.block)
         adapters, mixed = self._adapter_mode(model)
@@ -555,7 +367,7 @@ class Engine:
         if any(config.is_prompt_learning for config in configs):
             raise ValueError("prompt-learning adapters (prefix, prompt or p-tuning) cannot be batched by this "
                              "engine; serve them with SequentialEngine")
-        return set(model.peft_config), all(_mixable(config) for config in configs)
+        return set(model.peft_config), all(mixable(config) for config in configs)
 
     def _check(self, prompt: list[int], sampling: SamplingConfig, n: int, top_logprobs: int | None) -> None:
         if not prompt:

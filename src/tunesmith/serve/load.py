@@ -14,7 +14,7 @@ from tunesmith.models.device import select_device, serving_dtype
 from tunesmith.models.inference import Target, load_for_inference, tokenizer_for
 from tunesmith.models.load import resolve_model_source
 from tunesmith.rundir import PEFT_ADAPTER_CONFIG, adapter_base
-from tunesmith.serve.app import Served
+from tunesmith.serve.served import Served
 from tunesmith.generate.vllm import VLLMModels
 from tunesmith.targets import resolve_target
 

@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.data.inspect import validate_file
 from tunesmith.errors import DataError
 from tunesmith.io import write_text_atomic
-from tunesmith.serve.app import OpenAIError, model_not_found
+from tunesmith.serve.errors import OpenAIError
+from tunesmith.serve.live import model_not_found
 from tunesmith.server import jobspec
 from tunesmith.server.queue import JobQueue, checkpoint_steps
 from tunesmith.server.storage import Storage

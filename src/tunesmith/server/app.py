@@ -18,8 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from tunesmith.config.commands import ServerCommandConfig
 from tunesmith.config.load import read_yaml
 from tunesmith.launch import Executor, LocalExecutor
-from tunesmith.serve.app import OpenAIError, Served, create_app, model_not_found
+from tunesmith.serve.app import create_app
+from tunesmith.serve.errors import OpenAIError
+from tunesmith.serve.live import model_not_found
 from tunesmith.serve.load import build_served
+from tunesmith.serve.served import Served
 from tunesmith.server import api, jobspec
 from tunesmith.server.queue import JobQueue
 from tunesmith.server.storage import Storage
