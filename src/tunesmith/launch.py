@@ -112,8 +112,11 @@ class Executor(Protocol):
 class LocalExecutor:
     """Trainings as child processes of this one, one per GPU, or one at a time without a GPU."""
 
-    def __init__(self, limit: int | None = None):
-        self._slots = device_slots(limit)
+    def __init__(self, workers: int | None = None):
+        """``workers``: trainings at once (default: one per GPU, one without); more than the GPUs share them
+        in turn, and on a machine without GPUs that many run side by side."""
+        found = device_slots()
+        self._slots = [found[index % len(found)] for index in range(workers)] if workers else found
 
     def slots(self) -> list[str | None]:
         return list(self._slots)

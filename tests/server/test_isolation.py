@@ -67,6 +67,9 @@ def test_keys_see_only_their_own_and_nothing_leaves_the_root(tiny_model_dir, tmp
             bob.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=crafted.id)
         assert borrowed.value.body["param"] == "training_file"
         assert [m.id for m in bob.models.list()] == [app.state.service.served_name]
+        assert alice.models.retrieve(model).id == model
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve(model)
         assert model in [m.id for m in alice.models.list()]
         assert bob.files.list().data == [] and bob.fine_tuning.jobs.list().data == []
 
@@ -104,6 +107,15 @@ def test_uploads_are_checked_and_limited(tiny_model_dir, tmp_path, keys):
         with pytest.raises(openai.APIStatusError) as big:
             client.files.create(file=("big.jsonl", b"x" * (2 << 20)), purpose="fine-tune")
         assert big.value.status_code == 413
+        with pytest.raises(openai.BadRequestError) as latin:
+            client.files.create(file=("latin.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1")),
+                                purpose="fine-tune")
+        assert "UTF-8" in latin.value.body["message"]
+        parts = [("file", ("a.jsonl", b"{}")), *[(f"x{i}", ("b", b"1")) for i in range(50)]]
+        many = http.post("/v1/files", headers={"Authorization": f"Bearer {alice_key}"}, files=parts,
+                         data={"purpose": "fine-tune"})
+        assert many.status_code == 400 and "part 'x0'" in many.json()["error"]["message"]
+        assert list((root / "tmp").iterdir()) == []  # nothing left of the refused uploads
         with pytest.raises(openai.BadRequestError) as purpose:
             client.files.create(file=("ok.jsonl", write_jsonl(tmp_path / "ok.jsonl", counting_rows(4)).read_bytes()),
                                 purpose="assistants")
@@ -123,6 +135,11 @@ def test_uploads_are_checked_and_limited(tiny_model_dir, tmp_path, keys):
             client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=chat.id,
                                            extra_body={"tunesmith": {"data.train": "/etc/passwd"}})
         assert forbidden.value.body["param"] == "tunesmith"
+        for extension in ({"method.type.x": 1}, {"method.type": "full"}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=chat.id,
+                                               extra_body={"tunesmith": extension})
+            assert refused.value.body["param"] == "tunesmith", extension
         with pytest.raises(openai.BadRequestError) as invalid:
             client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=chat.id,
                                            hyperparameters={"n_epochs": 0})

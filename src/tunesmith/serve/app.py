@@ -129,7 +129,7 @@ def create_app(served: Served, api_key: str | None = None, max_concurrency: int 
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        names = served.names if access is None else access.listed(request)
+        names = served.names if access is None else await asyncio.to_thread(access.listed, request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}
                                            for name in names]}
 

@@ -6,8 +6,10 @@ the calling key's rows (``store.owned``): another key's ids answer exactly as un
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,7 @@ from typing import Any
 import yaml
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
-from python_multipart import FormParser
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 from transformers import PreTrainedTokenizerBase
 
@@ -97,26 +98,27 @@ def _file_routes(router: APIRouter, service: Service) -> None:
     @router.post("/files")
     async def upload(request: Request) -> dict[str, Any]:
         owner = owner_of(request)
-        fields, received, filename = await _receive_upload(request, service)
+        folder = service.storage.receiving()
         try:
-            purpose = fields.get("purpose")
+            received = await _receive_upload(request, service, folder)
+            purpose = received.fields.get("purpose")
             if purpose != "fine-tune":
                 raise OpenAIError(400, f"purpose: {purpose!r}; this server takes purpose 'fine-tune'", "purpose",
                                   "invalid_value")
-            rows, kind = await asyncio.to_thread(_check_upload, service, received, filename)
+            filename = _display_name(received.filename or "")
+            rows, kind = await asyncio.to_thread(_check_upload, service, received.path, filename)
             file_id = new_id("file-")
-            size = received.stat().st_size
-            service.storage.keep(received, file_id)
+            size = received.path.stat().st_size
+            service.storage.keep(received.path, file_id)
         finally:
-            received.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
         row = File(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, rows=rows, kind=kind,
                    created_at=now())
-        with service.store.session() as session:
-            session.add(row)
+        await asyncio.to_thread(_add, service, row)
         return _file_object(row)
 
     @router.get("/files")
-    async def list_files(request: Request, purpose: str | None = None, limit: int = LIST_LIMIT,
+    def list_files(request: Request, purpose: str | None = None, limit: int = LIST_LIMIT,
                          order: str = "desc", after: str | None = None) -> dict[str, Any]:
         if order not in ("asc", "desc"):
             raise OpenAIError(400, f"order: {order!r}; use asc or desc", "order", "invalid_value")
@@ -130,20 +132,20 @@ def _file_routes(router: APIRouter, service: Service) -> None:
         return _listing([_file_object(row) for row in page], more)
 
     @router.get("/files/{file_id}")
-    async def retrieve_file(request: Request, file_id: str) -> dict[str, Any]:
+    def retrieve_file(request: Request, file_id: str) -> dict[str, Any]:
         return _file_object(_own_file(service, request, file_id))
 
     @router.get("/files/{file_id}/content")
-    async def file_content(request: Request, file_id: str) -> FileResponse:
+    def file_content(request: Request, file_id: str) -> FileResponse:
         row = _own_file(service, request, file_id)
         return FileResponse(service.storage.file_path(row.id), media_type="application/jsonl")
 
     @router.delete("/files/{file_id}")
-    async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    def delete_file(request: Request, file_id: str) -> dict[str, Any]:
         row = _own_file(service, request, file_id)
         with service.store.session() as session:
             active = session.scalars(select(Job).where(Job.owner == row.owner, Job.status.in_(
-                ("validating_files", "queued", "running"))))
+                ("validating_files", "queued", "running", "paused"))))
             using = next((job.id for job in active if row.id in (job.request.get("training_file"),
                                                                  job.request.get("validation_file"))), None)
             if using is not None:
@@ -154,6 +156,11 @@ def _file_routes(router: APIRouter, service: Service) -> None:
         return {"object": "file", "id": row.id, "deleted": True}
 
 
+def _add(service: Service, row: File) -> None:
+    with service.store.session() as session:
+        session.add(row)
+
+
 def _own_file(service: Service, request: Request, file_id: str) -> File:
     with service.store.session() as session:
         row = owned(session, File, file_id, owner_of(request))
@@ -162,73 +169,101 @@ def _own_file(service: Service, request: Request, file_id: str) -> File:
     return row
 
 
-async def _receive_upload(request: Request, service: Service) -> tuple[dict[str, str], Path, str]:
-    """The multipart body, streamed: the file part into the storage root's tmp/ (never memory, never
-    another folder), counted against the upload limit as it arrives."""
+class _Upload:
+    """A multipart upload parsed as it streams in (python-multipart's parser, our handling of its parts):
+    the one ``file`` part written to ``folder``, a short ``purpose`` field kept, any other part refused
+    as its headers end, so that a body cannot make the server hold many files or large fields."""
+
+    FIELD_LIMIT = 256
+
+    def __init__(self, folder: Path):
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.path = folder / "upload.jsonl"
+        self._headers: list[list[bytes]] = []
+        self._name: str | None = None
+        self._value = bytearray()
+        self._output: Any = None
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self._begin, "on_header_field": self._field, "on_header_value": self._value_of,
+                "on_headers_finished": self._headers_done, "on_part_data": self._data, "on_part_end": self._end}
+
+    def _begin(self) -> None:
+        self._headers, self._name, self._value = [], None, bytearray()
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        if not self._headers or self._headers[-1][1]:
+            self._headers.append([b"", b""])
+        self._headers[-1][0] += data[start:end]
+
+    def _value_of(self, data: bytes, start: int, end: int) -> None:
+        self._headers[-1][1] += data[start:end]
+
+    def _headers_done(self) -> None:
+        disposition = next((value for name, value in self._headers if name.lower() == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file" and self.filename is None:
+            self.filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
+            self._output = self.path.open("wb")
+        elif name != "purpose" or name in self.fields:
+            raise OpenAIError(400, f"the upload has a part {name!r}; it takes one 'file' and one 'purpose'", "file")
+        self._name = name
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._output is not None:
+            self._output.write(data[start:end])
+            return
+        self._value += data[start:end]
+        if len(self._value) > self.FIELD_LIMIT:
+            raise OpenAIError(400, f"{self._name}: over {self.FIELD_LIMIT} bytes", self._name)
+
+    def _end(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+        elif self._name is not None:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self._output is not None:
+            self._output.close()
+
+
+async def _receive_upload(request: Request, service: Service, folder: Path) -> _Upload:
+    """The multipart body, streamed: the file part into ``folder`` (in the storage root's tmp/; never
+    memory, never another folder), counted against the upload limit as it arrives."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise OpenAIError(400, "an upload is multipart/form-data with the fields file and purpose", "file")
-    declared = request.headers.get("content-length")
     limit = service.max_upload_bytes
+    too_large = OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
+                            "file_too_large")
+    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
-        raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
-                          "file_too_large")
-    fields: dict[str, str] = {}
-    files: list[Any] = []
-    tmp = service.storage.root / "tmp"
-    parser = FormParser("multipart/form-data", lambda f: fields.__setitem__(f.field_name.decode(), (f.value or b"")
-                                                                            .decode("utf-8", "replace")),
-                        files.append, boundary=options[b"boundary"],
-                        config={"UPLOAD_DIR": str(tmp), "UPLOAD_KEEP_FILENAME": False, "UPLOAD_DELETE_TMP": False,
-                                "MAX_MEMORY_FILE_SIZE": 0})
+        raise too_large
+    upload = _Upload(folder)
+    parser = MultipartParser(options[b"boundary"], upload.callbacks())
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit + 65536:
-                raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
-                                  "file_too_large")
+                raise too_large
             parser.write(chunk)
         parser.finalize()
     except OpenAIError:
-        _discard(files)
         raise
     except Exception as err:  # the multipart parser's errors: a malformed body
-        _discard(files)
         raise OpenAIError(400, f"the multipart body cannot be read: {err}", "file") from None
-    uploads = [f for f in files if f.field_name == b"file"]
-    if len(uploads) != 1:
-        _discard(files)
-        raise OpenAIError(400, "the upload needs exactly one file field named 'file'", "file")
-    _discard([f for f in files if f is not uploads[0]])
-    upload = uploads[0]
-    path = _on_disk(upload, tmp)
-    if path.stat().st_size > limit:
-        path.unlink(missing_ok=True)
-        raise OpenAIError(413, f"the file is over this server's upload limit ({limit} bytes)", "file",
-                          "file_too_large")
-    name = (upload.file_name or b"upload.jsonl").decode("utf-8", "replace")
-    return fields, path, _display_name(name)
-
-
-def _on_disk(upload: Any, tmp: Path) -> Path:
-    """The uploaded part as a closed JSONL file in tmp/ (a part the parser kept in memory is written there)."""
-    target = tmp / f"upload-{new_id('')}.jsonl"
-    if upload.in_memory:
-        upload.file_object.seek(0)
-        target.write_bytes(upload.file_object.read())
+    finally:
         upload.close()
-        return target
-    upload.close()
-    os.replace(upload.actual_file_name.decode(), target)
-    return target
-
-
-def _discard(files: list[Any]) -> None:
-    for item in files:
-        item.close()
-        if not item.in_memory and item.actual_file_name:
-            Path(item.actual_file_name.decode()).unlink(missing_ok=True)
+    if upload.filename is None:
+        raise OpenAIError(400, "the upload needs a file part named 'file'", "file")
+    if upload.path.stat().st_size > limit:
+        raise too_large
+    return upload
 
 
 def _display_name(name: str) -> str:
@@ -246,6 +281,9 @@ def _check_upload(service: Service, path: Path, filename: str) -> tuple[int, str
     except DataError as err:  # the file as a whole cannot be read
         shown = "; ".join(problem.replace(str(path), filename) for problem in err.problems[:5])
         raise OpenAIError(400, f"the file cannot be read: {shown}", "file", "invalid_file_format") from None
+    except UnicodeDecodeError as err:
+        raise OpenAIError(400, f"{filename}: not UTF-8 text (byte {err.start}): upload JSONL in UTF-8", "file",
+                          "invalid_file_format") from None
     errors = [f for f in report.findings if f.severity == "error"]
     if errors:
         shown = "; ".join(_finding(filename, f) for f in errors[:5])
@@ -281,7 +319,8 @@ def job_object(service: Service, job: Job) -> dict[str, Any]:
             "seed": job.config["training"].get("seed", 0), "estimated_finish": None, "integrations": [],
             "metadata": request.metadata, "user_provided_suffix": request.suffix,
             "method": {"type": kind, kind: {"hyperparameters": hyper}},
-            "tunesmith": {"config": job.config, "launches": job.launches}}
+            "tunesmith": {"config": json.loads(service.storage.scrub(json.dumps(job.config))),
+                          "launches": job.launches}}
 
 
 def _own_job(service: Service, request: Request, job_id: str) -> Job:
@@ -294,13 +333,13 @@ def _own_job(service: Service, request: Request, job_id: str) -> Job:
 
 def _job_routes(router: APIRouter, service: Service) -> None:
     @router.post("/fine_tuning/jobs")
-    async def create_job(body: jobspec.JobRequest, request: Request) -> dict[str, Any]:
+    def create_job(body: jobspec.JobRequest, request: Request) -> dict[str, Any]:
         job = _create_job(service, body, owner_of(request))
         service.queue.wake()
         return job_object(service, job)
 
     @router.get("/fine_tuning/jobs")
-    async def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+    def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         with service.store.session() as session:
             jobs = list(session.scalars(select(Job).where(Job.owner == owner_of(request))
                                         .order_by(Job.created_at.desc(), Job.id.desc())))
@@ -308,50 +347,52 @@ def _job_routes(router: APIRouter, service: Service) -> None:
         return _listing([job_object(service, job) for job in page], more)
 
     @router.get("/fine_tuning/jobs/{job_id}")
-    async def retrieve_job(request: Request, job_id: str) -> dict[str, Any]:
+    def retrieve_job(request: Request, job_id: str) -> dict[str, Any]:
         return job_object(service, _own_job(service, request, job_id))
 
     @router.post("/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
         job = _own_job(service, request, job_id)
         if job.status in ("succeeded", "failed", "cancelled"):
             raise OpenAIError(400, f"{job_id} has already ended ({job.status})", "fine_tuning_job_id",
                               "job_already_ended")
-        await asyncio.to_thread(service.queue.cancel, job_id)
+        service.queue.cancel(job_id)
         return job_object(service, _own_job(service, request, job_id))
 
     @router.post("/fine_tuning/jobs/{job_id}/pause")
-    async def pause_job(request: Request, job_id: str) -> dict[str, Any]:
+    def pause_job(request: Request, job_id: str) -> dict[str, Any]:
         job = _own_job(service, request, job_id)
         if job.status not in ("queued", "running"):
             raise OpenAIError(400, f"{job_id} is {job.status}; only a queued or running job can be paused",
                               "fine_tuning_job_id", "invalid_job_status")
-        await asyncio.to_thread(service.queue.pause, job_id)
+        service.queue.pause(job_id)
         return job_object(service, _own_job(service, request, job_id))
 
     @router.post("/fine_tuning/jobs/{job_id}/resume")
-    async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
+    def resume_job(request: Request, job_id: str) -> dict[str, Any]:
         job = _own_job(service, request, job_id)
         if job.status != "paused":
             raise OpenAIError(400, f"{job_id} is {job.status}; only a paused job can be resumed",
                               "fine_tuning_job_id", "invalid_job_status")
-        await asyncio.to_thread(service.queue.resume, job_id)
+        service.queue.resume(job_id)
         return job_object(service, _own_job(service, request, job_id))
+
+    @router.get("/models/{model:path}")
+    def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+        if model not in request.app.state.access.listed(request):  # a plain route: it runs in a worker thread
+            raise model_not_found(model)
+        return {"id": model, "object": "model", "created": 0, "owned_by": "tunesmith"}
 
     @router.delete("/models/{model:path}")
     async def delete_model(request: Request, model: str) -> dict[str, Any]:
-        with service.store.session() as session:
-            job = session.scalar(select(Job).where(Job.fine_tuned_model == model, Job.owner == owner_of(request),
-                                                   Job.model_deleted.is_(False)))
-            if job is None:
-                raise model_not_found(model)
-            job.model_deleted = True
+        if not await asyncio.to_thread(_delete_model, service, owner_of(request), model):
+            raise model_not_found(model)
         if model in request.app.state.service_served.adapters:
             await request.app.state.remove_adapter(model)
         return {"id": model, "object": "model", "deleted": True}
 
     @router.get("/fine_tuning/jobs/{job_id}/events")
-    async def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+    def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         job = _own_job(service, request, job_id)
         with service.store.session() as session:
             events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
@@ -362,7 +403,7 @@ def _job_routes(router: APIRouter, service: Service) -> None:
              "message": e.message, "type": e.type, "data": e.data or {}} for e in page]}
 
     @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(request: Request, job_id: str, after: str | None = None,
+    def job_checkpoints(request: Request, job_id: str, after: str | None = None,
                               limit: int = 10) -> dict[str, Any]:
         job = _own_job(service, request, job_id)
         run = service.storage.run(job.id)
@@ -373,6 +414,17 @@ def _job_routes(router: APIRouter, service: Service) -> None:
         items = [_checkpoint_object(service, job, step, final == step) for step in reversed(steps)]
         page, more = _page(items, after, limit, lambda item: item["id"])
         return _listing(page, more)
+
+
+def _delete_model(service: Service, owner: str, model: str) -> bool:
+    """Mark ``owner``'s fine-tuned model ``model`` deleted; False if the key has no such model."""
+    with service.store.session() as session:
+        job = session.scalar(select(Job).where(Job.fine_tuned_model == model, Job.owner == owner,
+                                               Job.model_deleted.is_(False)))
+        if job is None:
+            return False
+        job.model_deleted = True
+        return True
 
 
 def _create_job(service: Service, body: jobspec.JobRequest, owner: str) -> Job:

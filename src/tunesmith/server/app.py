@@ -73,7 +73,11 @@ class JobModels:
         if job is None:
             raise model_not_found(name)
         if name not in self.served.adapters:
-            await self.app.state.load_adapter(name, self.service.storage.run(job.id).model_dir)
+            try:
+                await self.app.state.load_adapter(name, self.service.storage.run(job.id).model_dir)
+            except ValueError as err:  # the engine refused it (another adapter kind than those loaded, ...)
+                raise OpenAIError(400, f"model {name!r} cannot be served here: {err}", "model",
+                                  "model_not_servable") from None
 
     def _job_of(self, owner: str, name: str) -> Job | None:
         with self.service.store.session() as session:
@@ -91,6 +95,7 @@ def _executor(flags: ServerCommandConfig) -> Executor:
 
 def build_server(flags: ServerCommandConfig, executor: Executor | None = None) -> FastAPI:
     storage = Storage(flags.root)
+    storage.clear_uploads()
     store = Store(flags.db or storage.database_url)
     defaults = copy.deepcopy(jobspec.JOB_DEFAULTS)
     if flags.job_defaults is not None:
@@ -110,6 +115,7 @@ def build_server(flags: ServerCommandConfig, executor: Executor | None = None) -
     api.install(app, service)
     app.add_middleware(KeyAuth, store=store)
     app.state.root, app.state.service, app.state.service_served = storage.root, service, served
+    app.state.access = access
     serving = app.router.lifespan_context
 
     @asynccontextmanager

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunesmith.config.load import set_dotted
+from tunesmith.errors import ConfigError
 from tunesmith.config.schema import parse_config
 
 # The config a job starts from; the request's fields and extensions are applied over it.
@@ -31,6 +32,7 @@ JOB_DEFAULTS: dict[str, Any] = {
     "data": {"max_seq_len": 1024},
     "training": {"scheduler": "cosine", "warmup_ratio": 0.05, "log_every": 1, "keep_last": 3},
 }
+SERVED_METHODS = ("lora", "dora", "qlora")  # their adapters load into the serving engine while it serves
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 8
 BASE_LR = {"sft": 2e-4, "dpo": 5e-5}  # x learning_rate_multiplier
@@ -154,7 +156,14 @@ def build_config(request: JobRequest, job_id: str, base_model: str, train_path: 
     if task == "dpo":
         set_dotted(tree, ["preference", "beta"], DEFAULT_BETA if hyper.beta == "auto" else hyper.beta, "beta")
     for key, value in extensions(request).items():
-        set_dotted(tree, key.split("."), value, f"tunesmith.{key}")
+        try:
+            set_dotted(tree, key.split("."), value, f"tunesmith.{key}")
+        except ConfigError as err:
+            raise RequestProblem(f"tunesmith.{key}: {'; '.join(err.problems)}", "tunesmith") from None
+    method = tree.get("method", {}).get("type", "lora")
+    if method not in SERVED_METHODS:
+        raise RequestProblem(f"tunesmith.method.type: {method!r}; the server fine-tunes with "
+                             f"{', '.join(SERVED_METHODS)} (the adapters it serves live)", "tunesmith")
     try:
         parse_config(copy.deepcopy(tree))
     except ValidationError as err:

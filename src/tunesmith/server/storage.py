@@ -7,7 +7,8 @@
       files/FILE_ID.jsonl uploaded files
       jobs/JOB_ID/        config.yaml (what the job trains with) and train.log (its output)
       runs/JOB_ID/        the job's run folder (tunesmith train's layout, rundir.py)
-      tmp/                uploads being received
+      tmp/                uploads being received (emptied when the server starts)
+      cache/              the training processes' compile caches and temporary files
 
 Every path is made here from ids the server generated (``store.new_id``) and checked against a
 pattern; nothing a client sends (a file name, an id from a URL) becomes a path without passing
@@ -32,8 +33,13 @@ JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 class Storage:
     def __init__(self, root: Path | str):
         self.root = Path(root).expanduser().resolve()
-        for folder in ("files", "jobs", "runs", "tmp"):
+        for folder in ("files", "jobs", "runs", "tmp", "cache"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    def clear_uploads(self) -> None:
+        """Empty tmp/ of uploads cut short by a crash (when the server starts: none is being received)."""
+        for leftover in (self.root / "tmp").iterdir():
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     @property
     def database_url(self) -> str:
@@ -58,9 +64,22 @@ class Storage:
     def run(self, job_id: str) -> RunDir:
         return RunDir(self._inside(self.runs_dir / _checked(job_id, JOB_ID)))
 
-    def receiving(self) -> tempfile._TemporaryFileWrapper:
-        """A temporary file in tmp/ for an upload (moved into files/ by ``keep``, else deleted)."""
-        return tempfile.NamedTemporaryFile(dir=self.root / "tmp", prefix="upload-", suffix=".part", delete=False)
+    def receiving(self) -> Path:
+        """A new folder in tmp/ for one upload's parts (deleted when the request ends; ``keep`` moves the
+        file out of it first)."""
+        return Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="upload-"))
+
+    def child_environment(self) -> dict[str, str]:
+        """What a job's training process writes besides its run folder goes under the root too: compile
+        caches (training.compile, triton kernels) and temporary files."""
+        cache = self.root / "cache"
+        (cache / "tmp").mkdir(parents=True, exist_ok=True)
+        return {"TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+                "TMPDIR": str(cache / "tmp")}
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the storage root's path taken out (a key is not told where the server keeps things)."""
+        return text.replace(f"{self.root}/", "").replace(str(self.root), ".")
 
     def keep(self, received: Path, file_id: str) -> Path:
         target = self.file_path(file_id)

@@ -79,6 +79,10 @@ class Job(Base):
     pid_started: Mapped[float | None] = mapped_column(Float, nullable=True)
     host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     launches: Mapped[int] = mapped_column(Integer, default=0)
+    # The server that runs the job (queue.server_id) and when it last said it still does; servers sharing the
+    # store take a job only by claiming it, and a running job only from a server that has gone.
+    claimed_by: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    heartbeat: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     events_step: Mapped[int] = mapped_column(Integer, default=0)  # the last metrics step made an event
 
 
