@@ -149,7 +149,7 @@ def test_sweep_file_problems_are_refused_with_the_field(tiny_model_dir, chat_fil
 
 def test_metrics_tail_reads_whole_lines_once(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    tail = MetricsTail(metrics, "eval_loss")
+    tail = MetricsTail(RunDir(tmp_path), "eval_loss")
     assert tail.read() == [] and tail.last is None  # no file yet
     metrics.write_text('{"step": 2, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n{"step": 4, "eval_')
     assert tail.read() == [(2, 2.5)]  # the line being written waits

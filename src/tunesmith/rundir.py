@@ -209,6 +209,29 @@ class RunDir:
                     continue
         return records
 
+    def metrics_after(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The records metrics.jsonl gained after byte ``offset``, and the offset to read on from, for a
+        reader that follows a run as it trains. A line still being written waits for the next read; a file
+        now shorter than ``offset`` (a resume rewinds it) is read again from its start."""
+        try:
+            if self.metrics_file.stat().st_size < offset:
+                offset = 0
+            with self.metrics_file.open("rb") as stream:
+                stream.seek(offset)
+                chunk = stream.read()
+        except FileNotFoundError:
+            return [], 0
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        records = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records, offset + len(complete)
+
     def status(self) -> dict[str, Any]:
         """status.json: ``status`` (running, finished, preempted, failed, diverged), with ``reason`` and
         ``step`` where it has them. A run marked running whose process has gone (on this machine) reads

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fcntl
 import html
-import json
 import logging
 import math
 import os
@@ -305,32 +304,17 @@ class MetricsTail:
     for the next read; a file rewritten shorter (a rollback) is read again from its start, and a step already
     read is not read twice."""
 
-    def __init__(self, path: Path, objective: str):
-        self.path, self.objective = path, objective
+    def __init__(self, run: RunDir, objective: str):
+        self.run, self.objective = run, objective
         self.offset = 0
         self.values: dict[int, float] = {}  # step -> value, in the order read
         self.keys: set[str] = set()  # every key seen: what the run reports, for the error when it is not objective
 
     def read(self) -> list[tuple[int, float]]:
         """The (step, value) records new since the last read."""
-        try:
-            if self.path.stat().st_size < self.offset:
-                self.offset = 0
-            with self.path.open("rb") as stream:
-                stream.seek(self.offset)
-                chunk = stream.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[:chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
+        records, self.offset = self.run.metrics_after(self.offset)
         found = []
-        for line in complete.decode("utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
+        for record in records:
             self.keys.update(record)
             step, value = record.get("step"), record.get(self.objective)
             if isinstance(step, int) and isinstance(value, int | float) and not isinstance(value, bool) \
@@ -419,7 +403,7 @@ class TrialRunner:
         reported and judged in step order, as Optuna does in-process: the decision is the values', not the
         timing's (a run that got past the step it is pruned at before it was told, or even finished, is still
         PRUNED at that step)."""
-        tail = MetricsTail(run.metrics_file, self.objective)
+        tail = MetricsTail(run, self.objective)
         while True:
             code = process.poll()  # before the read: once it has ended, the read gets everything it wrote
             for step, value in tail.read():

@@ -22,7 +22,6 @@ events.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -339,17 +338,7 @@ class JobQueue:
     def _ingest(self, job_id: str, entry: _Running) -> None:
         """New metrics records and checkpoints of the job's run, as events."""
         run = self.storage.run(job_id)
-        records: list[dict[str, Any]] = []
-        if run.metrics_file.is_file():
-            with run.metrics_file.open("rb") as handle:
-                size = run.metrics_file.stat().st_size
-                if size < entry.offset:  # rewritten (a resume rewinds it): read it again
-                    entry.offset = 0
-                handle.seek(entry.offset)
-                chunk = handle.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            entry.offset += len(complete)
-            records = _records(complete)
+        records, entry.offset = run.metrics_after(entry.offset)
         new_checkpoints = [s for s in checkpoint_steps(run) if s not in entry.checkpoints]
         entry.checkpoints.update(new_checkpoints)
         if not records and not new_checkpoints:
@@ -421,18 +410,6 @@ class JobQueue:
         if status == "failed":
             job.error = {"code": code or "failed", "message": message, "param": None}
         self.store.add_event(session, job.id, message, level="error" if status == "failed" else "info")
-
-
-def _records(chunk: bytes) -> list[dict[str, Any]]:
-    records = []
-    for line in chunk.decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _same_process(pid: int, started: float | None) -> psutil.Process | None:
