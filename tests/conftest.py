@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TUNESMITH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked slow or long first, each group in its collected order: on two workers (make test),
+    tests of a minute or more that were collected last (tests/server, tests/test_sweep.py) ran on one worker
+    while the other stood idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the checkout (real data no one here wrote); absent in a fresh clone."""

@@ -169,6 +169,7 @@ def _cpu_tree(model_dir: Path, data: Path, out: Path, method: str, rows: int, to
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.long
 def test_cpu_peak_rss_within_15_percent(tiny_model_dir, tmp_path):
     """One process imports once, then runs each case with its high-water mark reset (freed memory
     trimmed back to the system first); the increase over the RSS at the reset is the run's."""

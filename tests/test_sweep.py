@@ -65,6 +65,7 @@ def load_study(out: Path) -> optuna.Study:
     return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
 
 
+@pytest.mark.long
 def test_a_sweep_prunes_writes_best_and_report_and_resumes(tiny_model_dir, chat_file, tmp_path, capsys):
     path = write_sweep(tmp_path, tiny_model_dir, chat_file)
     assert main(["sweep", str(path)]) == 0, capsys.readouterr().err

@@ -75,6 +75,10 @@ LOGGED: tuple[KnownLine, ...] = (
               "the GGUF writer's file list, one line each"),
     KnownLine("absl", r"Using default tokenizer\.",
               "rouge_score's scorer, built for every `tunesmith eval` with ROUGE, announces its tokenizer"),
+    KnownLine("alembic.runtime.plugins", r"setup plugin [\w.]+",
+              "Alembic names each of its own plugins as it loads them, whenever tunesmith server opens its store"),
+    KnownLine("alembic.runtime.migration", r"Context impl \w+\.|Will assume (?:non-)?transactional DDL\.",
+              "Alembic names its database dialect whenever the store is opened; its 'Running upgrade' lines stay"),
 )
 
 # Warnings of these categories, attributed to these modules, with these messages, are ignored.

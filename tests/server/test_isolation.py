@@ -152,6 +152,7 @@ def test_uploads_are_checked_and_limited(tiny_model_dir, tmp_path, keys):
         assert wait_for(client, dpo.id).status == "cancelled"
 
 
+@pytest.mark.long
 def test_pause_resume_and_delete_a_model(tiny_model_dir, tmp_path, keys):
     """Pause checkpoints and stops; resume continues from that checkpoint (each step trained once); a
     deleted fine-tuned model is no longer listed or served."""

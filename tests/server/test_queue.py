@@ -8,6 +8,7 @@ launched the job); ``stop`` without recording the cancel (the restarted queue re
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,15 @@ def test_servers_sharing_a_store_launch_a_job_once(setup):
     other._tick()
     first._tick()
     assert one.started == [job_id] and two.started == [] and job(store, job_id).launches == 1
-    # the claimant gone (a dead server on this machine): the job passes to the other server
+    # a claimant that has gone on this machine (its process ended): the job passes on at once, not after the lease
+    with store.session() as session:
+        session.get(Job, job_id).claimed_by = f"{socket.gethostname()}:{2**22 + 12345}:0"  # no such process
+        session.get(Job, job_id).heartbeat = now()
+    first._running.clear()
+    third = FakeExecutor()
+    queue_of(store, storage, third, server="elsewhere:2:0")._tick()
+    assert third.started == [job_id]
+    # the claimant gone (no heartbeat for long, on another machine): the job passes to the other server
     with store.session() as session:
         session.get(Job, job_id).claimed_by = "this-host-is-not-it:1:0"
         session.get(Job, job_id).heartbeat = now() - 3600  # and its heartbeat long stale

@@ -243,11 +243,10 @@ class JobQueue:
                 return
             stale = now() - LEASE_S
             with self.store.session() as session:
-                # Jobs left running (a restart) go first, then the queue, oldest first.
-                waiting = list(session.scalars(select(Job).where(or_(
-                    Job.status == "queued", (Job.status == "running") & or_(
-                        Job.claimed_by.is_(None), Job.claimed_by == self.server, Job.heartbeat < stale)))
-                    .order_by(Job.status.desc(), Job.created_at)))
+                # Jobs left running (a restart) go first, then the queue, oldest first. A running job of
+                # another server's is passed over below unless that server has gone.
+                waiting = list(session.scalars(select(Job).where(Job.status.in_(("queued", "running")))
+                                               .order_by(Job.status.desc(), Job.created_at)))
             for job in waiting:
                 if not free or self._stopping.is_set():
                     break
