@@ -32,7 +32,8 @@ def keys(tmp_path: Path) -> tuple[Path, str, str]:
     return root, store.create_key("alice")[1], store.create_key("bob")[1]
 
 
-def test_keys_see_only_their_own_and_nothing_leaves_the_root(tiny_model_dir, tmp_path, keys):
+@pytest.mark.long
+def test_keys_see_only_their_own_pause_resume_delete_and_nothing_leaves_the_root(tiny_model_dir, tmp_path, keys):
     root, alice_key, bob_key = keys
     app = build_server(server_flags(tiny_model_dir, root))
     data = write_jsonl(tmp_path / "train.jsonl", counting_rows(16))
@@ -42,9 +43,25 @@ def test_keys_see_only_their_own_and_nothing_leaves_the_root(tiny_model_dir, tmp
         crafted = alice.files.create(file=("../../outside.jsonl", data.read_bytes()), purpose="fine-tune")
         assert crafted.filename == "outside.jsonl"
         job = alice.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=crafted.id, suffix="mine",
-                                            extra_body={"tunesmith": FAST})
+                                            extra_body={"tunesmith": {**FAST, "training.max_steps": 60,
+                                                                      "training.save_every": 1000}})
+        # Pause checkpoints and stops; resume continues from that checkpoint, each step trained once.
+        run = Storage(root).run(job.id)
+        deadline = time.monotonic() + 60
+        while not run.metrics():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert alice.fine_tuning.jobs.pause(job.id).id == job.id
+        paused = wait_for(alice, job.id, until=("paused", "succeeded"))
+        assert paused.status == "paused", "the job ended before it could be paused: give it more steps"
+        at = max(r["step"] for r in run.metrics())
+        assert (run.checkpoints_dir / f"step-{at:07d}").is_dir()
+        alice.fine_tuning.jobs.resume(job.id)
         done = wait_for(alice, job.id)
         assert done.status == "succeeded", done.error
+        messages = [e.message for e in alice.fine_tuning.jobs.list_events(job.id, limit=500).data]
+        assert f"Fine-tuning job resumed from the checkpoint of step {at}" in messages
+        assert [r["step"] for r in run.metrics() if "loss" in r] == list(range(1, 61))
         model = done.fine_tuned_model
         assert alice.chat.completions.create(model=model, messages=[{"role": "user", "content": "Count to 3."}],
                                              max_tokens=4).choices[0].message.content is not None
@@ -84,6 +101,14 @@ def test_keys_see_only_their_own_and_nothing_leaves_the_root(tiny_model_dir, tmp
         for name in ("/etc/passwd", "..\\..\\windows.jsonl", "a/../../../b.jsonl", "\x00.jsonl"):
             stored = alice.files.create(file=(name, data.read_bytes()), purpose="fine-tune")
             assert "/" not in stored.filename and "\\" not in stored.filename
+
+        # A deleted fine-tuned model is no longer listed or served.
+        assert alice.models.delete(model).deleted
+        assert model not in [m.id for m in alice.models.list()]
+        with pytest.raises(openai.NotFoundError):
+            alice.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            alice.models.delete(model)
     outside = [p for p in tmp_path.rglob("*") if not p.is_relative_to(root) and p.name not in ("train.jsonl",)]
     assert outside == [], outside
     stored = sorted(p.name for p in (root / "files").iterdir())
@@ -115,6 +140,14 @@ def test_uploads_are_checked_and_limited(tiny_model_dir, tmp_path, keys):
         many = http.post("/v1/files", headers={"Authorization": f"Bearer {alice_key}"}, files=parts,
                          data={"purpose": "fine-tune"})
         assert many.status_code == 400 and "part 'x0'" in many.json()["error"]["message"]
+        head = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--B\r\n'
+                b'X-Note:\r\nContent-Disposition: form-data; name="file"; filename="h.jsonl"\r\n\r\n')
+        rows_bytes = write_jsonl(tmp_path / "h.jsonl", counting_rows(3)).read_bytes()
+        multipart = {"Authorization": f"Bearer {alice_key}", "Content-Type": "multipart/form-data; boundary=B"}
+        whole = http.post("/v1/files", headers=multipart, content=head + rows_bytes + b"\r\n--B--\r\n")
+        assert whole.status_code == 200 and whole.json()["filename"] == "h.jsonl"  # an empty header is a header
+        cut = http.post("/v1/files", headers=multipart, content=head + rows_bytes[:20])
+        assert cut.status_code == 400 and "cut short" in cut.json()["error"]["message"]
         assert list((root / "tmp").iterdir()) == []  # nothing left of the refused uploads
         with pytest.raises(openai.BadRequestError) as purpose:
             client.files.create(file=("ok.jsonl", write_jsonl(tmp_path / "ok.jsonl", counting_rows(4)).read_bytes()),
@@ -150,44 +183,6 @@ def test_uploads_are_checked_and_limited(tiny_model_dir, tmp_path, keys):
         assert dpo.method.type == "dpo" and dpo.hyperparameters.beta == 0.2
         client.fine_tuning.jobs.cancel(dpo.id)
         assert wait_for(client, dpo.id).status == "cancelled"
-
-
-@pytest.mark.long
-def test_pause_resume_and_delete_a_model(tiny_model_dir, tmp_path, keys):
-    """Pause checkpoints and stops; resume continues from that checkpoint (each step trained once); a
-    deleted fine-tuned model is no longer listed or served."""
-    root, alice_key, _ = keys
-    app = build_server(server_flags(tiny_model_dir, root))
-    with TestClient(app) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key=alice_key, http_client=http, max_retries=0)
-        upload = client.files.create(file=("c.jsonl", write_jsonl(tmp_path / "c.jsonl", counting_rows(16))
-                                           .read_bytes()), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=upload.id, extra_body={
-            "tunesmith": {**FAST, "training.max_steps": 60, "training.save_every": 1000}})
-        run = Storage(root).run(job.id)
-        deadline = time.monotonic() + 60
-        while not run.metrics():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert client.fine_tuning.jobs.pause(job.id).id == job.id
-        paused = wait_for(client, job.id, until=("paused", "succeeded"))
-        assert paused.status == "paused", "the job ended before it could be paused: give it more steps"
-        at = max(r["step"] for r in run.metrics())
-        assert (run.checkpoints_dir / f"step-{at:07d}").is_dir()
-        client.fine_tuning.jobs.resume(job.id)
-        done = wait_for(client, job.id)
-        assert done.status == "succeeded", done.error
-        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500).data]
-        assert f"Fine-tuning job resumed from the checkpoint of step {at}" in messages
-        assert [r["step"] for r in run.metrics() if "loss" in r] == list(range(1, 61))
-        model = done.fine_tuned_model
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        assert client.models.delete(model).deleted
-        assert model not in [m.id for m in client.models.list()]
-        with pytest.raises(openai.NotFoundError):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        with pytest.raises(openai.NotFoundError):
-            client.models.delete(model)
 
 
 def test_the_migrations_make_the_models_schema_and_keep_the_rows(tmp_path):

@@ -158,3 +158,17 @@ def test_a_stopped_server_leaves_its_job_to_the_next_start(setup):
     restarted = queue_of(store, storage, executor)
     restarted._tick()
     assert executor.started == [job_id] and job(store, job_id).launches == 2
+
+
+def test_a_job_whose_training_cannot_be_polled_does_not_stop_the_queue(setup):
+    store, storage, owner = setup
+    first, second = add_job(store, storage, owner, 1), add_job(store, storage, owner, 2)
+    executor = FakeExecutor(slots=2)
+    queue = queue_of(store, storage, executor)
+    queue._tick()
+    assert executor.started == [first, second]
+    executor.handles[first].poll = lambda: 1 / 0  # e.g. a Ray handle whose cluster went away
+    executor.handles[second].code = 0  # ended (not finished: no model) -> failed
+    queue._tick()
+    assert job(store, second).status == "failed" and job(store, first).status == "running"
+

@@ -184,17 +184,20 @@ class _Upload:
         self._name: str | None = None
         self._value = bytearray()
         self._output: Any = None
+        self.file_complete = self.body_complete = False  # python-multipart's finalize() checks neither
 
     def callbacks(self) -> dict[str, Any]:
-        return {"on_part_begin": self._begin, "on_header_field": self._field, "on_header_value": self._value_of,
-                "on_headers_finished": self._headers_done, "on_part_data": self._data, "on_part_end": self._end}
+        return {"on_part_begin": self._begin, "on_header_begin": self._header, "on_header_field": self._field,
+                "on_header_value": self._value_of, "on_headers_finished": self._headers_done,
+                "on_part_data": self._data, "on_part_end": self._end, "on_end": self._body_end}
 
     def _begin(self) -> None:
         self._headers, self._name, self._value = [], None, bytearray()
 
+    def _header(self) -> None:
+        self._headers.append([b"", b""])
+
     def _field(self, data: bytes, start: int, end: int) -> None:
-        if not self._headers or self._headers[-1][1]:
-            self._headers.append([b"", b""])
         self._headers[-1][0] += data[start:end]
 
     def _value_of(self, data: bytes, start: int, end: int) -> None:
@@ -223,8 +226,12 @@ class _Upload:
         if self._output is not None:
             self._output.close()
             self._output = None
+            self.file_complete = True
         elif self._name is not None:
             self.fields[self._name] = self._value.decode("utf-8", "replace")
+
+    def _body_end(self) -> None:
+        self.body_complete = True
 
     def close(self) -> None:
         if self._output is not None:
@@ -261,6 +268,9 @@ async def _receive_upload(request: Request, service: Service, folder: Path) -> _
         upload.close()
     if upload.filename is None:
         raise OpenAIError(400, "the upload needs a file part named 'file'", "file")
+    if not (upload.file_complete and upload.body_complete):
+        raise OpenAIError(400, "the multipart body ends before its closing boundary: the upload was cut short",
+                          "file")
     if upload.path.stat().st_size > limit:
         raise too_large
     return upload

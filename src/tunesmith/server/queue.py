@@ -54,7 +54,7 @@ class _Running:
     slot: int  # index into JobQueue.slots
     offset: int = 0  # bytes of metrics.jsonl already read
     checkpoints: set[int] = field(default_factory=set)
-    signalled: bool = False  # SIGTERM sent for a cancel or pause
+    signalled: float | None = None  # when SIGTERM was sent for a cancel or pause
 
 
 def server_id() -> str:
@@ -71,6 +71,13 @@ def _claimant_gone(claimant: str | None) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return False
     return _same_process(int(pid), float(started) if started else None) is None
+
+
+def held_elsewhere(job: Job, server: str) -> bool:
+    """Whether another server that is still there holds ``job``: its claimant has not ended (as far as this
+    machine can tell) and has sent a heartbeat within ``LEASE_S``."""
+    return job.claimed_by not in (None, server) and not _claimant_gone(job.claimed_by) \
+        and job.heartbeat >= now() - LEASE_S
 
 
 def checkpoint_steps(run: RunDir) -> list[int]:
@@ -165,8 +172,9 @@ class JobQueue:
             job = session.get(Job, job_id)
             if job is None or job.status not in ACTIVE or (job.status == "paused" and action == "pause"):
                 return
-            if job.status != "running" or (job_id not in self._running and _claimant_gone(job.claimed_by)):
-                self._stopped(session, job, action)  # no training to stop
+            if job_id not in self._running and not held_elsewhere(job, self.server) and self._claim(job):
+                session.refresh(job)
+                self._stopped(session, job, action)  # no training runs it: it ends (or pauses) now
                 return
             if action == "cancel":
                 job.cancel_requested = True
@@ -203,23 +211,46 @@ class JobQueue:
             running = list(self._running.items())
         requests = self._requests([job_id for job_id, _ in running])
         for job_id, entry in running:
-            self._ingest(job_id, entry)
-            with self._lock:
-                if job_id in requests and not entry.signalled:
-                    entry.signalled = True
-                    entry.handle.terminate()
-                code = entry.handle.poll()
-                if code is not None:
-                    del self._running[job_id]
-                    self._finish(job_id, code)
+            try:
+                self._follow(job_id, entry, job_id in requests)
+            except Exception:  # one job's trouble (a lost Ray connection...) does not stop the others
+                log.exception("job %s: following its training failed", job_id)
+        self._apply_requests()
         self._launch_waiting()
+
+    def _follow(self, job_id: str, entry: _Running, requested: bool) -> None:
+        self._ingest(job_id, entry)
+        with self._lock:
+            if requested and entry.signalled is None:
+                entry.signalled = time.monotonic()
+                entry.handle.terminate()
+            elif entry.signalled is not None and time.monotonic() - entry.signalled > OLD_PROCESS_WAIT_S:
+                kill = getattr(entry.handle, "kill", None)  # it did not stop on SIGTERM
+                if kill is not None:
+                    log.warning("job %s: its training did not stop within %.0f s of SIGTERM: killed", job_id,
+                                OLD_PROCESS_WAIT_S)
+                    kill()
+            code = entry.handle.poll()
+            if code is not None:
+                del self._running[job_id]
+                self._finish(job_id, code)
+
+    def _apply_requests(self) -> None:
+        """Cancels and pauses of jobs no live server runs (left running by a server that has gone): now."""
+        with self._lock, self.store.session() as session:
+            flagged = list(session.scalars(select(Job).where(Job.status.in_(ACTIVE), or_(
+                Job.cancel_requested.is_(True), Job.pause_requested.is_(True)))))
+            for job in flagged:
+                if job.id not in self._running and not held_elsewhere(job, self.server) and self._claim(job):
+                    session.refresh(job)
+                    self._stopped(session, job, "cancel" if job.cancel_requested else "pause")
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._beat < HEARTBEAT_S:
             return
         self._beat = time.monotonic()
         with self.store.session() as session:
-            session.execute(update(Job).where(Job.claimed_by == self.server, Job.status == "running")
+            session.execute(update(Job).where(Job.claimed_by == self.server, Job.status.in_(("queued", "running")))
                             .values(heartbeat=now()))
 
     def _requests(self, job_ids: list[str]) -> set[str]:
@@ -241,7 +272,6 @@ class JobQueue:
             free = self._free_slots()
             if not free or self._stopping.is_set():
                 return
-            stale = now() - LEASE_S
             with self.store.session() as session:
                 # Jobs left running (a restart) go first, then the queue, oldest first. A running job of
                 # another server's is passed over below unless that server has gone.
@@ -252,8 +282,7 @@ class JobQueue:
                     break
                 if job.id in self._running:
                     continue
-                if job.status == "running" and job.claimed_by not in (None, self.server) \
-                        and not _claimant_gone(job.claimed_by) and job.heartbeat >= stale:
+                if held_elsewhere(job, self.server):
                     continue
                 if not self._claim(job):
                     continue  # another server took it first
@@ -270,6 +299,13 @@ class JobQueue:
 
     def _start_claimed(self, job: Job, free: list[int]) -> None:
         with self.store.session() as session:
+            # First a write that holds only while the claim does: it keeps the row (PostgreSQL) or the database
+            # (SQLite) locked against another server's claim until this launch is recorded.
+            held = session.execute(update(Job).where(Job.id == job.id, Job.claimed_by == self.server,
+                                                     Job.status.in_(("queued", "running")))
+                                   .values(heartbeat=now())).rowcount == 1
+            if not held:
+                return  # a cancel, or another server, came first
             job = session.get(Job, job.id)
             if job.cancel_requested or job.pause_requested:  # asked while it had no process
                 self._stopped(session, job, "cancel" if job.cancel_requested else "pause")

@@ -7,7 +7,7 @@
       files/FILE_ID.jsonl uploaded files
       jobs/JOB_ID/        config.yaml (what the job trains with) and train.log (its output)
       runs/JOB_ID/        the job's run folder (tunesmith train's layout, rundir.py)
-      tmp/                uploads being received (emptied when the server starts)
+      tmp/                uploads being received (what a crash left, removed at the next start)
       cache/              the training processes' compile caches and temporary files
 
 Every path is made here from ids the server generated (``store.new_id``) and checked against a
@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -36,10 +37,14 @@ class Storage:
         for folder in ("files", "jobs", "runs", "tmp", "cache"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
-    def clear_uploads(self) -> None:
-        """Empty tmp/ of uploads cut short by a crash (when the server starts: none is being received)."""
+    def clear_uploads(self, older_than_s: float = 3600.0) -> None:
+        """Remove from tmp/ what uploads cut short by a crash left there: what has not been written to for
+        ``older_than_s`` (another server sharing the root may be receiving an upload right now)."""
+        cutoff = time.time() - older_than_s
         for leftover in (self.root / "tmp").iterdir():
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            newest = max([leftover.stat().st_mtime] + [p.stat().st_mtime for p in leftover.rglob("*")])
+            if newest < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     @property
     def database_url(self) -> str:
