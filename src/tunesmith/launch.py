@@ -27,9 +27,9 @@ EXIT_REFUSED = 2
 EXIT_STOPPED = 128 + signal.SIGTERM
 
 
-def device_slots(limit: int | None = None) -> list[str | None]:
+def device_slots() -> list[str | None]:
     """One entry per training that may run at once: a GPU index for ``CUDA_VISIBLE_DEVICES`` per visible
-    GPU, or ``[None]`` (the whole machine) without one. ``limit`` caps the count."""
+    GPU, or ``[None]`` (the whole machine) without one."""
     import torch
 
     slots: list[str | None] = [str(index) for index in range(torch.cuda.device_count())] or [None]
@@ -37,7 +37,7 @@ def device_slots(limit: int | None = None) -> list[str | None]:
     if visible and slots[0] is not None:  # this process sees a subset: the children get the same ids
         names = [name.strip() for name in visible.split(",") if name.strip()]
         slots = names[: len(slots)]
-    return slots[:limit] if limit else slots
+    return slots
 
 
 def train_command(config: Path | str, overrides: Sequence[str] = (), resume: bool = True) -> list[str]:
@@ -126,4 +126,4 @@ class LocalExecutor:
         return TrainProcess(command, log, slot, cwd, env)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the children are followed through their handles."""

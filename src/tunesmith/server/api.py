@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,16 @@ def job_object(service: Service, job: Job) -> dict[str, Any]:
                           "launches": job.launches}}
 
 
+def _act(service: Service, request: Request, job_id: str, action: Callable[[str], None],
+         allowed: tuple[str, ...], refusal: str, code: str) -> dict[str, Any]:
+    """Cancel, pause or resume the key's job ``job_id`` when its status is one of ``allowed``; the job after."""
+    job = _own_job(service, request, job_id)
+    if job.status not in allowed:
+        raise OpenAIError(400, f"{job_id} is {job.status}: it {refusal}", "fine_tuning_job_id", code)
+    action(job_id)
+    return job_object(service, _own_job(service, request, job_id))
+
+
 def _own_job(service: Service, request: Request, job_id: str) -> Job:
     with service.store.session() as session:
         job = owned(session, Job, job_id, owner_of(request))
@@ -362,30 +373,18 @@ def _job_routes(router: APIRouter, service: Service) -> None:
 
     @router.post("/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
-        job = _own_job(service, request, job_id)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            raise OpenAIError(400, f"{job_id} has already ended ({job.status})", "fine_tuning_job_id",
-                              "job_already_ended")
-        service.queue.cancel(job_id)
-        return job_object(service, _own_job(service, request, job_id))
+        return _act(service, request, job_id, service.queue.cancel, ("queued", "running", "paused"),
+                    "has already ended", "job_already_ended")
 
     @router.post("/fine_tuning/jobs/{job_id}/pause")
     def pause_job(request: Request, job_id: str) -> dict[str, Any]:
-        job = _own_job(service, request, job_id)
-        if job.status not in ("queued", "running"):
-            raise OpenAIError(400, f"{job_id} is {job.status}; only a queued or running job can be paused",
-                              "fine_tuning_job_id", "invalid_job_status")
-        service.queue.pause(job_id)
-        return job_object(service, _own_job(service, request, job_id))
+        return _act(service, request, job_id, service.queue.pause, ("queued", "running"),
+                    "cannot be paused: only a queued or running job can", "invalid_job_status")
 
     @router.post("/fine_tuning/jobs/{job_id}/resume")
     def resume_job(request: Request, job_id: str) -> dict[str, Any]:
-        job = _own_job(service, request, job_id)
-        if job.status != "paused":
-            raise OpenAIError(400, f"{job_id} is {job.status}; only a paused job can be resumed",
-                              "fine_tuning_job_id", "invalid_job_status")
-        service.queue.resume(job_id)
-        return job_object(service, _own_job(service, request, job_id))
+        return _act(service, request, job_id, service.queue.resume, ("paused",),
+                    "cannot be resumed: only a paused job can", "invalid_job_status")
 
     @router.get("/models/{model:path}")
     def retrieve_model(request: Request, model: str) -> dict[str, Any]:
@@ -397,7 +396,7 @@ def _job_routes(router: APIRouter, service: Service) -> None:
     async def delete_model(request: Request, model: str) -> dict[str, Any]:
         if not await asyncio.to_thread(_delete_model, service, owner_of(request), model):
             raise model_not_found(model)
-        if model in request.app.state.service_served.adapters:
+        if model in request.app.state.access.served.adapters:
             await request.app.state.remove_adapter(model)
         return {"id": model, "object": "model", "deleted": True}
 

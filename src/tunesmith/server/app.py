@@ -114,8 +114,7 @@ def build_server(flags: ServerCommandConfig, executor: Executor | None = None) -
     access.app = app
     api.install(app, service)
     app.add_middleware(KeyAuth, store=store)
-    app.state.root, app.state.service, app.state.service_served = storage.root, service, served
-    app.state.access = access
+    app.state.root, app.state.service, app.state.access = storage.root, service, access
     serving = app.router.lifespan_context
 
     @asynccontextmanager
