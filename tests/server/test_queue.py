@@ -67,7 +67,7 @@ def add_job(store: Store, storage: Storage, owner: str, created: int) -> str:
     with store.session() as session:
         session.add(Job(id=job_id, owner=owner, model="m", status="queued", request={"model": "m",
                         "training_file": "file-0"}, config={"task": "sft", "training": {}}, created_at=created,
-                        cancel_requested=False, launches=0, events_step=0))
+                        cancel_requested=False, launches=0))
     return job_id
 
 

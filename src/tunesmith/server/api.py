@@ -468,7 +468,7 @@ def _create_job(service: Service, body: jobspec.JobRequest, owner: str) -> Job:
     write_text_atomic(service.storage.job_config(job_id), yaml.safe_dump(config, sort_keys=False))
     job = Job(id=job_id, owner=owner, model=body.model, status="queued", created_at=now(),
               request=body.model_dump(mode="json", exclude_none=True), config=config, cancel_requested=False,
-              launches=0, events_step=0)
+              launches=0)
     with service.store.session() as session:
         session.add(job)
         service.store.add_event(session, job_id, f"Created fine-tuning job: {job_id}")

@@ -400,7 +400,6 @@ class JobQueue:
                 data["tokens"] = record["tokens"]
             self._once(session, job.id, event_id(job.id, "s", step),
                        f"Step {step}{of}: training loss={record['loss']:.4f}", data, kind="metrics")
-            job.events_step = max(job.events_step, step)
         elif isinstance(record.get("eval_loss"), (int, float)):
             self._once(session, job.id, event_id(job.id, "e", step),
                        f"Step {step}{of}: validation loss={record['eval_loss']:.4f}",

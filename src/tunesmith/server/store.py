@@ -83,7 +83,6 @@ class Job(Base):
     # store take a job only by claiming it, and a running job only from a server that has gone.
     claimed_by: Mapped[str | None] = mapped_column(String(300), nullable=True)
     heartbeat: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    events_step: Mapped[int] = mapped_column(Integer, default=0)  # the last metrics step made an event
 
 
 class JobEvent(Base):
